@@ -1,0 +1,46 @@
+# make demo   the main job (see README)
+# make test   the test suite, then the CUDA compile check
+# make bench  every benchmark (slow)
+# Everything runs in .venv, created on first use; torch is pinned to the 2.13.0 CPU wheel by
+# constraints.txt on every pip call, and the extension builds without pip's build isolation.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+DEPS := $(VENV)/.deps-installed
+BUILT := build/.fastprune-built
+NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' \)) CMakeLists.txt pyproject.toml
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+
+.PHONY: demo test bench cuda-check build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): constraints.txt pyproject.toml | $(PY)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt numpy tqdm pytest hypothesis scikit-build-core ninja cmake scikit-learn matplotlib
+	touch $@
+
+$(BUILT): $(DEPS) $(NATIVE_SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -c constraints.txt -e .
+	@mkdir -p build && touch $@
+
+build: $(BUILT)
+
+demo: $(BUILT)
+	$(PY) -m fastprune.cli demo
+
+test: $(BUILT)
+	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory cuda-check
+
+cuda-check: $(DEPS)
+	PY=$(PY) bash tools/cuda_check.sh
+
+bench: $(BUILT)
+	$(PY) benchmarks/bench_woodbury.py
+
+clean:
+	rm -rf build $(VENV)

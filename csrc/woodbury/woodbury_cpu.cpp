@@ -1,0 +1,371 @@
+// CPU kernels for the blocked Woodbury inverse Fisher.
+//
+// Math (per block b of B coordinates, G_b the (N, B) column slice of the gradients):
+//   F_b = damp I + G_b^T G_b / N,  and we want F_b^{-1}.
+// Two exact algorithms, chosen by regime:
+//   N >= B  "gram":     S = G_b^T G_b (symmetric rank-N product, half a GEMM), Cholesky of
+//                       S/N + damp I, inverse from the factor (LAPACK potri).
+//   N <  B  "woodbury": one rank-N Woodbury step from damp^-1 I:
+//                       F^{-1} = (I - V^T V) / damp,  V = L^{-1} G_b,  L L^T = G_b G_b^T + N damp I,
+//                       which never forms (or factors) a B x B matrix that is nearly singular.
+// The update op applies F^{-1} <- F^{-1} - U^T (N I + U G^T)^{-1} U with U = G F^{-1} per block.
+//
+// Precision: inputs are float32 or float64; everything is accumulated and factored in float64
+// (float32 products are exact in float64). See woodbury_core.h.
+//
+// Memory layout: grads is read in place through its strides (any layout); each block is copied
+// once, panel by panel, into a float64 row-major panel padded to a multiple of 16 columns.
+// Parallel scheme: at::parallel_for over blocks, one block per task; each task owns its panels,
+// so working memory is O(threads * (B^2 + panel)) on top of the (nb, B, B) output.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "woodbury/woodbury.h"
+#include "woodbury/woodbury_core.h"
+#include "woodbury/woodbury_kernels.h"
+
+// LAPACK as shipped inside libtorch_cpu (MKL or OpenBLAS). Weak, so that a torch build without
+// these symbols still loads: the FP_HOST_DEVICE fallbacks in woodbury_core.h are used then.
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
+void dtrsm_(const char* side, const char* uplo, const char* transa, const char* diag, const int* m, const int* n,
+            const double* alpha, const double* a, const int* lda, double* b, const int* ldb) __attribute__((weak));
+}
+
+namespace fastprune {
+namespace woodbury {
+
+const GemmKernels& gemm_kernels(Isa isa) {
+  switch (isa) {
+#if defined(FP_HAVE_X86_KERNELS)
+    case Isa::kAvx512: return avx512::kKernels;
+    case Isa::kAvx2: return avx2::kKernels;
+#endif
+    default: return scalar::kKernels;
+  }
+}
+
+namespace {
+
+constexpr int64_t kPanelRows = 256;  // depth of one packed panel (rows of G)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// FASTPRUNE_LAPACK=0 forces the portable factorisation (tests cover both paths).
+bool lapack_available() {
+  const char* env = std::getenv("FASTPRUNE_LAPACK");
+  if (env != nullptr && env[0] == '0') return false;
+  return dpotrf_ != nullptr && dpotri_ != nullptr && dtrsm_ != nullptr;
+}
+
+// Row-major upper triangle == column-major lower triangle: LAPACK calls below use uplo = 'L'.
+// A = U^T U with U upper (row-major). Returns 0 on success.
+int64_t factor_upper(double* a, int64_t n, int64_t ld, bool use_lapack) {
+  if (n == 0) return 0;
+  if (use_lapack) {
+    const int ni = static_cast<int>(n), ldi = static_cast<int>(ld);
+    int info = 0;
+    dpotrf_("L", &ni, a, &ldi, &info);
+    if (info != 0) return info;
+    // potrf does not check for Inf/NaN pivots beyond positivity: a non-finite factor is a failure.
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(a[i * ld + i])) return i + 1;
+    return 0;
+  }
+  return cholesky_upper(a, n, ld);
+}
+
+// Upper triangle of A^{-1} from its factor (in place).
+void inverse_from_factor(double* a, int64_t n, int64_t ld, bool use_lapack) {
+  if (n == 0) return;
+  if (use_lapack) {
+    const int ni = static_cast<int>(n), ldi = static_cast<int>(ld);
+    int info = 0;
+    dpotri_("L", &ni, a, &ldi, &info);
+    return;
+  }
+  cholesky_inverse_upper(a, n, ld);
+}
+
+// Y (m x n rows, row stride ldy) <- Y U^{-1} with U upper n x n (row stride ldu).
+void solve_right(double* y, int64_t m, int64_t ldy, const double* u, int64_t n, int64_t ldu, bool use_lapack) {
+  if (m == 0 || n == 0) return;
+  if (use_lapack) {
+    // Column-major view: Y^T (n x m) and U^T lower: solve L X = Y^T.
+    const int ni = static_cast<int>(n), mi = static_cast<int>(m), ldu_i = static_cast<int>(ldu),
+              ldy_i = static_cast<int>(ldy);
+    const double one = 1.0;
+    dtrsm_("L", "L", "N", "N", &ni, &mi, &one, u, &ldu_i, y, &ldy_i);
+    return;
+  }
+  solve_right_upper(y, m, ldy, u, n, ldu);
+}
+
+inline bool convert_row(const GemmKernels& kern, const float* src, int64_t n, double* dst) {
+  return kern.convert_f32(src, n, dst);
+}
+inline bool convert_row(const GemmKernels& kern, const double* src, int64_t n, double* dst) {
+  return kern.convert_f64(src, n, dst);
+}
+
+// Copy G[r0:r0+rows, c0:c0+cols] (strided) into a float64 row-major panel with row stride ld,
+// zero-filling columns [cols, ld). Returns false if a value is not finite.
+template <typename T>
+bool pack_rows(const GemmKernels& kern, const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int64_t c0,
+               int64_t cols, double* panel, int64_t ld) {
+  bool finite = true;
+  constexpr int64_t kAhead = 8;  // rows are s0 apart (a new page each): prefetch them early
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = g + (r0 + r) * s0 + c0 * s1;
+    double* dst = panel + r * ld;
+    if (s1 == 1 && r + kAhead < rows) {
+      const char* next = reinterpret_cast<const char*>(src + kAhead * s0);
+      for (int64_t off = 0; off < cols * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(next + off);
+    }
+    if (s1 == 1) {
+      finite = convert_row(kern, src, cols, dst) && finite;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        dst[c] = static_cast<double>(src[c * s1]);
+        finite = finite && std::isfinite(dst[c]);
+      }
+    }
+    for (int64_t c = cols; c < ld; ++c) dst[c] = 0.0;
+  }
+  return finite;
+}
+
+// Transposed copy: panel[c][r] = G[r0 + r, c0 + c] for c < cols (rows of the panel), r < rows;
+// columns [rows, ld) zero. Returns false if a value is not finite.
+template <typename T>
+bool pack_cols(const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
+               double* panel, int64_t ld) {
+  bool finite = true;
+  for (int64_t c = 0; c < cols; ++c) {
+    double* dst = panel + c * ld;
+    const T* src = g + r0 * s0 + (c0 + c) * s1;
+    double sum = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      dst[r] = static_cast<double>(src[r * s0]);
+      sum += dst[r] * 0.0;
+    }
+    for (int64_t r = rows; r < ld; ++r) dst[r] = 0.0;
+    finite = finite && (sum == 0.0);
+  }
+  return finite;
+}
+
+// Writes the symmetric block from the upper triangle of `up` (n valid coordinates, stride ld) into
+// out (B x B). scale/shift turn the stored matrix into the inverse: out = scale * (shift I + up).
+// Padded coordinates [n, B) get exactly 1/damp on the diagonal and 0 elsewhere.
+template <typename T>
+void store_block(double* up, int64_t n, int64_t ld, double scale, double shift, double damp, T* out, int64_t B) {
+  // Mirror the upper triangle into the lower one (in the float64 buffer), then one streaming pass.
+  for (int64_t i = 0; i < n; ++i) {
+    up[i * ld + i] += shift;
+    for (int64_t j = 0; j < i; ++j) up[i * ld + j] = up[j * ld + i];
+  }
+  const T inv_damp = static_cast<T>(1.0 / damp);
+  for (int64_t i = 0; i < B; ++i) {
+    T* o = out + i * B;
+    if (i < n) {
+      const double* u = up + i * ld;
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(u[j] * scale);
+      for (int64_t j = n; j < B; ++j) o[j] = T(0);
+    } else {
+      for (int64_t j = 0; j < B; ++j) o[j] = T(0);
+      o[i] = inv_damp;
+    }
+  }
+}
+
+struct Workspace {
+  std::vector<double> a, b, c;
+  double* A(int64_t n) { if ((int64_t)a.size() < n) a.resize(n); return a.data(); }
+  double* Bf(int64_t n) { if ((int64_t)b.size() < n) b.resize(n); return b.data(); }
+  double* C(int64_t n) { if ((int64_t)c.size() < n) c.resize(n); return c.data(); }
+};
+
+enum class BlockStatus { kOk, kNonFinite, kNotPD };
+
+// "gram" regime for one block: returns kNotPD when the factorisation fails (caller falls back).
+template <typename T>
+BlockStatus inverse_block_gram(const T* g, int64_t s0, int64_t s1, int64_t N, int64_t c0, int64_t bv, int64_t B,
+                               double damp, const GemmKernels& kern, bool lapack, Workspace& ws, T* out) {
+  const int64_t ld = round_up(bv, kPanelAlign);
+  double* S = ws.C(ld * ld);
+  std::fill(S, S + ld * ld, 0.0);
+  double* P = ws.A(kPanelRows * ld);
+  for (int64_t r0 = 0; r0 < N; r0 += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, N - r0);
+    if (!pack_rows(kern, g, s0, s1, r0, rows, c0, bv, P, ld)) return BlockStatus::kNonFinite;
+    kern.gemm_tn(P, ld, P, ld, rows, ld, ld, S, ld, /*upper_only=*/true);
+  }
+  gram_to_fisher_upper(S, bv, ld, 1.0 / static_cast<double>(N), damp);
+  if (factor_upper(S, bv, ld, lapack) != 0) return BlockStatus::kNotPD;
+  inverse_from_factor(S, bv, ld, lapack);
+  store_block(S, bv, ld, 1.0, 0.0, damp, out, B);
+  return BlockStatus::kOk;
+}
+
+// "woodbury" regime for one block (exact for any N; cheapest when N < B).
+template <typename T>
+BlockStatus inverse_block_woodbury(const T* g, int64_t s0, int64_t s1, int64_t N, int64_t c0, int64_t bv,
+                                   int64_t B, double damp, const GemmKernels& kern, bool lapack, Workspace& ws,
+                                   T* out) {
+  const int64_t ldn = round_up(N, kPanelAlign);
+  const int64_t ld = round_up(bv, kPanelAlign);
+  // Gt: (bv x ldn), Gt[c][n] = G[n][c].
+  double* Gt = ws.A(std::max<int64_t>(bv, 1) * ldn);
+  if (!pack_cols(g, s0, s1, 0, N, c0, bv, Gt, ldn)) return BlockStatus::kNonFinite;
+  // K = G G^T + N damp I (upper), then K = U^T U.
+  double* K = ws.C(std::max(ldn * ldn, ld * ld));
+  std::fill(K, K + ldn * ldn, 0.0);
+  kern.gemm_tn(Gt, ldn, Gt, ldn, bv, ldn, ldn, K, ldn, /*upper_only=*/true);
+  const double nd = static_cast<double>(N) * damp;
+  for (int64_t i = 0; i < N; ++i) K[i * ldn + i] += nd;
+  if (factor_upper(K, N, ldn, lapack) != 0) return BlockStatus::kNotPD;
+  // V^T = Gt U^{-1}  (bv x N): V = U^{-T} G = L^{-1} G.
+  solve_right(Gt, bv, ldn, K, N, ldn, lapack);
+  // Vn: (N x ld), Vn[n][c] = V[n][c]; D = V^T V (upper).
+  double* Vn = ws.Bf(N * ld);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < bv; ++c) Vn[n * ld + c] = Gt[c * ldn + n];
+    for (int64_t c = bv; c < ld; ++c) Vn[n * ld + c] = 0.0;
+  }
+  double* D = ws.C(std::max(ldn * ldn, ld * ld));
+  std::fill(D, D + ld * ld, 0.0);
+  kern.gemm_tn(Vn, ld, Vn, ld, N, ld, ld, D, ld, /*upper_only=*/true);
+  // F^{-1} = (I - D) / damp = (-1/damp) * (D - I).
+  store_block(D, bv, ld, -1.0 / damp, -1.0, damp, out, B);
+  return BlockStatus::kOk;
+}
+
+at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_size, double damp) {
+  check_woodbury_inverse_fisher_inputs(grads, block_size, damp);
+  TORCH_CHECK_VALUE(grads.device().is_cpu(), "grads must be a CPU tensor for the CPU kernel");
+  const int64_t N = grads.size(0), d = grads.size(1), B = block_size;
+  const int64_t nb = num_blocks(d, B);
+  at::Tensor out = at::empty({nb, B, B}, grads.options());
+  if (nb == 0) return out;
+  const auto& kern = gemm_kernels(active_isa());
+  const bool lapack = lapack_available();
+  const bool gram_first = N >= B;
+  std::atomic<int> non_finite{0};
+  std::atomic<int64_t> failed_block{-1};
+  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "woodbury_inverse_fisher_cpu", [&] {
+    const scalar_t* g = grads.const_data_ptr<scalar_t>();
+    const int64_t s0 = grads.stride(0), s1 = grads.stride(1);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      Workspace ws;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (non_finite.load(std::memory_order_relaxed)) return;
+        const int64_t bv = block_valid(d, B, b);
+        scalar_t* ob = o + b * B * B;
+        BlockStatus st = gram_first
+            ? inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob)
+            : inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob);
+        if (st == BlockStatus::kNotPD) {  // fall back to the other exact algorithm
+          st = gram_first ? inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob)
+                          : inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob);
+        }
+        if (st == BlockStatus::kNonFinite) non_finite.store(1);
+        if (st == BlockStatus::kNotPD) failed_block.store(b);
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(!non_finite.load(), "grads contains NaN or Inf");
+  TORCH_CHECK_VALUE(failed_block.load() < 0, "the damped Fisher of block ", failed_block.load(),
+                    " is not positive definite in float64 (damp = ", damp, " is too small for these gradients)");
+  return out;
+}
+
+// One block of the in-place rank-k update. F is (B x B) in T; G the (k, bv) slice.
+template <typename T>
+bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k, int64_t c0, int64_t bv,
+                  double num_samples, const GemmKernels& kern, bool lapack, Workspace& ws) {
+  const int64_t ld = round_up(B, kPanelAlign);
+  const int64_t ldk = round_up(k, kPanelAlign);
+  double* buf = ws.C(ld * ld + 2 * ld * ldk + ldk * ldk + k * ld);
+  double* F64 = buf;                  // ld x ld
+  double* Gt = F64 + ld * ld;         // ld x ldk   (rows c, padded rows zero)
+  double* Ut = Gt + ld * ldk;         // ld x ldk   U^T, then V^T
+  double* M = Ut + ld * ldk;          // ldk x ldk
+  double* Vn = M + ldk * ldk;         // k x ld
+  for (int64_t i = 0; i < ld; ++i)
+    for (int64_t j = 0; j < ld; ++j) F64[i * ld + j] = (i < B && j < B) ? static_cast<double>(F[i * B + j]) : 0.0;
+  pack_cols(g, s0, s1, 0, k, c0, bv, Gt, ldk);
+  std::fill(Gt + bv * ldk, Gt + ld * ldk, 0.0);
+  // U^T[j][n] = sum_c F[c][j] G[n][c]
+  std::fill(Ut, Ut + ld * ldk, 0.0);
+  kern.gemm_tn(F64, ld, Gt, ldk, ld, ld, ldk, Ut, ldk, false);
+  // M = G F G^T + N I = U G^T + N I (upper), M = R^T R
+  std::fill(M, M + ldk * ldk, 0.0);
+  kern.gemm_tn(Ut, ldk, Gt, ldk, ld, ldk, ldk, M, ldk, true);
+  for (int64_t i = 0; i < k; ++i) M[i * ldk + i] += num_samples;
+  if (factor_upper(M, k, ldk, lapack) != 0) return false;
+  // V^T = U^T R^{-1}
+  solve_right(Ut, ld, ldk, M, k, ldk, lapack);
+  for (int64_t n = 0; n < k; ++n)
+    for (int64_t c = 0; c < ld; ++c) Vn[n * ld + c] = -Ut[c * ldk + n];
+  // F -= V^T V: gemm with A = -V, B = V on the upper triangle.
+  double* Vpos = Gt;  // Gt is no longer needed: reuse as +V (k x ld)
+  for (int64_t n = 0; n < k; ++n)
+    for (int64_t c = 0; c < ld; ++c) Vpos[n * ld + c] = -Vn[n * ld + c];
+  kern.gemm_tn(Vn, ld, Vpos, ld, k, ld, ld, F64, ld, true);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < B; ++j) F[i * B + j] = static_cast<T>(i <= j ? F64[i * ld + j] : F64[j * ld + i]);
+  return true;
+}
+
+void woodbury_update_cpu(const at::Tensor& finv, const at::Tensor& grads, double num_samples) {
+  check_woodbury_update_inputs(finv, grads, num_samples);
+  TORCH_CHECK_VALUE(finv.device().is_cpu(), "finv must be a CPU tensor for the CPU kernel");
+  const int64_t k = grads.size(0), d = grads.size(1), B = finv.size(1), nb = finv.size(0);
+  if (k == 0 || nb == 0) return;
+  // Validate everything before touching finv: a failed call leaves it unchanged.
+  TORCH_CHECK_VALUE(at::isfinite(grads).all().item<bool>(), "grads contains NaN or Inf");
+  at::Tensor work = finv.is_contiguous() ? finv : finv.contiguous();
+  const auto& kern = gemm_kernels(active_isa());
+  const bool lapack = lapack_available();
+  std::atomic<int64_t> failed_block{-1};
+  // The update is applied into a copy when finv is not contiguous; when it is, each block is written
+  // only after its own factorisation succeeded, and a failure anywhere is reported after the loop.
+  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "woodbury_update_cpu", [&] {
+    const scalar_t* g = grads.const_data_ptr<scalar_t>();
+    const int64_t s0 = grads.stride(0), s1 = grads.stride(1);
+    scalar_t* f = work.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      Workspace ws;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (!update_block(f + b * B * B, B, g, s0, s1, k, b * B, block_valid(d, B, b), num_samples, kern, lapack, ws))
+          failed_block.store(b);
+      }
+    });
+  });
+  TORCH_CHECK_VALUE(failed_block.load() < 0, "woodbury_update_: N I + G F^-1 G^T of block ", failed_block.load(),
+                    " is not positive definite: finv is not a valid (symmetric positive definite) inverse");
+  if (!work.is_same(finv)) finv.copy_(work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
+  m.impl("woodbury_update_", &woodbury_update_cpu);
+  m.impl("woodbury_inverse_fisher", &woodbury_inverse_fisher_cpu);
+}
+
+}  // namespace woodbury
+}  // namespace fastprune

@@ -1,0 +1,14 @@
+"""Typed wrappers over the native ops ``torch.ops.fastprune.*``.
+
+Each wrapper validates its arguments in Python (clear ``ValueError``/``TypeError`` naming the
+argument), then calls the dispatcher op. The fake (meta) kernels live in :mod:`fastprune.ops._fakes`.
+"""
+
+from fastprune._loader import load_library
+
+load_library()
+
+from fastprune.ops import _fakes  # noqa: E402,F401  (registers fake kernels)
+from fastprune.ops.woodbury import woodbury_inverse_fisher, woodbury_update_  # noqa: E402
+
+__all__ = ["woodbury_inverse_fisher", "woodbury_update_"]

@@ -1,0 +1,9 @@
+"""Plain-PyTorch twins of every native op, with the same signatures: the test oracle.
+
+They favour clarity over speed and run in the dtype of their inputs (pass float64 for an
+accurate oracle).
+"""
+
+from fastprune.reference.woodbury import woodbury_inverse_fisher, woodbury_update_
+
+__all__ = ["woodbury_inverse_fisher", "woodbury_update_"]
