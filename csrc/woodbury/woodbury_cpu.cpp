@@ -169,6 +169,80 @@ bool pack_cols(const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int
 // Writes the symmetric block from the upper triangle of `up` (n valid coordinates, stride ld) into
 // out (B x B). scale/shift turn the stored matrix into the inverse: out = scale * (shift I + up).
 // Padded coordinates [n, B) get exactly 1/damp on the diagonal and 0 elsewhere.
+// In-place inverse of the SPD matrix held in the upper triangle of A (n x n, row stride ld, columns
+// and rows [n, ld) zero) by the blocked symmetric sweep operator: sweeping pivot block K with
+// P = A_KK^{-1} sets A_KK <- -P, A_Kj <- P A_Kj, A_ij <- A_ij - A_iK P A_Kj (i, j not in K); after all
+// blocks A holds -A^{-1}. Each sweep's trailing update is one rank-16 call of the Gram kernel on the
+// upper triangle, so the inverse costs n^3 flops at GEMM speed (LAPACK's potrf + potri on small
+// blocks run level-2 code here). Pivots are Schur complements of an SPD matrix: a pivot that is not
+// positive and finite means A is not numerically SPD; returns k + 1 then (0 on success).
+int64_t sweep_inverse_upper(double* A, int64_t n, int64_t ld, const GemmKernels& kern, double* work) {
+  constexpr int64_t kb = 2 * kPanelAlign;  // pivot block: rank-32 trailing updates
+  double* R = work;            // kb x ld: the pivot rows before the sweep
+  double* Y = R + kb * ld;     // kb x ld: -(P R)
+  double* P = Y + kb * ld;     // kb x kb
+  for (int64_t k0 = 0; k0 < n; k0 += kb) {
+    const int64_t bk = std::min(kb, n - k0);
+    // P = -(A_KK)^{-1} by the scalar sweep on a full symmetric copy.
+    for (int64_t i = 0; i < kb; ++i)
+      for (int64_t j = 0; j < kb; ++j)
+        P[i * kb + j] = (i >= bk || j >= bk) ? 0.0
+                        : i <= j ? A[(k0 + i) * ld + k0 + j] : A[(k0 + j) * ld + k0 + i];
+    for (int64_t p = 0; p < bk; ++p) {
+      const double piv = P[p * kb + p];
+      if (!(piv > 0.0) || !std::isfinite(piv)) return k0 + p + 1;
+      const double inv = 1.0 / piv;
+      double col[kb], row[kb];
+      for (int64_t i = 0; i < kb; ++i) {
+        col[i] = P[i * kb + p];
+        row[i] = P[p * kb + i] * inv;
+      }
+      for (int64_t i = 0; i < kb; ++i)
+        for (int64_t j = 0; j < kb; ++j) P[i * kb + j] -= col[i] * row[j];
+      for (int64_t i = 0; i < kb; ++i) {
+        P[i * kb + p] = col[i] * inv;
+        P[p * kb + i] = row[i];
+      }
+      P[p * kb + p] = -inv;
+    }
+    // R = pivot rows of A as full rows, read through the upper triangle: columns k0.. of the rows above
+    // the block (each a contiguous run of bk values), then the block's own rows. Zero rows past bk.
+    for (int64_t j = 0; j < k0; ++j) {
+      const double* a = A + j * ld + k0;
+      for (int64_t k = 0; k < bk; ++k) R[k * ld + j] = a[k];
+    }
+    for (int64_t k = 0; k < kb; ++k) {
+      double* r = R + k * ld;
+      if (k >= bk) {
+        std::fill(r, r + ld, 0.0);
+        continue;
+      }
+      const int64_t row = k0 + k;
+      for (int64_t j = k0; j < row; ++j) r[j] = A[j * ld + row];
+      for (int64_t j = row; j < ld; ++j) r[j] = A[row * ld + j];
+    }
+    // Y = -(A_KK^{-1} R) = P R, since P holds -A_KK^{-1}; P is symmetric, so P R = P^T R is the
+    // same kernel (P is zero past bk: the small sweep keeps zero rows and columns zero).
+    std::fill(Y, Y + kb * ld, 0.0);
+    kern.gemm_tn(P, kb, R, ld, kb, kb, ld, Y, ld, /*upper_only=*/false);
+    // A_ij += R^T Y = A_ij - A_iK A_KK^{-1} A_Kj on the upper triangle.
+    kern.gemm_tn(R, ld, Y, ld, kb, ld, ld, A, ld, /*upper_only=*/true);
+    // Pivot rows and columns: A_Kj <- A_KK^{-1} A_Kj = -Y, A_KK <- -A_KK^{-1} = P.
+    for (int64_t i = 0; i < k0; ++i) {
+      double* a = A + i * ld + k0;
+      for (int64_t k = 0; k < bk; ++k) a[k] = -Y[k * ld + i];
+    }
+    for (int64_t k = 0; k < bk; ++k) {
+      double* a = A + (k0 + k) * ld;
+      for (int64_t j = k0 + bk; j < n; ++j) a[j] = -Y[k * ld + j];
+      for (int64_t j = k; j < bk; ++j) a[k0 + j] = P[k * kb + j];
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) A[i * ld + j] = -A[i * ld + j];
+  return 0;
+}
+
 template <typename T>
 void store_block(double* up, int64_t n, int64_t ld, double scale, double shift, double damp, T* out, int64_t B) {
   // Mirror the upper triangle into the lower one (in the float64 buffer), then one streaming pass.
@@ -191,10 +265,11 @@ void store_block(double* up, int64_t n, int64_t ld, double scale, double shift, 
 }
 
 struct Workspace {
-  std::vector<double> a, b, c;
+  std::vector<double> a, b, c, d;
   double* A(int64_t n) { if ((int64_t)a.size() < n) a.resize(n); return a.data(); }
   double* Bf(int64_t n) { if ((int64_t)b.size() < n) b.resize(n); return b.data(); }
   double* C(int64_t n) { if ((int64_t)c.size() < n) c.resize(n); return c.data(); }
+  double* D(int64_t n) { if ((int64_t)d.size() < n) d.resize(n); return d.data(); }
 };
 
 enum class BlockStatus { kOk, kNonFinite, kNotPD };
@@ -213,8 +288,8 @@ BlockStatus inverse_block_gram(const T* g, int64_t s0, int64_t s1, int64_t N, in
     kern.gemm_tn(P, ld, P, ld, rows, ld, ld, S, ld, /*upper_only=*/true);
   }
   gram_to_fisher_upper(S, bv, ld, 1.0 / static_cast<double>(N), damp);
-  if (factor_upper(S, bv, ld, lapack) != 0) return BlockStatus::kNotPD;
-  inverse_from_factor(S, bv, ld, lapack);
+  if (sweep_inverse_upper(S, bv, ld, kern, ws.D(4 * kPanelAlign * ld + 4 * kPanelAlign * kPanelAlign)) != 0)
+    return BlockStatus::kNotPD;
   store_block(S, bv, ld, 1.0, 0.0, damp, out, B);
   return BlockStatus::kOk;
 }

@@ -305,3 +305,20 @@ def test_fisher_inverse_bad_input():
         fi.update(torch.full((2, 10), float("inf")))
     with pytest.raises(ValueError, match="shape"):
         fi.matvec(torch.randn(4))
+
+
+def test_singular_fisher_raises_instead_of_nan():
+    """damp far below float64 resolution on rank-one gradients: both algorithms fail; a clear error."""
+    g = torch.ones(64, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="positive definite"):
+        ops.woodbury_inverse_fisher(g, 32, 1e-300)
+    with pytest.raises(ValueError, match="positive definite"):
+        ops.woodbury_inverse_fisher(g[:8], 32, 1e-300)
+
+
+def test_tiny_damp_falls_back_and_stays_finite():
+    """Gram-regime factorisation failures fall back to the Woodbury step; never NaN."""
+    g = low_rank_grads(256, 64, rank=4, noise=0.0, dtype=torch.float64)
+    damp = 1e-14 * float((g**2).mean())
+    out = ops.woodbury_inverse_fisher(g, 64, damp)
+    assert torch.isfinite(out).all()
