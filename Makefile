@@ -29,8 +29,9 @@ $(BUILT): $(DEPS) $(NATIVE_SOURCES)
 
 build: $(BUILT)
 
+# Until the pruning methods land, the main job is the Woodbury benchmark in quick mode.
 demo: $(BUILT)
-	$(PY) -m fastprune.cli demo
+	$(PY) benchmarks/bench_woodbury.py --quick
 
 test: $(BUILT)
 	$(PY) -m pytest -q
