@@ -119,6 +119,9 @@ inline bool convert_row(const GemmKernels& kern, const double* src, int64_t n, d
   return kern.convert_f64(src, n, dst);
 }
 
+inline void store_row(const GemmKernels& kern, const double* src, int64_t n, float* dst) { kern.store_f32(src, n, dst); }
+inline void store_row(const GemmKernels&, const double* src, int64_t n, double* dst) { std::copy(src, src + n, dst); }
+
 // Copy G[r0:r0+rows, c0:c0+cols] (strided) into a float64 row-major panel with row stride ld,
 // zero-filling columns [cols, ld). Returns false if a value is not finite.
 template <typename T>
@@ -169,6 +172,16 @@ bool pack_cols(const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int
 // Writes the symmetric block from the upper triangle of `up` (n valid coordinates, stride ld) into
 // out (B x B). scale/shift turn the stored matrix into the inverse: out = scale * (shift I + up).
 // Padded coordinates [n, B) get exactly 1/damp on the diagonal and 0 elsewhere.
+// Copy the upper triangle of an n x n row-major matrix into its lower triangle, in 16 x 16 tiles
+// (a plain column walk misses the cache on every read for n >= 64).
+void mirror_upper(double* a, int64_t n, int64_t ld) {
+  constexpr int64_t t = 16;
+  for (int64_t i0 = 0; i0 < n; i0 += t)
+    for (int64_t j0 = 0; j0 <= i0; j0 += t)
+      for (int64_t i = i0; i < std::min(n, i0 + t); ++i)
+        for (int64_t j = j0; j < std::min(i, j0 + t); ++j) a[i * ld + j] = a[j * ld + i];
+}
+
 // In-place inverse of the SPD matrix held in the upper triangle of A (n x n, row stride ld, columns
 // and rows [n, ld) zero) by the blocked symmetric sweep operator: sweeping pivot block K with
 // P = A_KK^{-1} sets A_KK <- -P, A_Kj <- P A_Kj, A_ij <- A_ij - A_iK P A_Kj (i, j not in K); after all
@@ -177,7 +190,7 @@ bool pack_cols(const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int
 // blocks run level-2 code here). Pivots are Schur complements of an SPD matrix: a pivot that is not
 // positive and finite means A is not numerically SPD; returns k + 1 then (0 on success).
 int64_t sweep_inverse_upper(double* A, int64_t n, int64_t ld, const GemmKernels& kern, double* work) {
-  constexpr int64_t kb = 2 * kPanelAlign;  // pivot block: rank-32 trailing updates
+  constexpr int64_t kb = kSweepBlock;
   double* R = work;            // kb x ld: the pivot rows before the sweep
   double* Y = R + kb * ld;     // kb x ld: -(P R)
   double* P = Y + kb * ld;     // kb x kb
@@ -188,23 +201,7 @@ int64_t sweep_inverse_upper(double* A, int64_t n, int64_t ld, const GemmKernels&
       for (int64_t j = 0; j < kb; ++j)
         P[i * kb + j] = (i >= bk || j >= bk) ? 0.0
                         : i <= j ? A[(k0 + i) * ld + k0 + j] : A[(k0 + j) * ld + k0 + i];
-    for (int64_t p = 0; p < bk; ++p) {
-      const double piv = P[p * kb + p];
-      if (!(piv > 0.0) || !std::isfinite(piv)) return k0 + p + 1;
-      const double inv = 1.0 / piv;
-      double col[kb], row[kb];
-      for (int64_t i = 0; i < kb; ++i) {
-        col[i] = P[i * kb + p];
-        row[i] = P[p * kb + i] * inv;
-      }
-      for (int64_t i = 0; i < kb; ++i)
-        for (int64_t j = 0; j < kb; ++j) P[i * kb + j] -= col[i] * row[j];
-      for (int64_t i = 0; i < kb; ++i) {
-        P[i * kb + p] = col[i] * inv;
-        P[p * kb + i] = row[i];
-      }
-      P[p * kb + p] = -inv;
-    }
+    if (const int64_t bad = kern.sweep_small(P, bk); bad != 0) return k0 + bad;
     // R = pivot rows of A as full rows, read through the upper triangle: columns k0.. of the rows above
     // the block (each a contiguous run of bk values), then the block's own rows. Zero rows past bk.
     for (int64_t j = 0; j < k0; ++j) {
@@ -246,10 +243,8 @@ int64_t sweep_inverse_upper(double* A, int64_t n, int64_t ld, const GemmKernels&
 template <typename T>
 void store_block(double* up, int64_t n, int64_t ld, double scale, double shift, double damp, T* out, int64_t B) {
   // Mirror the upper triangle into the lower one (in the float64 buffer), then one streaming pass.
-  for (int64_t i = 0; i < n; ++i) {
-    up[i * ld + i] += shift;
-    for (int64_t j = 0; j < i; ++j) up[i * ld + j] = up[j * ld + i];
-  }
+  for (int64_t i = 0; i < n; ++i) up[i * ld + i] += shift;
+  mirror_upper(up, n, ld);
   const T inv_damp = static_cast<T>(1.0 / damp);
   for (int64_t i = 0; i < B; ++i) {
     T* o = out + i * B;
@@ -288,7 +283,7 @@ BlockStatus inverse_block_gram(const T* g, int64_t s0, int64_t s1, int64_t N, in
     kern.gemm_tn(P, ld, P, ld, rows, ld, ld, S, ld, /*upper_only=*/true);
   }
   gram_to_fisher_upper(S, bv, ld, 1.0 / static_cast<double>(N), damp);
-  if (sweep_inverse_upper(S, bv, ld, kern, ws.D(4 * kPanelAlign * ld + 4 * kPanelAlign * kPanelAlign)) != 0)
+  if (sweep_inverse_upper(S, bv, ld, kern, ws.D(2 * kSweepBlock * ld + kSweepBlock * kSweepBlock)) != 0)
     return BlockStatus::kNotPD;
   store_block(S, bv, ld, 1.0, 0.0, damp, out, B);
   return BlockStatus::kOk;
@@ -367,41 +362,58 @@ at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_si
   return out;
 }
 
-// One block of the in-place rank-k update. F is (B x B) in T; G the (k, bv) slice.
+// dst (cols x ldd) = src^T for src (rows x lds), rows [rows, ldd) of each dst row zero-filled.
+void transpose_into(const double* src, int64_t rows, int64_t lds, int64_t cols, double* dst, int64_t ldd) {
+  constexpr int64_t t = 8;  // 8 x 8 tiles: both sides touch whole cache lines
+  for (int64_t r0 = 0; r0 < rows; r0 += t)
+    for (int64_t c0 = 0; c0 < cols; c0 += t)
+      for (int64_t r = r0; r < std::min(rows, r0 + t); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + t); ++c) dst[c * ldd + r] = src[r * lds + c];
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + (c + 1) * ldd, 0.0);
+}
+
+// One block of the in-place rank-k update, F (B x B, type T) with G the (k, bv) gradient slice:
+//   U = G F,  M = N I + U G^T,  F <- F - U^T M^{-1} U.
+// M^{-1} comes from the symmetric sweep, so every O(B^2 k) and O(B k^2) product runs on the Gram
+// kernel (no triangular solves through LAPACK's level-2 paths). Returns false if M is not SPD.
 template <typename T>
 bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k, int64_t c0, int64_t bv,
-                  double num_samples, const GemmKernels& kern, bool lapack, Workspace& ws) {
+                  double num_samples, const GemmKernels& kern, Workspace& ws) {
   const int64_t ld = round_up(B, kPanelAlign);
   const int64_t ldk = round_up(k, kPanelAlign);
-  double* buf = ws.C(ld * ld + 2 * ld * ldk + ldk * ldk + k * ld);
-  double* F64 = buf;                  // ld x ld
-  double* Gt = F64 + ld * ld;         // ld x ldk   (rows c, padded rows zero)
-  double* Ut = Gt + ld * ldk;         // ld x ldk   U^T, then V^T
-  double* M = Ut + ld * ldk;          // ldk x ldk
-  double* Vn = M + ldk * ldk;         // k x ld
-  for (int64_t i = 0; i < ld; ++i)
-    for (int64_t j = 0; j < ld; ++j) F64[i * ld + j] = (i < B && j < B) ? static_cast<double>(F[i * B + j]) : 0.0;
-  pack_cols(g, s0, s1, 0, k, c0, bv, Gt, ldk);
-  std::fill(Gt + bv * ldk, Gt + ld * ldk, 0.0);
+  double* F64 = ws.C(ld * ld + 4 * ld * ldk + ldk * ldk);
+  double* Gn = F64 + ld * ld;   // ldk x ld: G, n-major (rows past k zero); later U, n-major
+  double* Gt = Gn + ld * ldk;   // ld x ldk: G^T; later Z = -(M^{-1} U), n-major (ldk x ld)
+  double* Ut = Gt + ld * ldk;   // ld x ldk: U^T
+  double* M = Ut + ld * ldk;    // ldk x ldk
+  pack_rows(kern, F, B, 1, 0, B, 0, B, F64, ld);
+  std::fill(F64 + B * ld, F64 + ld * ld, 0.0);
+  pack_rows(kern, g, s0, s1, 0, k, c0, bv, Gn, ld);  // finiteness was checked by the caller
+  std::fill(Gn + k * ld, Gn + ldk * ld, 0.0);
+  transpose_into(Gn, ldk, ld, ld, Gt, ldk);
   // U^T[j][n] = sum_c F[c][j] G[n][c]
   std::fill(Ut, Ut + ld * ldk, 0.0);
   kern.gemm_tn(F64, ld, Gt, ldk, ld, ld, ldk, Ut, ldk, false);
-  // M = G F G^T + N I = U G^T + N I (upper), M = R^T R
+  // M = U G^T + N I (upper), then M^{-1} (upper), mirrored to a full symmetric panel.
   std::fill(M, M + ldk * ldk, 0.0);
   kern.gemm_tn(Ut, ldk, Gt, ldk, ld, ldk, ldk, M, ldk, true);
   for (int64_t i = 0; i < k; ++i) M[i * ldk + i] += num_samples;
-  if (factor_upper(M, k, ldk, lapack) != 0) return false;
-  // V^T = U^T R^{-1}
-  solve_right(Ut, ld, ldk, M, k, ldk, lapack);
-  for (int64_t n = 0; n < k; ++n)
-    for (int64_t c = 0; c < ld; ++c) Vn[n * ld + c] = -Ut[c * ldk + n];
-  // F -= V^T V: gemm with A = -V, B = V on the upper triangle.
-  double* Vpos = Gt;  // Gt is no longer needed: reuse as +V (k x ld)
-  for (int64_t n = 0; n < k; ++n)
-    for (int64_t c = 0; c < ld; ++c) Vpos[n * ld + c] = -Vn[n * ld + c];
-  kern.gemm_tn(Vn, ld, Vpos, ld, k, ld, ld, F64, ld, true);
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < B; ++j) F[i * B + j] = static_cast<T>(i <= j ? F64[i * ld + j] : F64[j * ld + i]);
+  if (sweep_inverse_upper(M, k, ldk, kern, ws.D(2 * kSweepBlock * ldk + kSweepBlock * kSweepBlock)) != 0)
+    return false;
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j < i; ++j) M[i * ldk + j] = M[j * ldk + i];  // row j < i is negated already
+    for (int64_t j = i; j < k; ++j) M[i * ldk + j] = -M[i * ldk + j];
+  }
+  // U n-major, then Z = -(M^{-1} U) (M now holds -M^{-1}, symmetric, so M^T U = M U).
+  double* Un = Gn;
+  transpose_into(Ut, ld, ldk, ldk, Un, ld);
+  double* Z = Gt;
+  std::fill(Z, Z + ldk * ld, 0.0);
+  kern.gemm_tn(M, ldk, Un, ld, ldk, ldk, ld, Z, ld, false);
+  // F += U^T Z = F - U^T M^{-1} U on the upper triangle, then store both triangles.
+  kern.gemm_tn(Un, ld, Z, ld, ldk, ld, ld, F64, ld, true);
+  mirror_upper(F64, B, ld);
+  for (int64_t i = 0; i < B; ++i) store_row(kern, F64 + i * ld, B, F + i * B);
   return true;
 }
 
@@ -414,7 +426,6 @@ void woodbury_update_cpu(const at::Tensor& finv, const at::Tensor& grads, double
   TORCH_CHECK_VALUE(at::isfinite(grads).all().item<bool>(), "grads contains NaN or Inf");
   at::Tensor work = finv.is_contiguous() ? finv : finv.contiguous();
   const auto& kern = gemm_kernels(active_isa());
-  const bool lapack = lapack_available();
   std::atomic<int64_t> failed_block{-1};
   // The update is applied into a copy when finv is not contiguous; when it is, each block is written
   // only after its own factorisation succeeded, and a failure anywhere is reported after the loop.
@@ -425,7 +436,7 @@ void woodbury_update_cpu(const at::Tensor& finv, const at::Tensor& grads, double
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       Workspace ws;
       for (int64_t b = b0; b < b1; ++b) {
-        if (!update_block(f + b * B * B, B, g, s0, s1, k, b * B, block_valid(d, B, b), num_samples, kern, lapack, ws))
+        if (!update_block(f + b * B * B, B, g, s0, s1, k, b * B, block_valid(d, B, b), num_samples, kern, ws))
           failed_block.store(b);
       }
     });

@@ -12,6 +12,8 @@ namespace woodbury {
 
 // Panels are padded by the caller so that m and n are multiples of kPanelAlign.
 constexpr int64_t kPanelAlign = 16;
+// Pivot block of the symmetric sweep (woodbury_cpu.cpp): rank-32 trailing updates.
+constexpr int64_t kSweepBlock = 32;
 
 struct GemmKernels {
   // C[0:m, 0:n] += A^T B for A (K x m, row stride lda), B (K x n, row stride ldb), C row stride ldc.
@@ -22,6 +24,12 @@ struct GemmKernels {
   // dst[c] = (double)src[c] for c < n; returns false if any value is NaN or Inf.
   bool (*convert_f32)(const float* src, int64_t n, double* dst);
   bool (*convert_f64)(const double* src, int64_t n, double* dst);
+  // In-place sweep of a kSweepBlock x kSweepBlock symmetric matrix (row stride kSweepBlock) whose
+  // rows and columns past n are zero: leaves -P^{-1} in the leading n x n part. Returns 0, or
+  // p + 1 if pivot p is not positive and finite.
+  int64_t (*sweep_small)(double* p, int64_t n);
+  // dst[c] = (T)src[c] for c < n.
+  void (*store_f32)(const double* src, int64_t n, float* dst);
   const char* name;
 };
 

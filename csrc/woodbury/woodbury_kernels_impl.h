@@ -43,7 +43,38 @@ static bool convert_f64(const double* src, int64_t n, double* dst) {
   return bad == 0;
 }
 
-const GemmKernels kKernels{&gemm_tn, &convert_f32, &convert_f64, FP_ISA_NAME};
+// The scalar sweep on one pivot block, with the block size fixed at compile time so that each
+// rank-1 step is a handful of full-width vector FMAs.
+static int64_t sweep_small(double* P, int64_t n) {
+  constexpr int64_t kb = kSweepBlock;
+  for (int64_t p = 0; p < n; ++p) {
+    const double piv = P[p * kb + p];
+    if (!(piv > 0.0) || !(piv < __builtin_inf())) return p + 1;
+    const double inv = 1.0 / piv;
+    double col[kb], row[kb];
+    for (int64_t i = 0; i < kb; ++i) {
+      col[i] = P[i * kb + p];
+      row[i] = P[p * kb + i] * inv;
+    }
+    for (int64_t i = 0; i < kb; ++i) {
+      const double ci = col[i];
+      double* pi = P + i * kb;
+      for (int64_t j = 0; j < kb; ++j) pi[j] -= ci * row[j];
+    }
+    for (int64_t i = 0; i < kb; ++i) {
+      P[i * kb + p] = col[i] * inv;
+      P[p * kb + i] = row[i];
+    }
+    P[p * kb + p] = -inv;
+  }
+  return 0;
+}
+
+static void store_f32(const double* src, int64_t n, float* dst) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+}
+
+const GemmKernels kKernels{&gemm_tn, &convert_f32, &convert_f64, &sweep_small, &store_f32, FP_ISA_NAME};
 
 }  // namespace FP_ISA_NS
 }  // namespace woodbury
