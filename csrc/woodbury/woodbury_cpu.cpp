@@ -3,12 +3,15 @@
 // Math (per block b of B coordinates, G_b the (N, B) column slice of the gradients):
 //   F_b = damp I + G_b^T G_b / N,  and we want F_b^{-1}.
 // Two exact algorithms, chosen by regime:
-//   N >= B  "gram":     S = G_b^T G_b (symmetric rank-N product, half a GEMM), Cholesky of
-//                       S/N + damp I, inverse from the factor (LAPACK potri).
+//   N >= B  "gram":     S = G_b^T G_b (symmetric rank-N product, half a GEMM), then the inverse of
+//                       S/N + damp I by the blocked symmetric sweep (B^3 flops).
 //   N <  B  "woodbury": one rank-N Woodbury step from damp^-1 I:
-//                       F^{-1} = (I - V^T V) / damp,  V = L^{-1} G_b,  L L^T = G_b G_b^T + N damp I,
+//                       F^{-1} = (I - V^T V) / damp,  V = R^{-T} G_b,  R^T R = G_b G_b^T + N damp I,
 //                       which never forms (or factors) a B x B matrix that is nearly singular.
 // The update op applies F^{-1} <- F^{-1} - U^T (N I + U G^T)^{-1} U with U = G F^{-1} per block.
+// All O(n^3) work (Gram, sweep, blocked Cholesky, triangular solves) runs on one register-tiled
+// kernel, C += A^T B (woodbury_kernels_impl.h), compiled per ISA; LAPACK's small-matrix routines
+// run level-2 code on this CPU and were 3-5x slower per block.
 //
 // Precision: inputs are float32 or float64; everything is accumulated and factored in float64
 // (float32 products are exact in float64). See woodbury_core.h.
@@ -34,15 +37,6 @@
 #include "woodbury/woodbury_core.h"
 #include "woodbury/woodbury_kernels.h"
 
-// LAPACK as shipped inside libtorch_cpu (MKL or OpenBLAS). Weak, so that a torch build without
-// these symbols still loads: the FP_HOST_DEVICE fallbacks in woodbury_core.h are used then.
-extern "C" {
-void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
-void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
-void dtrsm_(const char* side, const char* uplo, const char* transa, const char* diag, const int* m, const int* n,
-            const double* alpha, const double* a, const int* lda, double* b, const int* ldb) __attribute__((weak));
-}
-
 namespace fastprune {
 namespace woodbury {
 
@@ -61,56 +55,6 @@ namespace {
 constexpr int64_t kPanelRows = 256;  // depth of one packed panel (rows of G)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// FASTPRUNE_LAPACK=0 forces the portable factorisation (tests cover both paths).
-bool lapack_available() {
-  const char* env = std::getenv("FASTPRUNE_LAPACK");
-  if (env != nullptr && env[0] == '0') return false;
-  return dpotrf_ != nullptr && dpotri_ != nullptr && dtrsm_ != nullptr;
-}
-
-// Row-major upper triangle == column-major lower triangle: LAPACK calls below use uplo = 'L'.
-// A = U^T U with U upper (row-major). Returns 0 on success.
-int64_t factor_upper(double* a, int64_t n, int64_t ld, bool use_lapack) {
-  if (n == 0) return 0;
-  if (use_lapack) {
-    const int ni = static_cast<int>(n), ldi = static_cast<int>(ld);
-    int info = 0;
-    dpotrf_("L", &ni, a, &ldi, &info);
-    if (info != 0) return info;
-    // potrf does not check for Inf/NaN pivots beyond positivity: a non-finite factor is a failure.
-    for (int64_t i = 0; i < n; ++i)
-      if (!std::isfinite(a[i * ld + i])) return i + 1;
-    return 0;
-  }
-  return cholesky_upper(a, n, ld);
-}
-
-// Upper triangle of A^{-1} from its factor (in place).
-void inverse_from_factor(double* a, int64_t n, int64_t ld, bool use_lapack) {
-  if (n == 0) return;
-  if (use_lapack) {
-    const int ni = static_cast<int>(n), ldi = static_cast<int>(ld);
-    int info = 0;
-    dpotri_("L", &ni, a, &ldi, &info);
-    return;
-  }
-  cholesky_inverse_upper(a, n, ld);
-}
-
-// Y (m x n rows, row stride ldy) <- Y U^{-1} with U upper n x n (row stride ldu).
-void solve_right(double* y, int64_t m, int64_t ldy, const double* u, int64_t n, int64_t ldu, bool use_lapack) {
-  if (m == 0 || n == 0) return;
-  if (use_lapack) {
-    // Column-major view: Y^T (n x m) and U^T lower: solve L X = Y^T.
-    const int ni = static_cast<int>(n), mi = static_cast<int>(m), ldu_i = static_cast<int>(ldu),
-              ldy_i = static_cast<int>(ldy);
-    const double one = 1.0;
-    dtrsm_("L", "L", "N", "N", &ni, &mi, &one, u, &ldu_i, y, &ldy_i);
-    return;
-  }
-  solve_right_upper(y, m, ldy, u, n, ldu);
-}
 
 inline bool convert_row(const GemmKernels& kern, const float* src, int64_t n, double* dst) {
   return kern.convert_f32(src, n, dst);
@@ -149,29 +93,19 @@ bool pack_rows(const GemmKernels& kern, const T* g, int64_t s0, int64_t s1, int6
   return finite;
 }
 
-// Transposed copy: panel[c][r] = G[r0 + r, c0 + c] for c < cols (rows of the panel), r < rows;
-// columns [rows, ld) zero. Returns false if a value is not finite.
-template <typename T>
-bool pack_cols(const T* g, int64_t s0, int64_t s1, int64_t r0, int64_t rows, int64_t c0, int64_t cols,
-               double* panel, int64_t ld) {
-  bool finite = true;
-  for (int64_t c = 0; c < cols; ++c) {
-    double* dst = panel + c * ld;
-    const T* src = g + r0 * s0 + (c0 + c) * s1;
-    double sum = 0.0;
-    for (int64_t r = 0; r < rows; ++r) {
-      dst[r] = static_cast<double>(src[r * s0]);
-      sum += dst[r] * 0.0;
-    }
-    for (int64_t r = rows; r < ld; ++r) dst[r] = 0.0;
-    finite = finite && (sum == 0.0);
-  }
-  return finite;
-}
-
 // Writes the symmetric block from the upper triangle of `up` (n valid coordinates, stride ld) into
 // out (B x B). scale/shift turn the stored matrix into the inverse: out = scale * (shift I + up).
 // Padded coordinates [n, B) get exactly 1/damp on the diagonal and 0 elsewhere.
+// dst (cols x ldd) = src^T for src (rows x lds), rows [rows, ldd) of each dst row zero-filled.
+void transpose_into(const double* src, int64_t rows, int64_t lds, int64_t cols, double* dst, int64_t ldd) {
+  constexpr int64_t t = 8;  // 8 x 8 tiles: both sides touch whole cache lines
+  for (int64_t r0 = 0; r0 < rows; r0 += t)
+    for (int64_t c0 = 0; c0 < cols; c0 += t)
+      for (int64_t r = r0; r < std::min(rows, r0 + t); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + t); ++c) dst[c * ldd + r] = src[r * lds + c];
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + (c + 1) * ldd, 0.0);
+}
+
 // Copy the upper triangle of an n x n row-major matrix into its lower triangle, in 16 x 16 tiles
 // (a plain column walk misses the cache on every read for n >= 64).
 void mirror_upper(double* a, int64_t n, int64_t ld) {
@@ -240,23 +174,100 @@ int64_t sweep_inverse_upper(double* A, int64_t n, int64_t ld, const GemmKernels&
   return 0;
 }
 
+// W (kSweepBlock x kSweepBlock, zero past n) = R^{-1} for the n x n upper-triangular R (n <= 32).
+void upper_tri_inverse(const double* r, int64_t n, int64_t ldr, double* w) {
+  constexpr int64_t kb = kSweepBlock;
+  std::fill(w, w + kb * kb, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const double wjj = 1.0 / r[j * ldr + j];
+    w[j * kb + j] = wjj;
+    for (int64_t i = 0; i < j; ++i) {
+      double acc = 0.0;
+      for (int64_t m = i; m < j; ++m) acc += w[i * kb + m] * r[m * ldr + j];
+      w[i * kb + j] = -acc * wjj;
+    }
+  }
+}
+
+// Blocked right-looking Cholesky A = R^T R (R upper, row-major, in place on the upper triangle of
+// an n x n matrix with row stride ld; rows and columns [n, ld) zero). The panel solve and the
+// trailing rank-32 update run on the Gram kernel: n^3/3 flops at GEMM speed. Returns 0, or the
+// failing pivot + 1. work: kSweepBlock * (kSweepBlock + 2 ld) doubles.
+int64_t cholesky_blocked(double* A, int64_t n, int64_t ld, const GemmKernels& kern, double* work) {
+  constexpr int64_t kb = kSweepBlock;
+  double* W = work;             // kb x kb: R_KK^{-1}
+  double* T = W + kb * kb;      // kb x ld: R_{K,J} = R_KK^{-T} A_{K,J}
+  double* Tn = T + kb * ld;     // kb x ld: -R_{K,J}
+  for (int64_t k0 = 0; k0 < n; k0 += kb) {
+    const int64_t bk = std::min(kb, n - k0);
+    double* akk = A + k0 * ld + k0;
+    if (const int64_t bad = cholesky_upper(akk, bk, ld); bad != 0) return k0 + bad;
+    const int64_t j0 = k0 + bk;
+    if (j0 >= n) break;  // bk == kb from here on, so j0 and ld - j0 are multiples of 16
+    const int64_t nc = ld - j0;
+    upper_tri_inverse(akk, bk, ld, W);
+    std::fill(T, T + kb * ld, 0.0);
+    kern.gemm_tn(W, kb, A + k0 * ld + j0, ld, bk, kb, nc, T, ld, false);
+    for (int64_t i = 0; i < bk; ++i) {
+      double* a = A + (k0 + i) * ld + j0;
+      for (int64_t j = 0; j < nc; ++j) {
+        a[j] = T[i * ld + j];
+        Tn[i * ld + j] = -T[i * ld + j];
+      }
+    }
+    kern.gemm_tn(Tn, ld, T, ld, bk, nc, nc, A + j0 * ld + j0, ld, true);
+  }
+  return 0;
+}
+
+// X <- R^{-T} X for R from cholesky_blocked (n x n, row stride ldr) and X with round_up(n, 16) rows
+// (rows past n zero) of ncols (a multiple of 16) columns, row stride ldx: blocked forward
+// substitution, every product on the Gram kernel. work: kSweepBlock * (kSweepBlock + 2 ldx) doubles.
+void solve_rt_blocked(const double* R, int64_t n, int64_t ldr, double* X, int64_t ncols, int64_t ldx,
+                      const GemmKernels& kern, double* work) {
+  constexpr int64_t kb = kSweepBlock;
+  double* W = work;          // kb x kb
+  double* T = W + kb * kb;   // kb x ldx: right-hand side of the diagonal solve
+  double* S = T + kb * ldx;  // kb x ldx: sum over solved rows
+  for (int64_t k0 = 0; k0 < n; k0 += kb) {
+    const int64_t bk = std::min(kb, n - k0);
+    const int64_t bm = round_up(bk, kPanelAlign);
+    for (int64_t i = 0; i < bm; ++i) std::copy(X + (k0 + i) * ldx, X + (k0 + i) * ldx + ncols, T + i * ldx);
+    if (k0 > 0) {
+      std::fill(S, S + bm * ldx, 0.0);
+      kern.gemm_tn(R + k0, ldr, X, ldx, k0, bm, ncols, S, ldx, false);
+      for (int64_t i = 0; i < bm; ++i)
+        for (int64_t j = 0; j < ncols; ++j) T[i * ldx + j] -= S[i * ldx + j];
+    }
+    upper_tri_inverse(R + k0 * ldr + k0, bk, ldr, W);
+    for (int64_t i = 0; i < bm; ++i) std::fill(X + (k0 + i) * ldx, X + (k0 + i) * ldx + ncols, 0.0);
+    kern.gemm_tn(W, kb, T, ldx, bm, bm, ncols, X + k0 * ldx, ldx, false);
+  }
+}
+
 template <typename T>
-void store_block(double* up, int64_t n, int64_t ld, double scale, double shift, double damp, T* out, int64_t B) {
+bool store_block(double* up, int64_t n, int64_t ld, double scale, double shift, double damp, T* out, int64_t B) {
   // Mirror the upper triangle into the lower one (in the float64 buffer), then one streaming pass.
+  // Returns false if a stored value is not finite (a float32 result beyond float32's range).
   for (int64_t i = 0; i < n; ++i) up[i * ld + i] += shift;
   mirror_upper(up, n, ld);
   const T inv_damp = static_cast<T>(1.0 / damp);
+  T check = T(0);  // x - x is 0 for finite x and NaN otherwise
   for (int64_t i = 0; i < B; ++i) {
     T* o = out + i * B;
     if (i < n) {
       const double* u = up + i * ld;
-      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(u[j] * scale);
+      for (int64_t j = 0; j < n; ++j) {
+        o[j] = static_cast<T>(u[j] * scale);
+        check += o[j] - o[j];
+      }
       for (int64_t j = n; j < B; ++j) o[j] = T(0);
     } else {
       for (int64_t j = 0; j < B; ++j) o[j] = T(0);
       o[i] = inv_damp;
     }
   }
+  return check == T(0) && inv_damp - inv_damp == T(0);
 }
 
 struct Workspace {
@@ -267,12 +278,12 @@ struct Workspace {
   double* D(int64_t n) { if ((int64_t)d.size() < n) d.resize(n); return d.data(); }
 };
 
-enum class BlockStatus { kOk, kNonFinite, kNotPD };
+enum class BlockStatus { kOk, kNonFinite, kNotPD, kOverflow };
 
 // "gram" regime for one block: returns kNotPD when the factorisation fails (caller falls back).
 template <typename T>
 BlockStatus inverse_block_gram(const T* g, int64_t s0, int64_t s1, int64_t N, int64_t c0, int64_t bv, int64_t B,
-                               double damp, const GemmKernels& kern, bool lapack, Workspace& ws, T* out) {
+                               double damp, const GemmKernels& kern, Workspace& ws, T* out) {
   const int64_t ld = round_up(bv, kPanelAlign);
   double* S = ws.C(ld * ld);
   std::fill(S, S + ld * ld, 0.0);
@@ -285,41 +296,36 @@ BlockStatus inverse_block_gram(const T* g, int64_t s0, int64_t s1, int64_t N, in
   gram_to_fisher_upper(S, bv, ld, 1.0 / static_cast<double>(N), damp);
   if (sweep_inverse_upper(S, bv, ld, kern, ws.D(2 * kSweepBlock * ld + kSweepBlock * kSweepBlock)) != 0)
     return BlockStatus::kNotPD;
-  store_block(S, bv, ld, 1.0, 0.0, damp, out, B);
-  return BlockStatus::kOk;
+  return store_block(S, bv, ld, 1.0, 0.0, damp, out, B) ? BlockStatus::kOk : BlockStatus::kOverflow;
 }
 
-// "woodbury" regime for one block (exact for any N; cheapest when N < B).
+// "woodbury" regime for one block (exact for any N; cheapest when N < B):
+//   F^{-1} = (I - V^T V) / damp,  V = R^{-T} G,  R^T R = G G^T + N damp I.
 template <typename T>
 BlockStatus inverse_block_woodbury(const T* g, int64_t s0, int64_t s1, int64_t N, int64_t c0, int64_t bv,
-                                   int64_t B, double damp, const GemmKernels& kern, bool lapack, Workspace& ws,
-                                   T* out) {
+                                   int64_t B, double damp, const GemmKernels& kern, Workspace& ws, T* out) {
   const int64_t ldn = round_up(N, kPanelAlign);
   const int64_t ld = round_up(bv, kPanelAlign);
-  // Gt: (bv x ldn), Gt[c][n] = G[n][c].
-  double* Gt = ws.A(std::max<int64_t>(bv, 1) * ldn);
-  if (!pack_cols(g, s0, s1, 0, N, c0, bv, Gt, ldn)) return BlockStatus::kNonFinite;
-  // K = G G^T + N damp I (upper), then K = U^T U.
+  double* Gn = ws.A(ldn * ld);  // N x bv, n-major; becomes V
+  double* Gt = ws.Bf(ld * ldn);  // G^T; becomes -V
   double* K = ws.C(std::max(ldn * ldn, ld * ld));
+  double* work = ws.D(kSweepBlock * (kSweepBlock + 2 * std::max(ldn, ld)));
+  if (!pack_rows(kern, g, s0, s1, 0, N, c0, bv, Gn, ld)) return BlockStatus::kNonFinite;
+  std::fill(Gn + N * ld, Gn + ldn * ld, 0.0);
+  transpose_into(Gn, ldn, ld, ld, Gt, ldn);
   std::fill(K, K + ldn * ldn, 0.0);
-  kern.gemm_tn(Gt, ldn, Gt, ldn, bv, ldn, ldn, K, ldn, /*upper_only=*/true);
+  kern.gemm_tn(Gt, ldn, Gt, ldn, ld, ldn, ldn, K, ldn, /*upper_only=*/true);
   const double nd = static_cast<double>(N) * damp;
   for (int64_t i = 0; i < N; ++i) K[i * ldn + i] += nd;
-  if (factor_upper(K, N, ldn, lapack) != 0) return BlockStatus::kNotPD;
-  // V^T = Gt U^{-1}  (bv x N): V = U^{-T} G = L^{-1} G.
-  solve_right(Gt, bv, ldn, K, N, ldn, lapack);
-  // Vn: (N x ld), Vn[n][c] = V[n][c]; D = V^T V (upper).
-  double* Vn = ws.Bf(N * ld);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < bv; ++c) Vn[n * ld + c] = Gt[c * ldn + n];
-    for (int64_t c = bv; c < ld; ++c) Vn[n * ld + c] = 0.0;
-  }
-  double* D = ws.C(std::max(ldn * ldn, ld * ld));
+  if (cholesky_blocked(K, N, ldn, kern, work) != 0) return BlockStatus::kNotPD;
+  solve_rt_blocked(K, N, ldn, Gn, ld, ld, kern, work);
+  double* Vneg = Gt;
+  for (int64_t i = 0; i < ldn * ld; ++i) Vneg[i] = -Gn[i];
+  double* D = K;  // K is no longer needed
   std::fill(D, D + ld * ld, 0.0);
-  kern.gemm_tn(Vn, ld, Vn, ld, N, ld, ld, D, ld, /*upper_only=*/true);
-  // F^{-1} = (I - D) / damp = (-1/damp) * (D - I).
-  store_block(D, bv, ld, -1.0 / damp, -1.0, damp, out, B);
-  return BlockStatus::kOk;
+  kern.gemm_tn(Vneg, ld, Gn, ld, ldn, ld, ld, D, ld, /*upper_only=*/true);
+  // F^{-1} = (I + D) / damp with D = -V^T V.
+  return store_block(D, bv, ld, 1.0 / damp, 1.0, damp, out, B) ? BlockStatus::kOk : BlockStatus::kOverflow;
 }
 
 at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_size, double damp) {
@@ -330,10 +336,10 @@ at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_si
   at::Tensor out = at::empty({nb, B, B}, grads.options());
   if (nb == 0) return out;
   const auto& kern = gemm_kernels(active_isa());
-  const bool lapack = lapack_available();
   const bool gram_first = N >= B;
   std::atomic<int> non_finite{0};
   std::atomic<int64_t> failed_block{-1};
+  std::atomic<int64_t> overflow_block{-1};
   AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "woodbury_inverse_fisher_cpu", [&] {
     const scalar_t* g = grads.const_data_ptr<scalar_t>();
     const int64_t s0 = grads.stride(0), s1 = grads.stride(1);
@@ -345,47 +351,42 @@ at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_si
         const int64_t bv = block_valid(d, B, b);
         scalar_t* ob = o + b * B * B;
         BlockStatus st = gram_first
-            ? inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob)
-            : inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob);
+            ? inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, ws, ob)
+            : inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, ws, ob);
         if (st == BlockStatus::kNotPD) {  // fall back to the other exact algorithm
-          st = gram_first ? inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob)
-                          : inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, lapack, ws, ob);
+          st = gram_first ? inverse_block_woodbury(g, s0, s1, N, b * B, bv, B, damp, kern, ws, ob)
+                          : inverse_block_gram(g, s0, s1, N, b * B, bv, B, damp, kern, ws, ob);
         }
         if (st == BlockStatus::kNonFinite) non_finite.store(1);
         if (st == BlockStatus::kNotPD) failed_block.store(b);
+        if (st == BlockStatus::kOverflow) overflow_block.store(b);
       }
     });
   });
   TORCH_CHECK_VALUE(!non_finite.load(), "grads contains NaN or Inf");
+  TORCH_CHECK_VALUE(overflow_block.load() < 0, "the inverse Fisher of block ", overflow_block.load(),
+                    " overflows ", grads.scalar_type(), " (damp = ", damp,
+                    " is too small to represent 1/damp): pass float64 gradients or a larger damp");
   TORCH_CHECK_VALUE(failed_block.load() < 0, "the damped Fisher of block ", failed_block.load(),
                     " is not positive definite in float64 (damp = ", damp, " is too small for these gradients)");
   return out;
 }
 
-// dst (cols x ldd) = src^T for src (rows x lds), rows [rows, ldd) of each dst row zero-filled.
-void transpose_into(const double* src, int64_t rows, int64_t lds, int64_t cols, double* dst, int64_t ldd) {
-  constexpr int64_t t = 8;  // 8 x 8 tiles: both sides touch whole cache lines
-  for (int64_t r0 = 0; r0 < rows; r0 += t)
-    for (int64_t c0 = 0; c0 < cols; c0 += t)
-      for (int64_t r = r0; r < std::min(rows, r0 + t); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + t); ++c) dst[c * ldd + r] = src[r * lds + c];
-  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ldd + rows, dst + (c + 1) * ldd, 0.0);
-}
-
 // One block of the in-place rank-k update, F (B x B, type T) with G the (k, bv) gradient slice:
-//   U = G F,  M = N I + U G^T,  F <- F - U^T M^{-1} U.
-// M^{-1} comes from the symmetric sweep, so every O(B^2 k) and O(B k^2) product runs on the Gram
-// kernel (no triangular solves through LAPACK's level-2 paths). Returns false if M is not SPD.
+//   U = G F,  M = N I + U G^T = R^T R,  V = R^{-T} U,  F <- F - V^T V.
+// Every product runs on the Gram kernel; flops per gradient 3 B^2 + 2 k B + k^2 / 3, against
+// B^2 for the Gram of woodbury_inverse_fisher. Returns false if M is not SPD.
 template <typename T>
 bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k, int64_t c0, int64_t bv,
                   double num_samples, const GemmKernels& kern, Workspace& ws) {
   const int64_t ld = round_up(B, kPanelAlign);
   const int64_t ldk = round_up(k, kPanelAlign);
-  double* F64 = ws.C(ld * ld + 4 * ld * ldk + ldk * ldk);
-  double* Gn = F64 + ld * ld;   // ldk x ld: G, n-major (rows past k zero); later U, n-major
-  double* Gt = Gn + ld * ldk;   // ld x ldk: G^T; later Z = -(M^{-1} U), n-major (ldk x ld)
+  double* F64 = ws.C(ld * ld + 3 * ld * ldk + ldk * ldk);
+  double* Gn = F64 + ld * ld;   // ldk x ld: G, n-major (rows past k zero); later U, then V
+  double* Gt = Gn + ld * ldk;   // ld x ldk: G^T; later -V (ldk x ld)
   double* Ut = Gt + ld * ldk;   // ld x ldk: U^T
   double* M = Ut + ld * ldk;    // ldk x ldk
+  double* work = ws.D(kSweepBlock * (kSweepBlock + 2 * std::max(ld, ldk)));
   pack_rows(kern, F, B, 1, 0, B, 0, B, F64, ld);
   std::fill(F64 + B * ld, F64 + ld * ld, 0.0);
   pack_rows(kern, g, s0, s1, 0, k, c0, bv, Gn, ld);  // finiteness was checked by the caller
@@ -394,24 +395,18 @@ bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k
   // U^T[j][n] = sum_c F[c][j] G[n][c]
   std::fill(Ut, Ut + ld * ldk, 0.0);
   kern.gemm_tn(F64, ld, Gt, ldk, ld, ld, ldk, Ut, ldk, false);
-  // M = U G^T + N I (upper), then M^{-1} (upper), mirrored to a full symmetric panel.
+  // M = U G^T + N I (upper) = R^T R
   std::fill(M, M + ldk * ldk, 0.0);
   kern.gemm_tn(Ut, ldk, Gt, ldk, ld, ldk, ldk, M, ldk, true);
   for (int64_t i = 0; i < k; ++i) M[i * ldk + i] += num_samples;
-  if (sweep_inverse_upper(M, k, ldk, kern, ws.D(2 * kSweepBlock * ldk + kSweepBlock * kSweepBlock)) != 0)
-    return false;
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j < i; ++j) M[i * ldk + j] = M[j * ldk + i];  // row j < i is negated already
-    for (int64_t j = i; j < k; ++j) M[i * ldk + j] = -M[i * ldk + j];
-  }
-  // U n-major, then Z = -(M^{-1} U) (M now holds -M^{-1}, symmetric, so M^T U = M U).
-  double* Un = Gn;
-  transpose_into(Ut, ld, ldk, ldk, Un, ld);
-  double* Z = Gt;
-  std::fill(Z, Z + ldk * ld, 0.0);
-  kern.gemm_tn(M, ldk, Un, ld, ldk, ldk, ld, Z, ld, false);
-  // F += U^T Z = F - U^T M^{-1} U on the upper triangle, then store both triangles.
-  kern.gemm_tn(Un, ld, Z, ld, ldk, ld, ld, F64, ld, true);
+  if (cholesky_blocked(M, k, ldk, kern, work) != 0) return false;
+  // V = R^{-T} U (n-major), then F += (-V)^T V on the upper triangle.
+  double* V = Gn;
+  transpose_into(Ut, ld, ldk, ldk, V, ld);
+  solve_rt_blocked(M, k, ldk, V, ld, ld, kern, work);
+  double* Vneg = Gt;
+  for (int64_t i = 0; i < ldk * ld; ++i) Vneg[i] = -V[i];
+  kern.gemm_tn(Vneg, ld, V, ld, ldk, ld, ld, F64, ld, true);
   mirror_upper(F64, B, ld);
   for (int64_t i = 0; i < B; ++i) store_row(kern, F64 + i * ld, B, F + i * B);
   return true;

@@ -66,16 +66,17 @@ def test_inverse_fisher_matches_dense_inverse(isa, shape, dtype, layout):
     assert rel_err(out, ref) <= (F32_TOL if dtype == torch.float32 else F64_TOL)
 
 
-@pytest.mark.parametrize("lapack", ["0", "1"])
-@pytest.mark.parametrize("n", [16, 100])  # woodbury regime, gram regime (B = 48)
-def test_portable_factorisation_matches_lapack(monkeypatch, lapack, n):
-    monkeypatch.setenv("FASTPRUNE_LAPACK", lapack)
-    grads = torch.randn(n, 150, dtype=torch.float64)
-    out = ops.woodbury_inverse_fisher(grads, 48, 0.05)
-    assert rel_err(out, dense_truth(grads, 48, 0.05)) <= F64_TOL
-    finv = torch.eye(48, dtype=torch.float64).repeat(4, 1, 1) / 0.05
+@pytest.mark.parametrize("n", [45, 70, 100])
+def test_blocked_factorisations_across_pivot_blocks(isa, n):
+    """Sizes that span several 32-wide pivot blocks with a ragged last one: the Woodbury regime
+    (Cholesky of the N x N kernel), the Gram regime (sweep of B x B), and the rank-n update."""
+    grads = torch.randn(n, 230, dtype=torch.float64)
+    for block in (100, 40):  # N < B for n = 45, 70; N >= B for the rest
+        out = ops.woodbury_inverse_fisher(grads, block, 0.05)
+        assert rel_err(out, dense_truth(grads, block, 0.05)) <= F64_TOL
+    finv = torch.eye(100, dtype=torch.float64).repeat(3, 1, 1) / 0.05
     ops.woodbury_update_(finv, grads, n)
-    assert rel_err(finv, dense_truth(grads, 48, 0.05)) <= F64_TOL
+    assert rel_err(finv, dense_truth(grads, 100, 0.05)) <= F64_TOL
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -308,12 +309,22 @@ def test_fisher_inverse_bad_input():
 
 
 def test_singular_fisher_raises_instead_of_nan():
-    """damp far below float64 resolution on rank-one gradients: both algorithms fail; a clear error."""
+    """damp far below float64 resolution on rank-one gradients: the Gram-regime factorisation and
+    the Woodbury fallback both fail; a clear error, never NaN."""
     g = torch.ones(64, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="positive definite"):
         ops.woodbury_inverse_fisher(g, 32, 1e-300)
-    with pytest.raises(ValueError, match="positive definite"):
-        ops.woodbury_inverse_fisher(g[:8], 32, 1e-300)
+
+
+def test_woodbury_regime_is_exact_where_the_gram_is_singular():
+    """N < B: (damp I + 1 1^T)^-1 = (I - 1 1^T / (damp + B)) / damp, even at damp = 1e-300; in
+    float32 that overflows, which is an error, not Inf."""
+    g = torch.ones(8, 32, dtype=torch.float64)
+    out = ops.woodbury_inverse_fisher(g, 32, 1e-300)
+    expect = (torch.eye(32, dtype=torch.float64) - torch.ones(32, 32, dtype=torch.float64) / 32) / 1e-300
+    assert rel_err(out * 1e-300, expect * 1e-300) <= 1e-12  # scaled: the norm itself would overflow
+    with pytest.raises(ValueError, match="overflows"):
+        ops.woodbury_inverse_fisher(g.float(), 32, 1e-40)  # 1/damp exceeds float32
 
 
 def test_tiny_damp_falls_back_and_stays_finite():
