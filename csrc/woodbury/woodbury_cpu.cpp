@@ -191,21 +191,22 @@ void upper_tri_inverse(const double* r, int64_t n, int64_t ldr, double* w) {
 
 // Blocked right-looking Cholesky A = R^T R (R upper, row-major, in place on the upper triangle of
 // an n x n matrix with row stride ld; rows and columns [n, ld) zero). The panel solve and the
-// trailing rank-32 update run on the Gram kernel: n^3/3 flops at GEMM speed. Returns 0, or the
-// failing pivot + 1. work: kSweepBlock * (kSweepBlock + 2 ld) doubles.
-int64_t cholesky_blocked(double* A, int64_t n, int64_t ld, const GemmKernels& kern, double* work) {
+// trailing rank-32 update run on the Gram kernel: n^3/3 flops at GEMM speed. Also leaves the
+// inverse of every diagonal block in winv (ceil(n/32) blocks of 32 x 32), for solve_rt_blocked.
+// Returns 0, or the failing pivot + 1. work: 2 * kSweepBlock * ld doubles.
+int64_t cholesky_blocked(double* A, int64_t n, int64_t ld, const GemmKernels& kern, double* winv, double* work) {
   constexpr int64_t kb = kSweepBlock;
-  double* W = work;             // kb x kb: R_KK^{-1}
-  double* T = W + kb * kb;      // kb x ld: R_{K,J} = R_KK^{-T} A_{K,J}
+  double* T = work;             // kb x ld: R_{K,J} = R_KK^{-T} A_{K,J}
   double* Tn = T + kb * ld;     // kb x ld: -R_{K,J}
   for (int64_t k0 = 0; k0 < n; k0 += kb) {
     const int64_t bk = std::min(kb, n - k0);
     double* akk = A + k0 * ld + k0;
     if (const int64_t bad = cholesky_upper(akk, bk, ld); bad != 0) return k0 + bad;
+    double* W = winv + (k0 / kb) * kb * kb;
+    upper_tri_inverse(akk, bk, ld, W);
     const int64_t j0 = k0 + bk;
     if (j0 >= n) break;  // bk == kb from here on, so j0 and ld - j0 are multiples of 16
     const int64_t nc = ld - j0;
-    upper_tri_inverse(akk, bk, ld, W);
     std::fill(T, T + kb * ld, 0.0);
     kern.gemm_tn(W, kb, A + k0 * ld + j0, ld, bk, kb, nc, T, ld, false);
     for (int64_t i = 0; i < bk; ++i) {
@@ -220,28 +221,27 @@ int64_t cholesky_blocked(double* A, int64_t n, int64_t ld, const GemmKernels& ke
   return 0;
 }
 
-// X <- R^{-T} X for R from cholesky_blocked (n x n, row stride ldr) and X with round_up(n, 16) rows
-// (rows past n zero) of ncols (a multiple of 16) columns, row stride ldx: blocked forward
-// substitution, every product on the Gram kernel. work: kSweepBlock * (kSweepBlock + 2 ldx) doubles.
-void solve_rt_blocked(const double* R, int64_t n, int64_t ldr, double* X, int64_t ncols, int64_t ldx,
-                      const GemmKernels& kern, double* work) {
+// X <- R^{-T} X for R and winv from cholesky_blocked (n x n, row stride ldr) and X with
+// round_up(n, 16) rows (rows past n zero) of ncols (a multiple of 16) columns, row stride ldx:
+// blocked forward substitution, X_K <- W_K^T (X_K - R_{<K,K}^T X_{<K}), on the Gram kernel.
+// work: kSweepBlock * (ldr + ldx) doubles.
+void solve_rt_blocked(const double* R, int64_t n, int64_t ldr, const double* winv, double* X, int64_t ncols,
+                      int64_t ldx, const GemmKernels& kern, double* work) {
   constexpr int64_t kb = kSweepBlock;
-  double* W = work;          // kb x kb
-  double* T = W + kb * kb;   // kb x ldx: right-hand side of the diagonal solve
-  double* S = T + kb * ldx;  // kb x ldx: sum over solved rows
+  double* T = work;             // kb x ldx
+  double* Rn = T + kb * ldx;    // k0 x bm: -R_{<K,K}
   for (int64_t k0 = 0; k0 < n; k0 += kb) {
     const int64_t bk = std::min(kb, n - k0);
     const int64_t bm = round_up(bk, kPanelAlign);
-    for (int64_t i = 0; i < bm; ++i) std::copy(X + (k0 + i) * ldx, X + (k0 + i) * ldx + ncols, T + i * ldx);
+    double* xk = X + k0 * ldx;
     if (k0 > 0) {
-      std::fill(S, S + bm * ldx, 0.0);
-      kern.gemm_tn(R + k0, ldr, X, ldx, k0, bm, ncols, S, ldx, false);
-      for (int64_t i = 0; i < bm; ++i)
-        for (int64_t j = 0; j < ncols; ++j) T[i * ldx + j] -= S[i * ldx + j];
+      for (int64_t m = 0; m < k0; ++m)
+        for (int64_t i = 0; i < bm; ++i) Rn[m * bm + i] = -R[m * ldr + k0 + i];
+      kern.gemm_tn(Rn, bm, X, ldx, k0, bm, ncols, xk, ldx, false);
     }
-    upper_tri_inverse(R + k0 * ldr + k0, bk, ldr, W);
-    for (int64_t i = 0; i < bm; ++i) std::fill(X + (k0 + i) * ldx, X + (k0 + i) * ldx + ncols, 0.0);
-    kern.gemm_tn(W, kb, T, ldx, bm, bm, ncols, X + k0 * ldx, ldx, false);
+    std::fill(T, T + bm * ldx, 0.0);
+    kern.gemm_tn(winv + (k0 / kb) * kb * kb, kb, xk, ldx, bm, bm, ncols, T, ldx, false);
+    for (int64_t i = 0; i < bm; ++i) std::copy(T + i * ldx, T + i * ldx + ncols, xk + i * ldx);
   }
 }
 
@@ -309,7 +309,8 @@ BlockStatus inverse_block_woodbury(const T* g, int64_t s0, int64_t s1, int64_t N
   double* Gn = ws.A(ldn * ld);  // N x bv, n-major; becomes V
   double* Gt = ws.Bf(ld * ldn);  // G^T; becomes -V
   double* K = ws.C(std::max(ldn * ldn, ld * ld));
-  double* work = ws.D(kSweepBlock * (kSweepBlock + 2 * std::max(ldn, ld)));
+  double* winv = ws.D(ldn * kSweepBlock + kSweepBlock * kSweepBlock + 2 * kSweepBlock * (ldn + ld));
+  double* work = winv + ldn * kSweepBlock + kSweepBlock * kSweepBlock;
   if (!pack_rows(kern, g, s0, s1, 0, N, c0, bv, Gn, ld)) return BlockStatus::kNonFinite;
   std::fill(Gn + N * ld, Gn + ldn * ld, 0.0);
   transpose_into(Gn, ldn, ld, ld, Gt, ldn);
@@ -317,8 +318,8 @@ BlockStatus inverse_block_woodbury(const T* g, int64_t s0, int64_t s1, int64_t N
   kern.gemm_tn(Gt, ldn, Gt, ldn, ld, ldn, ldn, K, ldn, /*upper_only=*/true);
   const double nd = static_cast<double>(N) * damp;
   for (int64_t i = 0; i < N; ++i) K[i * ldn + i] += nd;
-  if (cholesky_blocked(K, N, ldn, kern, work) != 0) return BlockStatus::kNotPD;
-  solve_rt_blocked(K, N, ldn, Gn, ld, ld, kern, work);
+  if (cholesky_blocked(K, N, ldn, kern, winv, work) != 0) return BlockStatus::kNotPD;
+  solve_rt_blocked(K, N, ldn, winv, Gn, ld, ld, kern, work);
   double* Vneg = Gt;
   for (int64_t i = 0; i < ldn * ld; ++i) Vneg[i] = -Gn[i];
   double* D = K;  // K is no longer needed
@@ -386,7 +387,8 @@ bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k
   double* Gt = Gn + ld * ldk;   // ld x ldk: G^T; later -V (ldk x ld)
   double* Ut = Gt + ld * ldk;   // ld x ldk: U^T
   double* M = Ut + ld * ldk;    // ldk x ldk
-  double* work = ws.D(kSweepBlock * (kSweepBlock + 2 * std::max(ld, ldk)));
+  double* winv = ws.D(ldk * kSweepBlock + kSweepBlock * kSweepBlock + 2 * kSweepBlock * (ldk + ld));
+  double* work = winv + ldk * kSweepBlock + kSweepBlock * kSweepBlock;
   pack_rows(kern, F, B, 1, 0, B, 0, B, F64, ld);
   std::fill(F64 + B * ld, F64 + ld * ld, 0.0);
   pack_rows(kern, g, s0, s1, 0, k, c0, bv, Gn, ld);  // finiteness was checked by the caller
@@ -399,11 +401,11 @@ bool update_block(T* F, int64_t B, const T* g, int64_t s0, int64_t s1, int64_t k
   std::fill(M, M + ldk * ldk, 0.0);
   kern.gemm_tn(Ut, ldk, Gt, ldk, ld, ldk, ldk, M, ldk, true);
   for (int64_t i = 0; i < k; ++i) M[i * ldk + i] += num_samples;
-  if (cholesky_blocked(M, k, ldk, kern, work) != 0) return false;
+  if (cholesky_blocked(M, k, ldk, kern, winv, work) != 0) return false;
   // V = R^{-T} U (n-major), then F += (-V)^T V on the upper triangle.
   double* V = Gn;
   transpose_into(Ut, ld, ldk, ldk, V, ld);
-  solve_rt_blocked(M, k, ldk, V, ld, ld, kern, work);
+  solve_rt_blocked(M, k, ldk, winv, V, ld, ld, kern, work);
   double* Vneg = Gt;
   for (int64_t i = 0; i < ldk * ld; ++i) Vneg[i] = -V[i];
   kern.gemm_tn(Vneg, ld, V, ld, ldk, ld, ld, F64, ld, true);
