@@ -68,7 +68,7 @@ FP_HOST_DEVICE inline void gram_to_fisher_upper(T* g, int64_t n, int64_t ld, T i
 
 // In-place Cholesky A = U^T U on the upper triangle of a row-major n x n matrix (equivalently
 // A = L L^T with L = U^T in column-major terms). Returns 0, or k + 1 if pivot k is not positive
-// or not finite. Used where LAPACK is not available (CUDA fallback, exotic CPU builds).
+// or not finite. The CPU path factors 32 x 32 diagonal blocks with it (woodbury_cpu.cpp).
 template <typename T>
 FP_HOST_DEVICE inline int64_t cholesky_upper(T* a, int64_t n, int64_t ld) {
   for (int64_t k = 0; k < n; ++k) {
@@ -84,46 +84,6 @@ FP_HOST_DEVICE inline int64_t cholesky_upper(T* a, int64_t n, int64_t ld) {
     }
   }
   return 0;
-}
-
-// Given the upper Cholesky factor U (A = U^T U), overwrite the upper triangle with A^{-1}:
-// W = U^{-1} (upper), then A^{-1} = W W^T. O(n^3); LAPACK's potri does the same on the CPU.
-template <typename T>
-FP_HOST_DEVICE inline void cholesky_inverse_upper(T* a, int64_t n, int64_t ld) {
-  // W = U^{-1} in place, column by column from the right.
-  for (int64_t j = n - 1; j >= 0; --j) {
-    const T wjj = T(1) / a[j * ld + j];
-    a[j * ld + j] = wjj;
-    for (int64_t i = j - 1; i >= 0; --i) {
-      T s = T(0);
-      for (int64_t k = i + 1; k <= j; ++k) s += a[i * ld + k] * a[k * ld + j];
-      a[i * ld + j] = -s / a[i * ld + i];
-    }
-  }
-  // A^{-1} = W W^T; entry (i, j) with i <= j only reads rows >= j of column... row-major W is upper,
-  // so (W W^T)_{ij} = sum_{k >= j} W_ik W_jk, which reads rows i and j at columns >= j: safe in place
-  // when processed in increasing i, increasing j (row i is overwritten only after all j >= i are done).
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = i; j < n; ++j) {
-      T s = T(0);
-      for (int64_t k = j; k < n; ++k) s += a[i * ld + k] * a[j * ld + k];
-      a[i * ld + j] = s;
-    }
-  }
-}
-
-// Solve X U = Y for X in place (Y: m rows of length n, row-major, U upper n x n): forward
-// substitution along each row. This is V = L^{-1} U' written on the transposed side.
-template <typename T>
-FP_HOST_DEVICE inline void solve_right_upper(T* y, int64_t m, int64_t ldy, const T* u, int64_t n, int64_t ldu) {
-  for (int64_t r = 0; r < m; ++r) {
-    T* row = y + r * ldy;
-    for (int64_t j = 0; j < n; ++j) {
-      T s = row[j];
-      for (int64_t k = 0; k < j; ++k) s -= row[k] * u[k * ldu + j];
-      row[j] = s / u[j * ldu + j];
-    }
-  }
 }
 
 }  // namespace woodbury

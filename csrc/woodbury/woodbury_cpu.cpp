@@ -2,10 +2,10 @@
 //
 // Math (per block b of B coordinates, G_b the (N, B) column slice of the gradients):
 //   F_b = damp I + G_b^T G_b / N,  and we want F_b^{-1}.
-// Two exact algorithms, chosen by regime:
-//   N >= B  "gram":     S = G_b^T G_b (symmetric rank-N product, half a GEMM), then the inverse of
+// Two exact algorithms, chosen by a flop model (the Woodbury step wins for N below about 0.65 B):
+//   N >~ B  "gram":     S = G_b^T G_b (symmetric rank-N product, half a GEMM), then the inverse of
 //                       S/N + damp I by the blocked symmetric sweep (B^3 flops).
-//   N <  B  "woodbury": one rank-N Woodbury step from damp^-1 I:
+//   N <~ B  "woodbury": one rank-N Woodbury step from damp^-1 I:
 //                       F^{-1} = (I - V^T V) / damp,  V = R^{-T} G_b,  R^T R = G_b G_b^T + N damp I,
 //                       which never forms (or factors) a B x B matrix that is nearly singular.
 // The update op applies F^{-1} <- F^{-1} - U^T (N I + U G^T)^{-1} U with U = G F^{-1} per block.
@@ -337,7 +337,10 @@ at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_si
   at::Tensor out = at::empty({nb, B, B}, grads.options());
   if (nb == 0) return out;
   const auto& kern = gemm_kernels(active_isa());
-  const bool gram_first = N >= B;
+  // Flop model per block: gram N B^2 + B^3 (sweep), woodbury N B^2 + 2 N^2 B + N^3 / 3. The
+  // Woodbury step wins up to N ~ 0.65 B; both are exact in float64, and each is the other's fallback.
+  const double nn = static_cast<double>(N), bb = static_cast<double>(std::min(B, d));
+  const bool gram_first = !(2.0 * nn * nn * bb + nn * nn * nn / 3.0 < bb * bb * bb);
   std::atomic<int> non_finite{0};
   std::atomic<int64_t> failed_block{-1};
   std::atomic<int64_t> overflow_block{-1};

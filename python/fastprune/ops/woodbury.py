@@ -50,9 +50,12 @@ def woodbury_inverse_fisher(
         ``(ceil(d / B), B, B)`` stack of inverse blocks. When ``B`` does not divide ``d`` the last
         block is padded: padded coordinates hold exactly ``1/damp`` on the diagonal, 0 elsewhere.
 
-    The algorithm is chosen by regime: ``N >= B`` uses the symmetric Gram plus a Cholesky inverse,
-    ``N < B`` one exact rank-N Woodbury step from ``damp^-1 I``; if a factorisation fails the other
-    is tried, and a block that fails both raises ``ValueError`` (never NaN).
+    The algorithm is chosen per regime by a flop model: for ``N`` above about ``0.65 B`` the
+    symmetric Gram plus an in-place SPD inverse (``N B^2 + B^3`` flops a block), below it one exact
+    rank-N Woodbury step from ``damp^-1 I`` (``N B^2 + 2 N^2 B + N^3/3``). Products are exact and
+    accumulated in float64 whatever the input dtype, so both are accurate at small damp. If a
+    factorisation fails the other algorithm is tried; a block that fails both raises ``ValueError``,
+    and so does a float32 result beyond float32's range (never NaN or Inf).
 
     Reference: Singh & Alistarh 2020 (arXiv:2004.14340), eq. (10)-(12).
     """
