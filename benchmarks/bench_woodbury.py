@@ -64,7 +64,8 @@ def plain_gram_cholesky(g: torch.Tensor, block: int, damp: float, dtype: torch.d
 def dense_truth(g: torch.Tensor, block: int, damp: float) -> torch.Tensor:
     gb = padded_blocks(g.double(), block)
     f = damp * torch.eye(block, dtype=torch.float64) + gb.transpose(1, 2) @ gb / g.shape[0]
-    return torch.linalg.inv(f)
+    # one block at a time: torch 2.13's batched float64 LU inverse fails at random here (2 threads)
+    return torch.stack([torch.linalg.inv(x) for x in f])
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

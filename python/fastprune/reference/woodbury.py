@@ -27,7 +27,8 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_samples: float
         return finv
     u = g @ finv  # (nb, k, B) = G F^-1 (F^-1 symmetric)
     m = u @ g.transpose(1, 2) + num_samples * torch.eye(k, dtype=finv.dtype, device=finv.device)
-    finv -= u.transpose(1, 2) @ torch.linalg.solve(m, u)
+    # m is SPD: Cholesky, not LU (torch 2.13's batched float64 LU fails at random on 2 threads here)
+    finv -= u.transpose(1, 2) @ torch.cholesky_solve(u, torch.linalg.cholesky(m))
     return finv
 
 
