@@ -1,12 +1,41 @@
 """fastprune: fast neural-network pruning for PyTorch.
 
 Native kernels (C++, CUDA) registered as ``torch.ops.fastprune.*``, typed wrappers in
-:mod:`fastprune.ops`, their plain-PyTorch twins in :mod:`fastprune.reference`.
+:mod:`fastprune.ops`, their plain-PyTorch twins in :mod:`fastprune.reference`; pruning methods
+behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
 """
 
-from fastprune import ops, reference
+from fastprune import data, models, ops, reference, schedules, train
+from fastprune.api import Pruner, prune
+from fastprune.config import MagnitudeConfig, method_names, register_method
+from fastprune.dropout import rescale_dropout
 from fastprune.fisher import FisherInverse
+from fastprune.masks import finalize, load_pruned
+from fastprune.plan import Plan
+from fastprune.report import SparsityReport, sparsity_report
+from fastprune.sensitivity import sensitivity
 
 __version__ = "0.1.0"
 
-__all__ = ["FisherInverse", "ops", "reference", "__version__"]
+__all__ = [
+    "FisherInverse",
+    "MagnitudeConfig",
+    "Plan",
+    "Pruner",
+    "SparsityReport",
+    "__version__",
+    "data",
+    "finalize",
+    "load_pruned",
+    "method_names",
+    "models",
+    "ops",
+    "prune",
+    "reference",
+    "register_method",
+    "rescale_dropout",
+    "schedules",
+    "sensitivity",
+    "sparsity_report",
+    "train",
+]

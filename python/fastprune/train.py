@@ -1,0 +1,92 @@
+"""Small, honest training helpers for demos and tests (SGD or Adam, L1/L2, tqdm progress)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["FitHistory", "evaluate", "fit"]
+
+
+@dataclass
+class FitHistory:
+    losses: list[float] = field(default_factory=list)  # mean training loss per epoch
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    """Weight tensors (dim >= 2) for the L1 term: the trainable ones, pruned or not."""
+    out = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dim() >= 2:
+            out.append(p)
+    return out
+
+
+def fit(
+    model: nn.Module,
+    loader: Iterable,
+    epochs: int,
+    lr: float,
+    *,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    optimizer: str = "sgd",
+    momentum: float = 0.9,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "fit",
+) -> FitHistory:
+    """Train ``model`` in place. ``l2`` is weight decay on every parameter (decoupled for
+    ``optimizer="adamw"``); ``l1`` adds ``l1 * sum |w|`` over weight matrices to the loss. Pruned
+    weights (torch prune masks) stay exactly zero in the forward throughout. A non-finite loss
+    stops training with a ``FloatingPointError``."""
+    if epochs < 0 or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"epochs must be >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=l2)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=l2)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=l2)
+    else:
+        raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+    history = FitHistory()
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        total, count = 0.0, 0
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            if l1:
+                loss = loss + l1 * sum(w.abs().sum() for w in _weights(model))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}; lower lr")
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+        history.losses.append(total / max(count, 1))
+        bar.set_postfix(loss=f"{history.losses[-1]:.4f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy (a fraction) of ``model`` in eval mode; restores its training flag."""
+    was_training = model.training
+    model.eval()
+    correct, count = 0, 0
+    for x, y in loader:
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    return correct / count if count else float("nan")
