@@ -29,9 +29,8 @@ $(BUILT): $(DEPS) $(NATIVE_SOURCES)
 
 build: $(BUILT)
 
-# Until the pruning methods land, the main job is the Woodbury benchmark in quick mode.
 demo: $(BUILT)
-	$(PY) benchmarks/bench_woodbury.py --quick
+	$(PY) -m fastprune.cli demo --out build/demo
 
 test: $(BUILT)
 	$(PY) -m pytest -q
@@ -42,6 +41,7 @@ cuda-check: $(DEPS)
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench_woodbury.py
+	$(PY) benchmarks/quality_magnitude.py
 
 clean:
 	rm -rf build $(VENV)

@@ -1,0 +1,68 @@
+"""The ``fastprune`` command: prune a user's model given as package.module:factory, and the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastprune
+from fastprune.cli import main
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    (tmp_path / "usermodels.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+        def not_a_model():
+            return 3
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("usermodels", None)
+
+
+def test_prune_command_writes_state_dict_and_plan(user_model, capsys):
+    import usermodels
+
+    weights = user_model / "w.pt"
+    torch.save(usermodels.make().state_dict(), weights)
+    out = user_model / "pruned.pt"
+    assert main(["prune", "usermodels:make", "--sparsity", "0.75", "--weights", str(weights), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "75.00%" in printed and "compression" in printed
+    sd = torch.load(out, weights_only=True)
+    model = fastprune.load_pruned(usermodels.make(), sd)
+    assert fastprune.sparsity_report(model).sparsity == pytest.approx(0.75, abs=1e-3)
+    plan = json.loads((user_model / "pruned.pt.plan.json").read_text())
+    assert plan["method"] == "magnitude" and plan["target_sparsity"] == 0.75
+
+
+def test_prune_command_errors_are_clear(user_model):
+    with pytest.raises(SystemExit, match="package.module:factory"):
+        main(["prune", "usermodels", "--sparsity", "0.5", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="cannot import"):
+        main(["prune", "nosuchmodule:make", "--sparsity", "0.5", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="not a torch.nn.Module"):
+        main(["prune", "usermodels:not_a_model", "--sparsity", "0.5", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="sparsity"):
+        main(["prune", "usermodels:make", "--sparsity", "1.5", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"])
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "magnitude one-shot + retrain" in printed and "iterative" in printed
+    assert (tmp_path / "demo_accuracy.png").stat().st_size > 0
