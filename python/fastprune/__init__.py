@@ -7,7 +7,7 @@ behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
 
 from fastprune import data, models, ops, reference, schedules, train
 from fastprune.api import Pruner, prune
-from fastprune.config import MagnitudeConfig, method_names, register_method
+from fastprune.config import FisherDiagConfig, MagnitudeConfig, WoodFisherConfig, method_names, register_method
 from fastprune.dropout import rescale_dropout
 from fastprune.fisher import FisherInverse
 from fastprune.masks import finalize, load_pruned
@@ -18,11 +18,13 @@ from fastprune.sensitivity import sensitivity
 __version__ = "0.1.0"
 
 __all__ = [
+    "FisherDiagConfig",
     "FisherInverse",
     "MagnitudeConfig",
     "Plan",
     "Pruner",
     "SparsityReport",
+    "WoodFisherConfig",
     "__version__",
     "data",
     "finalize",

@@ -7,9 +7,16 @@ from typing import Any
 
 from torch import nn
 
-from fastprune.config import MagnitudeConfig, config_from_kwargs, get_method, register_method
+from fastprune.config import (
+    FisherDiagConfig,
+    MagnitudeConfig,
+    WoodFisherConfig,
+    config_from_kwargs,
+    get_method,
+    register_method,
+)
 from fastprune.importance.magnitude import magnitude_scores, threshold_masks, topk_masks
-from fastprune.masks import apply_masks, select_parameters
+from fastprune.masks import add_to_weights, apply_masks, select_parameters
 from fastprune.plan import Plan
 from fastprune.schedules import Schedule
 
@@ -46,7 +53,9 @@ def prune(model: nn.Module, method: str = "magnitude", *, config: Any = None, dr
     ``prune(model, config=MagnitudeConfig(...))`` is the explicit form. ``dry_run=True`` computes
     the plan without touching the model. Everything is validated and the whole plan computed
     before the model changes, so a failed call leaves it unchanged. Masks use
-    ``torch.nn.utils.prune``'s container (see :mod:`fastprune.masks`).
+    ``torch.nn.utils.prune``'s container (see :mod:`fastprune.masks`). Methods that also change
+    the surviving weights (WoodFisher's OBS update) return the changes with the plan; they are
+    added before the masks are installed, and travel in the ``state_dict``, not in the plan.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,9 +70,12 @@ def prune(model: nn.Module, method: str = "magnitude", *, config: Any = None, dr
     else:
         spec = get_method(method)
         config = config_from_kwargs(spec.config_cls, kwargs)
-    plan = spec.run(model, config)
+    result = spec.run(model, config)
+    plan, updates = (result if isinstance(result, tuple) else (result, None))
     if not dry_run and plan.masks:
         refs = select_parameters(model, include=list(plan.masks))
+        if updates:
+            add_to_weights(refs, updates)
         apply_masks(refs, plan.masks)
     return plan
 
@@ -108,3 +120,93 @@ class Pruner:
         self.step_index += 1
         self.plans.append(plan)
         return plan
+
+
+def _data_refs(model: nn.Module, cfg: Any):
+    refs = select_parameters(model, cfg.include, cfg.exclude)
+    if not refs:
+        raise ValueError("the model has no prunable parameters (weights of Linear/Conv layers) under include/exclude")
+    frozen = [r.name for r in refs if not getattr(r.module, r.param_name + "_orig", getattr(r.module, r.param_name)).requires_grad]
+    if frozen:
+        raise ValueError(f"parameters {frozen} do not require grad: the Fisher needs their gradients "
+                         "(set requires_grad, or leave them out with exclude=)")
+    return refs
+
+
+def _woodfisher_step(model: nn.Module, cfg: WoodFisherConfig, sparsity: float):
+    """One OBS step: (masks, updates) for ``sparsity``, without changing the model."""
+    import torch
+
+    from fastprune.importance.woodfisher import collect_fisher, obs_updates
+    from fastprune.masks import effective_weight
+
+    refs = _data_refs(model, cfg)
+    loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
+    stats = collect_fisher(model, refs, cfg.data, loss_fn, num_grads=cfg.num_grads, block_size=cfg.block_size,
+                           damp=cfg.damp, blocks=cfg.blocks, fisher_batch_size=cfg.fisher_batch_size,
+                           progress=cfg.progress)
+    weights = [effective_weight(r.module, r.param_name) for r in refs]
+    inv_diag = stats.inverse_diag()
+    sal = [(w.double() ** 2).reshape(-1) / (2 * dg.double()) for w, dg in zip(weights, inv_diag)]
+    names = [r.name for r in refs]
+    masks = topk_masks(names, [s.reshape(w.shape) for s, w in zip(sal, weights)], sparsity, cfg.scope,
+                       cfg.min_remaining)
+    updates = None
+    if cfg.update_weights:
+        dws = obs_updates(stats, weights, [masks[n] for n in names], joint=cfg.joint)
+        for n, dw in zip(names, dws):
+            if not bool(torch.isfinite(dw).all()):
+                raise ValueError(f"the OBS update of {n} is not finite; increase damp")
+        updates = {n: dw.reshape(w.shape).to(w.dtype) for n, dw, w in zip(names, dws, weights)}
+    return refs, masks, updates
+
+
+def _run_woodfisher(model: nn.Module, cfg: WoodFisherConfig):
+    import copy
+
+    from fastprune.masks import effective_weight
+
+    if cfg.recompute_steps == 1:
+        refs, masks, updates = _woodfisher_step(model, cfg, cfg.sparsity)
+    else:
+        # sub-steps on a copy (the model changes only once everything succeeded)
+        work = copy.deepcopy(model)
+        start = {r.name: effective_weight(r.module, r.param_name).clone() for r in _data_refs(model, cfg)}
+        current = _sparsity_of({r.name: effective_weight(r.module, r.param_name) != 0
+                                for r in _data_refs(work, cfg)}, None)
+        for i in range(1, cfg.recompute_steps + 1):
+            target = current + (cfg.sparsity - current) * i / cfg.recompute_steps
+            wrefs, wmasks, wupdates = _woodfisher_step(work, cfg, target)
+            if wupdates:
+                add_to_weights(wrefs, wupdates)
+            apply_masks(wrefs, wmasks)
+        refs = _data_refs(model, cfg)
+        wrefs = {r.name: r for r in _data_refs(work, cfg)}
+        masks = {n: getattr(wrefs[n].module, wrefs[n].param_name + "_mask") != 0 for n in start}
+        updates = {n: effective_weight(wrefs[n].module, wrefs[n].param_name) - start[n] for n in start} \
+            if cfg.update_weights else None
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
+    plan = Plan("woodfisher", config, cfg.sparsity, _sparsity_of(masks, refs), masks)
+    return plan, updates
+
+
+def _run_fisher_diag(model: nn.Module, cfg: FisherDiagConfig):
+    import torch
+
+    from fastprune.importance.woodfisher import collect_fisher
+    from fastprune.masks import effective_weight
+
+    refs = _data_refs(model, cfg)
+    loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
+    stats = collect_fisher(model, refs, cfg.data, loss_fn, num_grads=cfg.num_grads, block_size=1, damp=cfg.damp,
+                           fisher_batch_size=cfg.fisher_batch_size, need_inverse=False, progress=cfg.progress)
+    weights = [effective_weight(r.module, r.param_name) for r in refs]
+    sal = [(w.double() ** 2) * (cfg.damp + fd.reshape(w.shape)) / 2 for w, fd in zip(weights, stats.fisher_diag)]
+    names = [r.name for r in refs]
+    masks = topk_masks(names, sal, cfg.sparsity, cfg.scope, cfg.min_remaining)
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
+    return Plan("fisher_diag", config, cfg.sparsity, _sparsity_of(masks, refs), masks)
+
+
+register_method("woodfisher", WoodFisherConfig, _run_woodfisher, "OBS with a block Woodbury inverse Fisher (Singh & Alistarh 2020)")
+register_method("fisher_diag", FisherDiagConfig, _run_fisher_diag, "diagonal empirical Fisher saliency (WoodFisher's baseline)")

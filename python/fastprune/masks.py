@@ -20,6 +20,7 @@ from torch.nn.utils import prune as torch_prune
 
 __all__ = [
     "ParamRef",
+    "add_to_weights",
     "apply_masks",
     "current_mask",
     "effective_weight",
@@ -182,6 +183,15 @@ def apply_masks(refs: Sequence[ParamRef], masks: Mapping[str, torch.Tensor]) -> 
             # the hook recomputes on the next forward; refresh the attribute now for readers
             setattr(module, ref.param_name, getattr(module, ref.param_name + "_orig") * getattr(
                 module, ref.param_name + "_mask"))
+
+
+def add_to_weights(refs: Sequence[ParamRef], deltas: Mapping[str, torch.Tensor]) -> None:
+    """``w += delta`` on the trainable tensor of each named parameter (``*_orig`` when pruned)."""
+    for ref in refs:
+        if ref.name in deltas:
+            raw = _raw_param(ref.module, ref.param_name)
+            with torch.no_grad():
+                raw.add_(deltas[ref.name].to(device=raw.device, dtype=raw.dtype).reshape(raw.shape))
 
 
 def finalize(model: nn.Module) -> nn.Module:
