@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,10 +50,15 @@ def _outcome(model: nn.Module, sparsity: float, acc_pruned: float, data: Digits)
 
 
 def one_shot(dense: nn.Module, data: Digits, sparsity: float, *, retrain_epochs: int = 20, lr: float = 0.02,
-             l2: float = 1e-4, seed: int = 0, scope: str = "global", progress: bool = False) -> tuple[nn.Module, Outcome]:
-    """Prune a copy of ``dense`` to ``sparsity`` at once, then retrain ``retrain_epochs``."""
+             l2: float = 1e-4, seed: int = 0, scope: str = "global", progress: bool = False,
+             method: str = "magnitude", method_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Outcome]:
+    """Prune a copy of ``dense`` to ``sparsity`` at once with ``method``, then retrain
+    ``retrain_epochs``. ``method_kwargs`` go to the method (``{"data": loader, "num_grads": 512}``)."""
     model = copy.deepcopy(dense)
-    prune(model, "magnitude", sparsity=sparsity, scope=scope)
+    method_kwargs = dict(method_kwargs or {})
+    if "data" in method_kwargs:  # data-driven methods show their own progress bar
+        method_kwargs.setdefault("progress", progress)
+    prune(model, method, sparsity=sparsity, scope=scope, **method_kwargs)
     acc_pruned = evaluate(model, data.test_loader())
     torch.manual_seed(seed)
     fit(model, data.train_loader(), epochs=retrain_epochs, lr=lr, l2=l2, progress=progress, desc="retrain")
@@ -61,14 +67,20 @@ def one_shot(dense: nn.Module, data: Digits, sparsity: float, *, retrain_epochs:
 
 def iterative(dense: nn.Module, data: Digits, sparsity: float, *, steps: int = 4, retrain_epochs: int = 20,
               lr: float = 0.02, l2: float = 1e-4, seed: int = 0, scope: str = "global",
-              progress: bool = False) -> tuple[nn.Module, Outcome]:
+              progress: bool = False, method: str = "magnitude",
+              method_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Outcome]:
     """Prune a copy of ``dense`` to ``sparsity`` in ``steps`` prune -> retrain rounds (cubic
-    schedule, the same total ``retrain_epochs`` as :func:`one_shot`, split evenly)."""
+    schedule, the same total ``retrain_epochs`` as :func:`one_shot`, split evenly): Han et al.'s
+    iterative pruning, or WoodFisher's gradual pruning with ``method="woodfisher"``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     model = copy.deepcopy(dense)
+    method_kwargs = dict(method_kwargs or {})
+    if "data" in method_kwargs:
+        method_kwargs.setdefault("progress", progress)
     sched = schedules.cubic(0.0, sparsity, 0, steps - 1) if steps > 1 else schedules.constant(sparsity)
-    pruner = Pruner(model, "magnitude", schedule=lambda t: sched(t + 1) if steps > 1 else sched(t), scope=scope)
+    pruner = Pruner(model, method, schedule=lambda t: sched(t + 1) if steps > 1 else sched(t), scope=scope,
+                    **method_kwargs)
     per_step = [retrain_epochs // steps + (1 if i < retrain_epochs % steps else 0) for i in range(steps)]
     torch.manual_seed(seed)
     acc_pruned = float("nan")
