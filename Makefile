@@ -41,7 +41,9 @@ cuda-check: $(DEPS)
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench_woodbury.py
+	$(PY) benchmarks/bench_woodfisher.py
 	$(PY) benchmarks/quality_magnitude.py
+	$(PY) benchmarks/quality_woodfisher.py
 
 clean:
 	rm -rf build $(VENV)

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 
 from harness import gemm_rates, machine_info, markdown_table, peak_extra_bytes, time_it, write_results  # noqa: E402
 
-import fastprune  # noqa: E402
 from fastprune import ops, reference  # noqa: E402
 
 DAMP = 1e-5  # the paper's absolute dampening; gradients here have unit variance

@@ -23,7 +23,7 @@ from fastprune.schedules import Schedule
 __all__ = ["Pruner", "prune"]
 
 
-def _sparsity_of(masks: dict, refs) -> float:
+def _sparsity_of(masks: dict) -> float:
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
     return zeros / total if total else 0.0
@@ -38,7 +38,7 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig) -> Plan:
         masks = threshold_masks(refs, cfg.threshold_std, cfg.min_remaining)
     else:
         masks = topk_masks(names, magnitude_scores(refs), cfg.sparsity, cfg.scope, cfg.min_remaining)
-    return Plan("magnitude", dataclasses.asdict(cfg), cfg.sparsity, _sparsity_of(masks, refs), masks)
+    return Plan("magnitude", dataclasses.asdict(cfg), cfg.sparsity, _sparsity_of(masks), masks)
 
 
 register_method("magnitude", MagnitudeConfig, _run_magnitude, "|w|, global or per layer (Han et al. 2015)")
@@ -167,26 +167,25 @@ def _run_woodfisher(model: nn.Module, cfg: WoodFisherConfig):
     from fastprune.masks import effective_weight
 
     if cfg.recompute_steps == 1:
-        refs, masks, updates = _woodfisher_step(model, cfg, cfg.sparsity)
+        _, masks, updates = _woodfisher_step(model, cfg, cfg.sparsity)
     else:
         # sub-steps on a copy (the model changes only once everything succeeded)
         work = copy.deepcopy(model)
         start = {r.name: effective_weight(r.module, r.param_name).clone() for r in _data_refs(model, cfg)}
         current = _sparsity_of({r.name: effective_weight(r.module, r.param_name) != 0
-                                for r in _data_refs(work, cfg)}, None)
+                                for r in _data_refs(work, cfg)})
         for i in range(1, cfg.recompute_steps + 1):
             target = current + (cfg.sparsity - current) * i / cfg.recompute_steps
             wrefs, wmasks, wupdates = _woodfisher_step(work, cfg, target)
             if wupdates:
                 add_to_weights(wrefs, wupdates)
             apply_masks(wrefs, wmasks)
-        refs = _data_refs(model, cfg)
         wrefs = {r.name: r for r in _data_refs(work, cfg)}
         masks = {n: getattr(wrefs[n].module, wrefs[n].param_name + "_mask") != 0 for n in start}
         updates = {n: effective_weight(wrefs[n].module, wrefs[n].param_name) - start[n] for n in start} \
             if cfg.update_weights else None
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
-    plan = Plan("woodfisher", config, cfg.sparsity, _sparsity_of(masks, refs), masks)
+    plan = Plan("woodfisher", config, cfg.sparsity, _sparsity_of(masks), masks)
     return plan, updates
 
 
@@ -205,7 +204,7 @@ def _run_fisher_diag(model: nn.Module, cfg: FisherDiagConfig):
     names = [r.name for r in refs]
     masks = topk_masks(names, sal, cfg.sparsity, cfg.scope, cfg.min_remaining)
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
-    return Plan("fisher_diag", config, cfg.sparsity, _sparsity_of(masks, refs), masks)
+    return Plan("fisher_diag", config, cfg.sparsity, _sparsity_of(masks), masks)
 
 
 register_method("woodfisher", WoodFisherConfig, _run_woodfisher, "OBS with a block Woodbury inverse Fisher (Singh & Alistarh 2020)")

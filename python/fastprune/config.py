@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,12 +116,6 @@ def config_from_kwargs(config_cls: type, kwargs: Mapping[str, Any]) -> Any:
     if unknown:
         raise TypeError(f"{config_cls.__name__} got unexpected keyword(s) {unknown}; valid: {', '.join(valid)}")
     return config_cls(**kwargs)
-
-
-def iter_patterns(x: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if x is None or isinstance(x, str):
-        return None if x is None else (x,)
-    return tuple(x)
 
 
 def _check_common_data(cfg: Any) -> None:
