@@ -29,6 +29,16 @@ def _check_scope(scope: Any) -> None:
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
 
 
+def _normalise_patterns(cfg: Any) -> None:
+    """Store include / exclude as tuples (a single name or pattern becomes a 1-tuple)."""
+    for arg in ("include", "exclude"):
+        v = getattr(cfg, arg)
+        if isinstance(v, str):
+            object.__setattr__(cfg, arg, (v,))
+        elif v is not None:
+            object.__setattr__(cfg, arg, tuple(v))
+
+
 def _check_min_remaining(x: Any) -> None:
     if isinstance(x, bool) or not isinstance(x, int) or x < 0:
         raise ValueError(f"min_remaining must be an int >= 0, got {x!r}")
@@ -72,12 +82,7 @@ class MagnitudeConfig:
             for q in qs:
                 if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q < 0:
                     raise ValueError(f"threshold_std (Han's q) must be a finite number >= 0, got {q!r}")
-        for arg in ("include", "exclude"):
-            v = getattr(self, arg)
-            if isinstance(v, str):
-                object.__setattr__(self, arg, (v,))
-            elif v is not None:
-                object.__setattr__(self, arg, tuple(v))
+        _normalise_patterns(self)
 
 
 @dataclass(frozen=True)
@@ -132,12 +137,7 @@ def _check_common_data(cfg: Any) -> None:
     _check_min_remaining(cfg.min_remaining)
     if cfg.loss_fn is not None and not callable(cfg.loss_fn):
         raise TypeError("loss_fn must be callable (outputs, targets) -> scalar loss")
-    for arg in ("include", "exclude"):
-        v = getattr(cfg, arg)
-        if isinstance(v, str):
-            object.__setattr__(cfg, arg, (v,))
-        elif v is not None:
-            object.__setattr__(cfg, arg, tuple(v))
+    _normalise_patterns(cfg)
 
 
 @dataclass(frozen=True)
