@@ -144,3 +144,21 @@ def test_paper_direction_on_digits():
         acc[name] = evaluate(m, data.test_loader())
     assert acc["woodfisher"] >= acc["magnitude"] + 0.012, acc
     assert acc["woodfisher"] >= acc["fisher_diag"] + 0.012, acc
+
+
+def test_half_precision_model_accumulates_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).to(torch.bfloat16)
+    data = [(torch.randn(32, 6).to(torch.bfloat16), torch.randint(0, 3, (32,)))]
+    from fastprune.importance.woodfisher import collect_fisher
+    from fastprune.masks import select_parameters
+
+    refs = select_parameters(model)
+    stats = collect_fisher(model, refs, data, nn.functional.cross_entropy, num_grads=32, block_size=16, damp=1e-3,
+                           progress=False)
+    assert all(fi.inverse().dtype == torch.float32 for fi in stats.inverses)
+    assert all(torch.isfinite(fi.inverse()).all() for fi in stats.inverses)
+    plan = fastprune.prune(model, "woodfisher", sparsity=0.5, data=data, num_grads=32, damp=1e-3, progress=False)
+    w = effective_weight(model[0], "weight")
+    assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()
+    assert plan.num_pruned() == round(0.5 * (48 + 24))
