@@ -162,3 +162,20 @@ def test_half_precision_model_accumulates_in_float32():
     w = effective_weight(model[0], "weight")
     assert w.dtype == torch.bfloat16 and torch.isfinite(w.float()).all()
     assert plan.num_pruned() == round(0.5 * (48 + 24))
+
+
+def test_per_sample_gradients_match_autograd_and_carry_no_graph():
+    from fastprune.importance.woodfisher import per_sample_gradients
+    from fastprune.masks import select_parameters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    refs = select_parameters(model)
+    gs = per_sample_gradients(model, refs, x, y, nn.functional.cross_entropy, fisher_batch_size=2)
+    assert all(not g.requires_grad for g in gs)
+    for row in range(3):
+        loss = nn.functional.cross_entropy(model(x[2 * row : 2 * row + 2]), y[2 * row : 2 * row + 2])
+        expect = torch.autograd.grad(loss, [model[0].weight, model[2].weight])
+        for g, e in zip(gs, expect):
+            torch.testing.assert_close(g[row], e.reshape(-1), rtol=1e-10, atol=1e-12)

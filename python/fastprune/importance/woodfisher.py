@@ -63,7 +63,10 @@ def per_sample_gradients(
         out = functional_call(model, p, (xb,))
         return loss_fn(out.float() if acc else out, yb)
 
-    grads = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
+    # The outer no_grad stops autograd from recording a graph back to the parameters that are not
+    # substituted (biases, norm layers): torch.func.grad computes its own gradients regardless.
+    with torch.no_grad():
+        grads = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
     return [grads[k].reshape(n // m, -1).to(acc or grads[k].dtype) for k in keys]
 
 
