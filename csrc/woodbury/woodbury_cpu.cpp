@@ -28,8 +28,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstdio>
 #include <vector>
 
 #include "common/cpu_features.h"
