@@ -141,7 +141,27 @@ def _check_common_data(cfg: Any) -> None:
 
 
 @dataclass(frozen=True)
-class WoodFisherConfig:
+class _FisherDataConfig:
+    """Fields every empirical-Fisher method shares (see WoodFisherConfig for their meaning)."""
+
+    sparsity: float | None = None
+    data: Any = None
+    loss_fn: Callable[..., Any] | None = None
+    num_grads: int = 1024
+    damp: float = 1e-5
+    scope: Literal["global", "layer"] = "global"
+    fisher_batch_size: int = 1
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    min_remaining: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_common_data(self)
+
+
+@dataclass(frozen=True)
+class WoodFisherConfig(_FisherDataConfig):
     """WoodFisher one-shot OBS pruning (Singh & Alistarh 2020; arXiv:2004.14340).
 
     Attributes:
@@ -162,33 +182,22 @@ class WoodFisherConfig:
         joint: exact joint OBS update within each block instead of the summed single-weight updates.
         recompute_steps: [choice] reach ``sparsity`` in this many sub-steps (a linear ramp), each with
             a freshly computed Fisher and OBS update, without fine-tuning in between (still one shot:
-            no training). 1 (default) is the paper's plain one-shot; the authors' code recomputes
-            the inverse while pruning, which helps most at high sparsity (see the benchmark).
+            no training). 1 (default) is the paper's plain one-shot; more steps are fastprune's
+            option, which helps most at high sparsity (see benchmarks/quality_woodfisher.py).
         include / exclude / min_remaining: as for magnitude pruning.
         progress: tqdm bar over the N gradients.
     Gradients are taken in eval mode (BN uses running statistics); half-precision models are
     differentiated as they are and their Fisher accumulated in float32.
     """
 
-    sparsity: float | None = None
-    data: Any = None
-    loss_fn: Callable[..., Any] | None = None
-    num_grads: int = 1024
     block_size: int = 128
-    damp: float = 1e-5
-    scope: Literal["global", "layer"] = "global"
     blocks: Literal["layer", "global"] = "layer"
-    fisher_batch_size: int = 1
     update_weights: bool = True
     joint: bool = False
     recompute_steps: int = 1
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    min_remaining: int = 1
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_common_data(self)
+        super().__post_init__()
         from fastprune.importance.woodfisher import check_positive_int
 
         check_positive_int(self.block_size, "block_size")
@@ -198,21 +207,6 @@ class WoodFisherConfig:
 
 
 @dataclass(frozen=True)
-class FisherDiagConfig:
+class FisherDiagConfig(_FisherDataConfig):
     """Diagonal empirical Fisher pruning: saliency ``w^2 F_qq / 2`` with
     ``F_qq = damp + (1/N) sum g_q^2``, no weight update (WoodFisher's baseline)."""
-
-    sparsity: float | None = None
-    data: Any = None
-    loss_fn: Callable[..., Any] | None = None
-    num_grads: int = 1024
-    damp: float = 1e-5
-    scope: Literal["global", "layer"] = "global"
-    fisher_batch_size: int = 1
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
-    min_remaining: int = 1
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        _check_common_data(self)

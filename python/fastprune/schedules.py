@@ -51,45 +51,46 @@ class Constant(Schedule):
 
 
 @dataclass(frozen=True)
-class Linear(Schedule):
+class _Ramp(Schedule):
+    """From ``start`` at ``begin_step`` to ``end`` at ``end_step``, shaped by ``_shape``; flat outside."""
+
     start: float
     end: float
     begin_step: int
     end_step: int
 
     def __post_init__(self) -> None:
-        _check_sparsity(self.start, "start")
-        _check_sparsity(self.end, "end")
+        _check_sparsity(self.start, "start sparsity")
+        _check_sparsity(self.end, "end sparsity")
         if self.end < self.start:
             raise ValueError(f"end sparsity {self.end} < start sparsity {self.start}: schedules only grow")
         if self.end_step <= self.begin_step:
             raise ValueError(f"end_step ({self.end_step}) must be > begin_step ({self.begin_step})")
 
+    @staticmethod
+    def _shape(frac: float) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def __call__(self, step: int | float) -> float:
         t = _check_step(step)
         frac = min(1.0, max(0.0, (t - self.begin_step) / (self.end_step - self.begin_step)))
-        return self.start + (self.end - self.start) * frac
+        return self.start + (self.end - self.start) * self._shape(frac)
 
 
 @dataclass(frozen=True)
-class Cubic(Schedule):
-    initial: float
-    final: float
-    begin_step: int
-    end_step: int
+class Linear(_Ramp):
+    @staticmethod
+    def _shape(frac: float) -> float:
+        return frac
 
-    def __post_init__(self) -> None:
-        _check_sparsity(self.initial, "initial")
-        _check_sparsity(self.final, "final")
-        if self.final < self.initial:
-            raise ValueError(f"final sparsity {self.final} < initial sparsity {self.initial}: schedules only grow")
-        if self.end_step <= self.begin_step:
-            raise ValueError(f"end_step ({self.end_step}) must be > begin_step ({self.begin_step})")
 
-    def __call__(self, step: int | float) -> float:
-        t = _check_step(step)
-        frac = min(1.0, max(0.0, (t - self.begin_step) / (self.end_step - self.begin_step)))
-        return self.final + (self.initial - self.final) * (1.0 - frac) ** 3
+@dataclass(frozen=True)
+class Cubic(_Ramp):
+    """Zhu & Gupta: ``s_t = s_f + (s_i - s_f) (1 - frac)^3``."""
+
+    @staticmethod
+    def _shape(frac: float) -> float:
+        return 1.0 - (1.0 - frac) ** 3
 
 
 def _asfp_rate(d: float) -> float:
