@@ -5,19 +5,25 @@ Native kernels (C++, CUDA) registered as ``torch.ops.fastprune.*``, typed wrappe
 behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
 """
 
-from fastprune import data, models, ops, reference, schedules, train
+from fastprune import data, models, ops, reference, schedules, structure, train
 from fastprune.api import Pruner, prune
-from fastprune.config import FisherDiagConfig, MagnitudeConfig, WoodFisherConfig, method_names, register_method
+from fastprune.config import ChannelConfig, FisherDiagConfig, MagnitudeConfig, WoodFisherConfig, method_names, register_method
 from fastprune.dropout import rescale_dropout
 from fastprune.fisher import FisherInverse
 from fastprune.masks import finalize, load_pruned
 from fastprune.plan import Plan
 from fastprune.report import SparsityReport, sparsity_report
 from fastprune.sensitivity import sensitivity
+from fastprune.structure import compact, count, find_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelConfig",
+    "compact",
+    "count",
+    "find_groups",
+    "structure",
     "FisherDiagConfig",
     "FisherInverse",
     "MagnitudeConfig",

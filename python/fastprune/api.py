@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from fastprune.config import (
+    ChannelConfig,
     FisherDiagConfig,
     MagnitudeConfig,
     WoodFisherConfig,
@@ -44,6 +45,21 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig) -> Plan:
 register_method("magnitude", MagnitudeConfig, _run_magnitude, "|w|, global or per layer (Han et al. 2015)")
 
 
+def _channel_runner(criterion: str):
+    def run(model: nn.Module, cfg: ChannelConfig) -> Plan:
+        from fastprune.structure.pruning import run_channels
+
+        return run_channels(model, cfg, criterion)
+    return run
+
+
+for _name, _desc in (("l1_filter", "L1 norm of each filter (Li et al. 2017), structured"),
+                     ("l2_filter", "L2 norm of each filter, structured"),
+                     ("bn_scale", "|BatchNorm gamma| (Liu et al. 2017), structured"),
+                     ("random", "random channels (the control), structured")):
+    register_method(_name, ChannelConfig, _channel_runner(_name), _desc)
+
+
 def prune(model: nn.Module, method: str = "magnitude", *, config: Any = None, dry_run: bool = False,
           **kwargs: Any) -> Plan:
     """Prune ``model`` in place with a registered method and return the :class:`~fastprune.Plan`.
@@ -72,6 +88,10 @@ def prune(model: nn.Module, method: str = "magnitude", *, config: Any = None, dr
         config = config_from_kwargs(spec.config_cls, kwargs)
     result = spec.run(model, config)
     plan, updates = (result if isinstance(result, tuple) else (result, None))
+    if not dry_run and plan.groups:
+        from fastprune.structure.pruning import apply_channel_plan
+
+        return apply_channel_plan(model, plan, getattr(config, "example_inputs", None))
     if not dry_run and plan.masks:
         refs = select_parameters(model, include=list(plan.masks))
         if updates:

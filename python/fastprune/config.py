@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-__all__ = ["FisherDiagConfig", "MagnitudeConfig", "MethodSpec", "WoodFisherConfig", "config_from_kwargs", "get_method", "method_names", "register_method"]
+__all__ = ["ChannelConfig", "FisherDiagConfig", "MagnitudeConfig", "MethodSpec", "WoodFisherConfig", "config_from_kwargs", "get_method", "method_names", "register_method"]
 
 
 def check_sparsity(x: Any, name: str = "sparsity") -> float:
@@ -210,3 +210,61 @@ class WoodFisherConfig(_FisherDataConfig):
 class FisherDiagConfig(_FisherDataConfig):
     """Diagonal empirical Fisher pruning: saliency ``w^2 F_qq / 2`` with
     ``F_qq = damp + (1/N) sum g_q^2``, no weight update (WoodFisher's baseline)."""
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Structured (channel) pruning with a filter criterion: ``l1_filter``, ``l2_filter``,
+    ``bn_scale`` or ``random`` (see :mod:`fastprune.importance.channels`).
+
+    Attributes:
+        sparsity: fraction of channels removed, in [0, 1): in each group (``scope="layer"``) or
+            over all removable channels (``scope="global"``, scores normalised per group).
+        example_inputs: a tensor or tuple of inputs; the shapes the graph is traced with.
+        scope: ``"layer"`` (default) or ``"global"``.
+        round_to: keep each group's channel count a multiple of this (SIMD-friendly widths).
+        include / exclude: module-name globs (see :func:`fastprune.structure.find_groups`).
+        mode: ``"compact"`` (default) removes the channels physically; ``"mask"`` keeps shapes and
+            zeroes whole channels (see ``hard``).
+        hard: in mask mode, zero filters, biases and the BN's gamma and beta and keep them zero
+            through training (torch prune reparametrisation); False zeroes filters and biases once
+            and leaves BN alone, so they can regrow (soft filter pruning, as SFP does).
+        allow_approximate: let compaction fold a constant channel where that is not exact (reported).
+        reduction: how member scores combine into a group channel's score: sum, mean or max.
+        seed: for ``random``.
+    """
+
+    sparsity: float | None = None
+    example_inputs: Any = None
+    scope: Literal["layer", "global"] = "layer"
+    round_to: int | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    mode: Literal["compact", "mask"] = "compact"
+    hard: bool = True
+    allow_approximate: bool = False
+    reduction: Literal["sum", "mean", "max"] = "sum"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if self.sparsity is None:
+            raise ValueError("channel pruning needs sparsity=")
+        check_sparsity(self.sparsity)
+        x = self.example_inputs
+        if isinstance(x, torch.Tensor):
+            pass
+        elif isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
+            object.__setattr__(self, "example_inputs", tuple(x))
+        else:
+            raise ValueError("channel pruning needs example_inputs= (a tensor or a tuple of tensors) to trace the model")
+        _check_scope(self.scope)
+        if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
+            raise ValueError(f"round_to must be a positive int or None, got {self.round_to!r}")
+        if self.mode not in ("compact", "mask"):
+            raise ValueError(f"mode must be 'compact' or 'mask', got {self.mode!r}")
+        if self.reduction not in ("sum", "mean", "max"):
+            raise ValueError(f"reduction must be 'sum', 'mean' or 'max', got {self.reduction!r}")
+        _normalise_patterns(self)

@@ -112,8 +112,15 @@ class Plan:
     # -- replay
     def apply(self, model: nn.Module) -> nn.Module:
         """Install this plan's masks on ``model`` (same architecture). Validates every name and
-        shape before changing anything. Returns ``model``."""
+        shape before changing anything. A structured plan masks its channels and, in compact mode,
+        removes them (the shapes come out as in the original call). Returns ``model``."""
         from fastprune.masks import apply_masks, select_parameters
+
+        if self.groups:
+            from fastprune.structure.pruning import apply_channel_plan
+
+            apply_channel_plan(model, self)
+            return model
 
         refs = {r.name: r for r in select_parameters(model, include=list(self.masks) or None)} if self.masks else {}
         for name, mask in self.masks.items():

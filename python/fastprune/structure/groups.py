@@ -1,0 +1,331 @@
+"""Coupled-channel groups: which channels of which tensors must be removed together.
+
+The analysis walks the traced graph (:mod:`fastprune.structure.trace`) once. Every channel of
+every prunable tensor dimension (a *slot*: ``conv.weight`` dim 0, ``linear.weight`` dim 1, a
+BatchNorm's ``running_mean``...) is an element of a union-find; every value flowing through the
+graph carries a *layout*: which dimension holds its channels and, per position along it, which
+element it is. Operations unify elements (a residual add unifies its operands position by
+position, a depthwise conv its input and output channels, a BatchNorm its parameters with its
+input), concatenate or slice layouts (``cat``, ``split``), repeat them (``flatten`` into a Linear:
+one channel becomes a block of H*W positions), or pin them (a LayerNorm normalises over its
+channels, the model's inputs and outputs are fixed, an unknown op is not understood): a pinned
+element is never removed.
+
+A *channel* of the result is one union-find class; a :class:`Group` is a set of channels tied by
+the layers that produce them (one conv's output channels form one group, and a residual add
+merges the groups of its operands). Each member of a group is one tensor dimension with an index
+map from its positions to the group's channels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastprune.structure import handlers as H
+from fastprune.structure.trace import Graph, Ref, trace
+
+__all__ = ["Group", "GroupList", "Member", "find_groups"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor dimension of a group.
+
+    Attributes:
+        tensor: canonical name of the parameter or buffer (``"layer1.0.conv1.weight"``).
+        module: qualified name of the module that owns it; attr: its attribute name there.
+        dim: the dimension along which channels are removed.
+        role: ``"out"`` (a layer's output channels: filter, bias), ``"norm"`` (a normalisation
+            layer's per-channel parameters and statistics) or ``"in"`` (a consumer's input channels).
+        index: per position along ``dim``, the group channel it belongs to (-1: another group's).
+    """
+
+    tensor: str
+    module: str
+    attr: str
+    dim: int
+    role: str
+    index: tuple[int, ...]
+
+    def positions(self, channels: Iterable[int]) -> list[int]:
+        """Positions along ``dim`` that belong to the given group channels."""
+        chosen = set(channels)
+        return [p for p, c in enumerate(self.index) if c in chosen]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that must be removed together; ``channels`` counts them, ``pinned`` lists those
+    that can never be removed (they reach a boundary)."""
+
+    id: int
+    channels: int
+    members: tuple[Member, ...]
+    pinned: frozenset[int] = frozenset()
+
+    @property
+    def prunable(self) -> list[int]:
+        return [c for c in range(self.channels) if c not in self.pinned]
+
+    @property
+    def layers(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for m in self.members:
+            seen.setdefault(m.module, None)
+        return list(seen)
+
+    @property
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.role == "out" and m.attr in H.WEIGHT_ATTRS]
+
+    def __repr__(self) -> str:
+        prod = ", ".join(sorted({m.module for m in self.producers}))
+        return (f"Group(id={self.id}, channels={self.channels}, prunable={len(self.prunable)}, "
+                f"producers=[{prod}], members={len(self.members)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "channels": self.channels, "pinned": sorted(self.pinned),
+                "members": [{"tensor": m.tensor, "module": m.module, "attr": m.attr, "dim": m.dim,
+                             "role": m.role, "index": list(m.index)} for m in self.members]}
+
+
+class GroupList(list):
+    """``list[Group]`` with what the analysis found on the way: ``boundaries`` (name, reason)
+    where pruning stops, ``frontend`` (``"fx"`` or ``"dynamic"``) and ``notes``."""
+
+    boundaries: list[tuple[str, str]]
+    frontend: str
+    notes: list[str]
+
+    def summary(self) -> str:
+        lines = [f"{len(self)} groups (traced with {self.frontend})"]
+        lines += [f"  {g!r}" for g in self]
+        if self.boundaries:
+            lines.append("boundaries:")
+            lines += [f"  {n}: {r}" for n, r in self.boundaries]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ analysis
+class Analysis:
+    """Union-find over channel elements, slots and value layouts (used by the handlers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.parent: list[int] = []
+        self.pinned: set[int] = set()
+        self.slots: dict[tuple[str, int], dict[str, Any]] = {}
+        self.boundaries: dict[str, str] = {}
+        self.modules = dict(model.named_modules())
+        # canonical tensor names: the first name under which each Parameter/buffer appears
+        self.canonical: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.canonical.setdefault(id(p), name)
+        for name, b in model.named_buffers(remove_duplicate=False):
+            self.canonical.setdefault(id(b), name)
+
+    # union-find
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) != len(b):
+            raise RuntimeError(f"internal: unify of {len(a)} and {len(b)} channels")
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def pin(self, ids: np.ndarray | None, where: str, reason: str) -> None:
+        if ids is None or len(ids) == 0:
+            return
+        self.pinned.update(ids.tolist())
+        self.boundaries.setdefault(where, reason)
+
+    # slots
+    def tensor_name(self, module_name: str, attr: str) -> str:
+        mod = self.modules[module_name]
+        t = getattr(mod, attr + "_orig", None) if hasattr(mod, attr + "_mask") else getattr(mod, attr, None)
+        if t is not None and id(t) in self.canonical:
+            name = self.canonical[id(t)]
+            return name[: -len("_orig")] if name.endswith("_orig") else name
+        return f"{module_name}.{attr}" if module_name else attr
+
+    def slot(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
+        """Element ids of ``module.attr`` along ``dim`` (created on first use; tied tensors share)."""
+        mod = self.modules[module_name]
+        t = getattr(mod, attr, None)
+        if not isinstance(t, torch.Tensor):
+            return None
+        key = (self.tensor_name(module_name, attr), dim)
+        s = self.slots.get(key)
+        if s is None:
+            s = {"ids": self.new(t.shape[dim]), "module": module_name, "attr": attr, "dim": dim, "role": role}
+            self.slots[key] = s
+        return s["ids"]
+
+
+def _layout_of(layouts: dict[Ref, Any], a: Any) -> Any:
+    return layouts.get(a) if isinstance(a, Ref) else None
+
+
+def _refs_in(x: Any) -> list[Ref]:
+    if isinstance(x, Ref):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [r for v in x for r in _refs_in(v)]
+    if isinstance(x, dict):
+        return [r for v in x.values() for r in _refs_in(v)]
+    if isinstance(x, slice):
+        return _refs_in((x.start, x.stop, x.step))
+    return []
+
+
+def analyse(model: nn.Module, graph: Graph) -> Analysis:
+    an = Analysis(model)
+    layouts: dict[Ref, Any] = {}
+    for i, node in enumerate(graph.nodes):
+        if node.op == "input":
+            continue  # inputs carry no tracked channels: whatever meets them keeps its channels
+        if node.op == "output":
+            for r in _refs_in(node.args):
+                lay = layouts.get(r)
+                if lay is not None:
+                    an.pin(lay.ids, "<outputs>", "the model's outputs keep their channels")
+            continue
+        if node.op == "module":
+            mod = an.modules[node.target]
+            out = H.module_handler(mod)(an, node.target, mod, node, graph, layouts)
+        else:
+            out = H.call(an, node, graph, layouts)
+        if isinstance(out, H.Layout):
+            layouts[Ref(i)] = out
+        elif isinstance(out, (tuple, list)):
+            for j, lay in enumerate(out):
+                if lay is not None:
+                    layouts[Ref(i, j)] = lay
+    return an
+
+
+def _groups_from(an: Analysis) -> list[Group]:
+    find = an.find
+    pinned_roots = {find(e) for e in an.pinned}
+    # group-level union over components: all output channels of one producer belong together
+    gparent: dict[int, int] = {}
+
+    def gfind(a: int) -> int:
+        gparent.setdefault(a, a)
+        while gparent[a] != a:
+            gparent[a] = gparent[gparent[a]]
+            a = gparent[a]
+        return a
+
+    producer_slots = [s for s in an.slots.values() if s["role"] == "out" and s["attr"] in H.WEIGHT_ATTRS]
+    order: dict[int, list[int]] = {}
+    for s in producer_slots:
+        comps = [find(int(e)) for e in s["ids"]]
+        for c in comps:
+            gfind(c)
+        for c in comps[1:]:
+            ra, rb = gfind(comps[0]), gfind(c)
+            if ra != rb:
+                gparent[rb] = ra
+    for s in producer_slots:
+        for e in s["ids"]:
+            c = find(int(e))
+            lst = order.setdefault(gfind(c), [])
+            if c not in lst:
+                lst.append(c)
+    chan: dict[int, tuple[int, int]] = {}  # component -> (group root, channel index)
+    for g, comps in order.items():
+        for k, c in enumerate(comps):
+            chan[c] = (g, k)
+    members: dict[int, list[Member]] = {g: [] for g in order}
+    for (tname, dim), s in an.slots.items():
+        idx = [chan.get(find(int(e)), (None, -1)) for e in s["ids"]]
+        for g in {gi for gi, _ in idx if gi is not None}:
+            index = tuple(k if gi == g else -1 for gi, k in idx)
+            members[g].append(Member(tname, s["module"], s["attr"], dim, s["role"], index))
+    groups = []
+    for g, comps in order.items():
+        pinned = frozenset(k for k, c in enumerate(comps) if c in pinned_roots)
+        groups.append(Group(len(groups), len(comps), tuple(members[g]), pinned))
+    return groups
+
+
+def _as_inputs(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str] | str | None = None,
+                exclude: Sequence[str] | str | None = None) -> GroupList:
+    """The model's coupled-channel groups.
+
+    Args:
+        model: any ``nn.Module``; traced with ``torch.fx``, or run once under a recorder when FX
+            cannot trace it. It is not modified (it runs in eval mode for the trace and gets its
+            training flag back).
+        example_inputs: a tensor or a tuple of positional inputs; the shapes the analysis sees.
+        include / exclude: module-name globs; a group is kept only if one of its producing layers
+            matches ``include`` (when given) and none of its members matches ``exclude``.
+
+    Returns:
+        A :class:`GroupList` (a list of :class:`Group`, each with at least one removable channel),
+        with ``boundaries``: ``(name, reason)`` where channels are fixed (LayerNorm, unknown
+        modules or functions, the model's inputs and outputs).
+
+    Raises:
+        fastprune.structure.TraceError: neither FX nor a run on the example inputs worked; the
+            message says why, naming the failing code where torch does.
+    """
+    inputs = _as_inputs(example_inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = trace(model, inputs, H.is_handled)
+        an = analyse(model, graph)
+    except RuntimeError as e:
+        if "shape" in str(e) or "size" in str(e) or "channels" in str(e):
+            raise ValueError(f"example_inputs do not fit the model: {e}") from e
+        raise
+    finally:
+        model.train(was_training)
+    groups = _groups_from(an)
+    inc = [include] if isinstance(include, str) else include
+    exc = [exclude] if isinstance(exclude, str) else exclude
+    out = GroupList()
+    for g in groups:
+        if not g.prunable:
+            continue
+        if inc and not any(fnmatch.fnmatchcase(m.module, p) for m in g.producers for p in inc):
+            continue
+        if exc and any(fnmatch.fnmatchcase(m.module, p) for m in g.members for p in exc):
+            continue
+        out.append(Group(len(out), g.channels, g.members, g.pinned))
+    out.boundaries = sorted(an.boundaries.items())
+    out.frontend = graph.frontend
+    out.notes = list(graph.notes)
+    return out

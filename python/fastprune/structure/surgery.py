@@ -1,0 +1,406 @@
+"""Channel masks and physical surgery.
+
+* :func:`mask_channels` zeroes whole channels. ``hard=True``: each group's output members (filters,
+  biases) and the following BatchNorm's gamma, beta (and running mean), under torch's prune
+  reparametrisation so they stay zero through training; a masked channel is then exactly zero after
+  BN and, for activations with act(0) = 0, after the activation. ``hard=False`` (soft filter
+  pruning) zeroes the filters and biases once and leaves BN alone, as SFP does: the channel then
+  outputs the constant act(BN(0)) until training regrows it. (Zeroing gamma and beta too would stop
+  the regrowth: a train-mode BN maps the all-zero channel to beta, ReLU'(0) = 0 blocks beta's
+  gradient path, and gamma = 0 blocks the filter's.)
+* :func:`compact` removes channels whose producing filters are exactly zero. Such a channel is a
+  constant c per position (its bias, BN shift and activation applied to zero); removing it is exact
+  when c == 0, and when a consumer can absorb c into its bias (a Linear, or a conv without
+  padding: bias += W[:, p] * c). Otherwise the channel is kept, or with ``allow_approximate=True``
+  folded anyway and the output deviation it caused is measured and reported. Constants are read
+  from one forward pass on the example inputs; they do not depend on the inputs because every
+  filter writing the channel is zero.
+
+Every change is computed first and assigned at the end: a failure leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from fastprune.masks import finalize, is_pruned
+from fastprune.structure import handlers as H
+from fastprune.structure.groups import Group, Member, _as_inputs, find_groups
+
+__all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
+
+
+@dataclass
+class CompactionReport:
+    """What :func:`compact` did.
+
+    Attributes:
+        removed: group id -> channels removed.
+        kept: (group id, channel, reason) for zero-filter channels that were kept.
+        folded: consumer tensors whose bias absorbed a removed channel's constant.
+        approximate: True when a constant was folded where that is not exact.
+        max_abs_diff: max |output after - output before| on the example inputs (None if nothing
+            was removed); params_before / params_after: parameter counts.
+    """
+
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    kept: list[tuple[int, int, str]] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    approximate: bool = False
+    max_abs_diff: float | None = None
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def num_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    def __repr__(self) -> str:
+        diff = "-" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
+        return (f"CompactionReport(removed={self.num_removed} channels in {len(self.removed)} groups, "
+                f"kept={len(self.kept)}, folded={len(self.folded)}, approximate={self.approximate}, "
+                f"params {self.params_before} -> {self.params_after}, max_abs_diff={diff})")
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """id(tensor) -> every (module, attribute, is_parameter) that holds it (tied weights)."""
+    out: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((m, k, True))
+        for k, b in m._buffers.items():
+            if b is not None:
+                out.setdefault(id(b), []).append((m, k, False))
+    return out
+
+
+def _member_tensor(modules: Mapping[str, nn.Module], mem: Member) -> torch.Tensor | None:
+    mod = modules.get(mem.module)
+    if mod is None:
+        raise ValueError(f"the model has no module {mem.module!r} (is this plan for another architecture?)")
+    if is_pruned(mod, mem.attr):
+        return getattr(mod, mem.attr + "_orig")
+    t = getattr(mod, mem.attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _check_removed(groups: Sequence[Group], removed: Mapping[int, Sequence[int]]) -> dict[int, Group]:
+    by_id = {g.id: g for g in groups}
+    for gid, chans in removed.items():
+        g = by_id.get(gid)
+        if g is None:
+            raise ValueError(f"no group {gid}")
+        bad = [c for c in chans if not 0 <= c < g.channels or c in g.pinned]
+        if bad:
+            raise ValueError(f"group {gid} cannot remove channels {bad[:5]} (out of range or pinned)")
+        if len(set(chans)) >= g.channels:
+            raise ValueError(f"removing all {g.channels} channels of group {gid} (layers {g.layers}) would empty it")
+    return by_id
+
+
+def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[int, Sequence[int]], *,
+                  hard: bool = True, zero_norm: bool | None = None) -> None:
+    """Zero whole channels in place (see the module docstring). ``removed``: group id -> channels;
+    ``zero_norm`` (default: ``hard``) also zeroes the BatchNorm gamma, beta and running mean."""
+    zero_norm = hard if zero_norm is None else zero_norm
+    by_id = _check_removed(groups, removed)
+    modules = dict(model.named_modules())
+    masks: dict[tuple[str, str], tuple[nn.Module, torch.Tensor]] = {}
+    for gid, chans in removed.items():
+        if not chans:
+            continue
+        for mem in by_id[gid].members:
+            if mem.role == "in":
+                continue
+            t = _member_tensor(modules, mem)
+            mod = modules[mem.module]
+            if t is None or (mem.role == "norm" and (not zero_norm or mem.attr not in ("weight", "bias", "running_mean"))):
+                continue
+            pos = mem.positions(chans)
+            if not pos:
+                continue
+            key = (mem.module, mem.attr)
+            if key not in masks:
+                masks[key] = (mod, torch.ones_like(t, dtype=torch.bool))
+            idx = torch.tensor(pos, dtype=torch.long, device=t.device)
+            masks[key][1].index_fill_(mem.dim, idx, False)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for (_, attr), (mod, keep) in masks.items():
+            t = getattr(mod, attr + "_orig") if is_pruned(mod, attr) else getattr(mod, attr)
+            if id(t) not in seen:  # a tied tensor is zeroed once
+                seen.add(id(t))
+                t.mul_(keep.to(t.dtype))
+            if hard and (attr in mod._parameters or is_pruned(mod, attr)):
+                torch_prune.custom_from_mask(mod, attr, keep.to(t.dtype))
+
+
+def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[int, Sequence[int]], *,
+                    replace: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Physically remove channels: every member tensor loses the positions of the removed channels;
+    module attributes (``out_channels``, ``in_features``, ``groups`` of depthwise convs, ...) follow
+    the new shapes. ``replace``: tensor name -> new value, applied before slicing (folded biases).
+    The model must carry no prune reparametrisation (see :func:`fastprune.finalize`)."""
+    by_id = _check_removed(groups, removed)
+    modules = dict(model.named_modules())
+    cut: dict[str, dict[int, set[int]]] = {}
+    where: dict[str, Member] = {}
+    for gid, chans in removed.items():
+        if not chans:
+            continue
+        for mem in by_id[gid].members:
+            pos = mem.positions(chans)
+            if pos:
+                cut.setdefault(mem.tensor, {}).setdefault(mem.dim, set()).update(pos)
+                where.setdefault(mem.tensor, mem)
+    owners = _owners(model)
+    new_values: list[tuple[torch.Tensor, torch.Tensor]] = []
+    touched: set[nn.Module] = set()
+    replace = dict(replace or {})
+    for name, dims in cut.items():
+        mem = where[name]
+        mod = modules[mem.module]
+        if is_pruned(mod, mem.attr):
+            raise ValueError(f"{name} carries a prune reparametrisation; call fastprune.finalize(model) first")
+        old = getattr(mod, mem.attr)
+        value = replace.pop(name, old.detach())
+        for dim, pos in dims.items():
+            keep = torch.tensor(sorted(set(range(value.shape[dim])) - pos), dtype=torch.long, device=value.device)
+            value = value.index_select(dim, keep)
+        new_values.append((old, value))
+    for name, value in replace.items():  # folded biases of layers that lose nothing themselves
+        mname, _, attr = name.rpartition(".")
+        mod = modules[mname]
+        old = getattr(mod, attr)
+        new_values.append((old, value) if old is not None else (None, (mod, attr, value)))
+    # all values computed: assign
+    snapshots = {}
+    for old, value in new_values:
+        if old is None:  # a bias created to absorb a constant
+            mod, attr, v = value
+            snapshots.setdefault(mod, H.snapshot(mod))
+            setattr(mod, attr, nn.Parameter(v))
+            touched.add(mod)
+            continue
+        shared = nn.Parameter(value.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+            else value.clone()  # one new tensor for every owner: tied weights stay tied
+        for mod, attr, is_param in owners.get(id(old), []):
+            snapshots.setdefault(mod, H.snapshot(mod))
+            if is_param:
+                setattr(mod, attr, shared)
+            else:
+                mod._buffers[attr] = shared
+            touched.add(mod)
+    for mod in touched:
+        H.fixup(mod, snapshots[mod])
+    # containers that own pruned sub-layers (attention) re-read their sizes too
+    for mod in model.modules():
+        if mod not in touched and any(c in touched for c in mod.children()):
+            H.fixup(mod, H.snapshot(mod))
+
+
+def _capture_inputs(model: nn.Module, names: set[str], inputs: tuple) -> tuple[dict[str, list[torch.Tensor]], Any]:
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+    for n in names:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, n: str = n) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if isinstance(x, torch.Tensor):
+                seen[n].append(x.detach().clone())
+        handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
+def _flat_tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _flat_tensors(v)]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _flat_tensors(v)]
+    return [t for v in getattr(x, "__dict__", {}).values() for t in _flat_tensors(v)] if hasattr(x, "to_tuple") else []
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    if len(ta) != len(tb):
+        return float("inf")
+    d = 0.0
+    for x, y in zip(ta, tb):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.numel():
+            d = max(d, float((x.double() - y.double()).abs().max()))
+    return d
+
+
+def _constants(mod: nn.Module, mem: Member, xs: list[torch.Tensor], pos: list[int]) -> torch.Tensor | None:
+    """Per position, the constant value the consumer sees on that input channel (None: not constant)."""
+    vals = []
+    for x in xs:
+        if isinstance(mod, nn.Linear):
+            v = x.reshape(-1, x.shape[-1])[:, pos]
+            flat = v
+        else:
+            v = x[:, pos]
+            flat = v.transpose(0, 1).reshape(len(pos), -1).t()
+        if flat.shape[0] == 0:
+            return None
+        if not torch.equal(flat.amax(0), flat.amin(0)):
+            return None
+        vals.append(flat[0])
+    if not vals or any(not torch.equal(vals[0], v) for v in vals[1:]):
+        return None
+    return vals[0]
+
+
+def _fold(mod: nn.Module, mem: Member, pos: list[int], c: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """Bias change that absorbs constant inputs ``c`` at positions ``pos``; (delta, exact)."""
+    w = mod.weight.detach()
+    if isinstance(mod, nn.Linear) and mem.dim == 1:
+        return w[:, pos].to(torch.float64) @ c.to(torch.float64), True
+    if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and mem.dim == 1 and mod.groups == 1:
+        pad = mod.padding
+        exact = pad == "valid" if isinstance(pad, str) else all(p == 0 for p in pad)
+        taps = w[:, pos].to(torch.float64).flatten(2).sum(2)
+        return taps @ c.to(torch.float64), exact
+    return None, False
+
+
+def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = False,
+            groups: Sequence[Group] | None = None, channels: Mapping[int, Sequence[int]] | None = None
+            ) -> CompactionReport:
+    """Remove channels whose producing filters are exactly zero, in place (module classes and
+    attribute names are kept; tensors shrink).
+
+    Args:
+        model: the model; torch prune reparametrisations are made permanent first (the forward is
+            unchanged by that). Runs in eval mode for the measurement; the training flag is kept.
+        example_inputs: a tensor or a tuple of inputs (any values: the removed channels' constants
+            do not depend on them).
+        allow_approximate: also fold constants where that is not exact (a padded conv sees zeros at
+            the border); the measured deviation is in the report.
+        groups / channels: restrict to these groups and, per group id, these channels (what
+            :func:`fastprune.prune` passes); default: every group of :func:`find_groups`.
+
+    Returns:
+        A :class:`CompactionReport`, including ``max_abs_diff`` between the outputs before and after.
+    """
+    inputs = _as_inputs(example_inputs)
+    report = CompactionReport(params_before=_num_params(model))
+    finalize(model)
+    was_training = model.training
+    model.eval()
+    try:
+        if groups is None:
+            groups = find_groups(model, inputs)
+        modules = dict(model.named_modules())
+        candidates: dict[int, list[int]] = {}
+        for g in groups:
+            allowed = set(channels.get(g.id, ())) if channels is not None else set(g.prunable)
+            prods = [m for m in g.producers]
+            if not prods or not allowed:
+                continue
+            zero = []
+            for c in sorted(allowed - set(g.pinned)):
+                ok = True
+                for mem in prods:
+                    t = _member_tensor(modules, mem)
+                    pos = mem.positions([c])
+                    if t is None or (pos and bool(t.detach().index_select(mem.dim, torch.tensor(pos)).any())):
+                        ok = False
+                        break
+                if ok:
+                    zero.append(c)
+            if zero:
+                candidates[g.id] = zero
+        if not candidates:
+            report.params_after = report.params_before
+            return report
+        by_id = {g.id: g for g in groups}
+        consumers = {mem.module for gid in candidates for mem in by_id[gid].members if mem.role == "in"}
+        seen, before = _capture_inputs(model, consumers, inputs)
+        deltas: dict[str, torch.Tensor] = {}
+        removed: dict[int, list[int]] = {}
+        for gid, chans in candidates.items():
+            g = by_id[gid]
+            for c in chans:
+                plan: list[tuple[Member, torch.Tensor]] = []
+                ok, approx = True, False
+                for mem in g.members:
+                    if mem.role != "in":
+                        continue
+                    pos = mem.positions([c])
+                    if not pos:
+                        continue
+                    mod = modules[mem.module]
+                    xs = seen.get(mem.module, [])
+                    const = _constants(mod, mem, xs, pos) if xs else None
+                    if const is None:
+                        ok = False
+                        report.kept.append((gid, c, f"{mem.module} does not see a constant on this channel"))
+                        break
+                    if not bool(const.any()):
+                        continue
+                    delta, exact = _fold(mod, mem, pos, const)
+                    if delta is None or (not exact and not allow_approximate):
+                        ok = False
+                        report.kept.append((gid, c, f"constant {float(const.abs().max()):.3g} cannot be folded "
+                                            f"exactly into {mem.module} ({type(mod).__name__})"))
+                        break
+                    approx |= not exact
+                    plan.append((mem, delta))
+                if not ok:
+                    continue
+                report.approximate |= approx
+                removed.setdefault(gid, []).append(c)
+                for mem, delta in plan:
+                    mod = modules[mem.module]
+                    name = f"{mem.module}.bias"
+                    base = deltas.get(name)
+                    if base is None:
+                        b = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device)
+                        base = b.to(torch.float64)
+                    deltas[name] = base + delta
+        # a removed channel may leave a group with none (only when every channel was zero)
+        for gid, chans in list(removed.items()):
+            if len(chans) >= by_id[gid].channels:
+                keep = max(chans)
+                chans.remove(keep)
+                report.kept.append((gid, keep, "every channel of the group is zero; one is kept so no layer is empty"))
+                if not chans:
+                    del removed[gid]
+        # keyed by "<module>.bias", which is also the bias's name in the groups (not for a bias
+        # tied across modules: such a consumer is refused below)
+        replace = {name: v.to(modules[name.rpartition(".")[0]].weight.dtype) for name, v in deltas.items()}
+        tied = [n for n in replace if len(_owners(model).get(id(getattr(modules[n.rpartition(".")[0]], "bias")), [])) > 1]
+        if tied:
+            raise ValueError(f"cannot fold constants into biases shared by several modules: {tied}")
+        remove_channels(model, groups, removed, replace=replace)
+        report.removed = removed
+        report.folded = sorted(replace)
+        with torch.no_grad():
+            after = model(*inputs)
+        report.max_abs_diff = _max_diff(before, after)
+    finally:
+        model.train(was_training)
+    report.params_after = _num_params(model)
+    return report
