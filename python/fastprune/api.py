@@ -91,7 +91,7 @@ def prune(model: nn.Module, method: str = "magnitude", *, config: Any = None, dr
     if not dry_run and plan.groups:
         from fastprune.structure.pruning import apply_channel_plan
 
-        return apply_channel_plan(model, plan, getattr(config, "example_inputs", None))
+        return apply_channel_plan(model, plan, getattr(config, "example_inputs", None), traced=updates)
     if not dry_run and plan.masks:
         refs = select_parameters(model, include=list(plan.masks))
         if updates:

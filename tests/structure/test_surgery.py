@@ -94,7 +94,7 @@ def test_compact_of_masked_model_equals_prune_compact() -> None:
     model, x = zoo.build("mobilenetv2")
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     fastprune.prune(a, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")  # hard masks
-    rep = compact(a, x)
+    rep = compact(a, x, verify=True)
     assert rep.max_abs_diff <= 1e-6 * float(model(x).abs().max()) + 1e-7
     fastprune.prune(b, "l1_filter", sparsity=0.5, example_inputs=x)
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
@@ -228,3 +228,46 @@ def test_conv_transpose_and_interpolate() -> None:
     g = next(g for g in groups if any(m.module == "up2" and m.role == "out" for m in g.members))
     assert any(m.module == "up2" and m.dim == 1 for m in g.producers)
     assert F.interpolate is not None
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_zero_analysis_agrees_with_a_measured_forward(name: str) -> None:
+    """Where the static zero analysis says a consumer reads exact zeros, a real forward agrees."""
+    from fastprune.importance.channels import group_scores, select_channels
+    from fastprune.structure.surgery import _capture_inputs, mask_channels
+    from fastprune.structure.zeros import zero_consumers
+
+    model, x = zoo.build(name)
+    groups = find_groups(model, x)
+    removed = select_channels(groups, group_scores(model, groups, "l1_filter"), 0.5)
+    mask_channels(model, groups, removed, hard=False, zero_norm=True)
+    known = zero_consumers(model, groups._trace, removed)
+    assert known, "the analysis saw no consumer"
+    by_id = {g.id: g for g in groups}
+    need = {}
+    for gid, chans in removed.items():
+        for m in by_id[gid].members:
+            if m.role == "in":
+                need.setdefault(m.module, set()).update(m.positions(chans))
+    seen, _ = _capture_inputs(model, {n: torch.tensor(sorted(p)) for n, p in need.items()}, (x,))
+    for module, is_zero in known.items():
+        if is_zero and module in seen:
+            assert all(not hi.any() and not lo.any() for hi, lo in seen[module]), module
+
+
+def test_prune_needs_no_forward_when_zeros_are_provable() -> None:
+    calls = []
+    for name in ("resnet", "squeeze_excite"):
+        model, x = zoo.build(name)
+        h = model.register_forward_hook(lambda *a: calls.append(name))
+        fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+        h.remove()
+    assert calls == []
+    # a sigmoid before a padded conv: the constant 0.5 must be measured (and here it is kept)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Sigmoid(), nn.Conv2d(6, 4, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    h = model.register_forward_hook(lambda *a: calls.append("sigmoid"))
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    h.remove()
+    assert calls == ["sigmoid"]
+    assert plan.groups[0]["kept"] and model[0].out_channels == 6 and plan.achieved_sparsity == 0.0

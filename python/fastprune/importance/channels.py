@@ -25,10 +25,13 @@ from fastprune.structure.handlers import WEIGHT_ATTRS
 __all__ = ["CRITERIA", "group_scores", "select_channels"]
 
 
-def _member_values(modules: Mapping[str, nn.Module], mem: Member) -> torch.Tensor:
+def _member_values(modules: Mapping[str, nn.Module], mem: Member, exact: bool = True) -> torch.Tensor:
+    """The member's tensor as the forward sees it; in float64 when ``exact`` (else as stored, for
+    reductions that accumulate in float64 themselves)."""
     from fastprune.masks import effective_weight
 
-    return effective_weight(modules[mem.module], mem.attr).to(torch.float64)
+    w = effective_weight(modules[mem.module], mem.attr)
+    return w.to(torch.float64) if exact or w.dtype not in (torch.float32, torch.float64) else w
 
 
 def _scatter(group: Group, mem: Member, per_pos: torch.Tensor, out: torch.Tensor, reduce: str) -> None:
@@ -52,8 +55,8 @@ def _norm_scores(p: float) -> Callable[[nn.Module, Group, str], torch.Tensor | N
         for mem in group.members:
             if mem.role != "out" or mem.attr not in WEIGHT_ATTRS:
                 continue
-            w = _member_values(modules, mem).movedim(mem.dim, 0).flatten(1)
-            per = w.abs().sum(1) if p == 1 else w.pow(2).sum(1).sqrt()
+            w = _member_values(modules, mem, exact=False).movedim(mem.dim, 0).flatten(1)
+            per = torch.linalg.vector_norm(w, ord=p, dim=1).to(torch.float64)
             _scatter(group, mem, per, out, reduce)
             _scatter(group, mem, torch.ones_like(per), count, "sum")
         if not bool((count > 0).any()):

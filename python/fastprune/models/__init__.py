@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["lenet_300_100", "small_cnn"]
+from fastprune.models.resnet import ResNet, resnet18, resnet50
+
+__all__ = ["ResNet", "lenet_300_100", "resnet18", "resnet50", "small_cnn"]
 
 
 def lenet_300_100(in_features: int = 64, num_classes: int = 10, dropout: float = 0.0) -> nn.Sequential:

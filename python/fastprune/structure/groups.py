@@ -103,6 +103,7 @@ class GroupList(list):
     boundaries: list[tuple[str, str]]
     frontend: str
     notes: list[str]
+    _trace: Any = None
 
     def summary(self) -> str:
         lines = [f"{len(self)} groups (traced with {self.frontend})"]
@@ -170,8 +171,9 @@ class Analysis:
             return name[: -len("_orig")] if name.endswith("_orig") else name
         return f"{module_name}.{attr}" if module_name else attr
 
-    def slot(self, module_name: str, attr: str, dim: int, role: str) -> np.ndarray | None:
-        """Element ids of ``module.attr`` along ``dim`` (created on first use; tied tensors share)."""
+    def slot(self, module_name: str, attr: str, dim: int, role: str, like: np.ndarray | None = None) -> np.ndarray | None:
+        """Element ids of ``module.attr`` along ``dim`` (created on first use; tied tensors share).
+        ``like``: ids the slot is unified with (a new slot simply takes them: no union needed)."""
         mod = self.modules[module_name]
         t = getattr(mod, attr, None)
         if not isinstance(t, torch.Tensor):
@@ -179,8 +181,14 @@ class Analysis:
         key = (self.tensor_name(module_name, attr), dim)
         s = self.slots.get(key)
         if s is None:
-            s = {"ids": self.new(t.shape[dim]), "module": module_name, "attr": attr, "dim": dim, "role": role}
+            fresh = like is None or len(like) != t.shape[dim]
+            ids = self.new(t.shape[dim]) if fresh else np.array(like, dtype=np.int64)
+            s = {"ids": ids, "module": module_name, "attr": attr, "dim": dim, "role": role}
             self.slots[key] = s
+            if not fresh:
+                return ids
+        if like is not None:
+            self.unify(s["ids"], like)
         return s["ids"]
 
 
@@ -203,6 +211,7 @@ def _refs_in(x: Any) -> list[Ref]:
 def analyse(model: nn.Module, graph: Graph) -> Analysis:
     an = Analysis(model)
     layouts: dict[Ref, Any] = {}
+    an.layouts = layouts
     for i, node in enumerate(graph.nodes):
         if node.op == "input":
             continue  # inputs carry no tracked channels: whatever meets them keeps its channels
@@ -227,9 +236,15 @@ def analyse(model: nn.Module, graph: Graph) -> Analysis:
 
 
 def _groups_from(an: Analysis) -> list[Group]:
-    find = an.find
-    pinned_roots = {find(e) for e in an.pinned}
-    # group-level union over components: all output channels of one producer belong together
+    # full path compression by pointer jumping (vectorised): root[e] is e's class
+    root = np.asarray(an.parent, dtype=np.int64)
+    while True:
+        nxt = root[root]
+        if np.array_equal(nxt, root):
+            break
+        root = nxt
+    pinned_roots = set(root[list(an.pinned)].tolist()) if an.pinned else set()
+    # group-level union over classes: all output channels of one producer belong together
     gparent: dict[int, int] = {}
 
     def gfind(a: int) -> int:
@@ -239,36 +254,45 @@ def _groups_from(an: Analysis) -> list[Group]:
             a = gparent[a]
         return a
 
+    def ordered_unique(x: np.ndarray) -> np.ndarray:
+        _, first = np.unique(x, return_index=True)
+        return x[np.sort(first)]
+
     producer_slots = [s for s in an.slots.values() if s["role"] == "out" and s["attr"] in H.WEIGHT_ATTRS]
-    order: dict[int, list[int]] = {}
     for s in producer_slots:
-        comps = [find(int(e)) for e in s["ids"]]
-        for c in comps:
-            gfind(c)
+        comps = ordered_unique(root[s["ids"]]).tolist()
+        r0 = gfind(comps[0])
         for c in comps[1:]:
-            ra, rb = gfind(comps[0]), gfind(c)
-            if ra != rb:
-                gparent[rb] = ra
+            rc = gfind(c)
+            if rc != r0:
+                gparent[rc] = r0
+    order: dict[int, list[int]] = {}
+    seen: set[int] = set()
     for s in producer_slots:
-        for e in s["ids"]:
-            c = find(int(e))
-            lst = order.setdefault(gfind(c), [])
-            if c not in lst:
-                lst.append(c)
-    chan: dict[int, tuple[int, int]] = {}  # component -> (group root, channel index)
+        for c in ordered_unique(root[s["ids"]]).tolist():
+            if c not in seen:
+                seen.add(c)
+                order.setdefault(gfind(c), []).append(c)
+    gid = {g: k for k, g in enumerate(order)}
+    lookup_group = np.full(len(root), -1, dtype=np.int64)
+    lookup_chan = np.full(len(root), -1, dtype=np.int64)
     for g, comps in order.items():
-        for k, c in enumerate(comps):
-            chan[c] = (g, k)
-    members: dict[int, list[Member]] = {g: [] for g in order}
+        lookup_group[comps] = gid[g]
+        lookup_chan[comps] = np.arange(len(comps))
+    members: list[list[Member]] = [[] for _ in order]
     for (tname, dim), s in an.slots.items():
-        idx = [chan.get(find(int(e)), (None, -1)) for e in s["ids"]]
-        for g in {gi for gi, _ in idx if gi is not None}:
-            index = tuple(k if gi == g else -1 for gi, k in idx)
+        comps = root[s["ids"]]
+        gs, ks = lookup_group[comps], lookup_chan[comps]
+        for g in np.unique(gs[gs >= 0]).tolist():
+            index = tuple(np.where(gs == g, ks, -1).tolist())
             members[g].append(Member(tname, s["module"], s["attr"], dim, s["role"], index))
     groups = []
+    an.root = root
+    an.group_roots = []
     for g, comps in order.items():
         pinned = frozenset(k for k, c in enumerate(comps) if c in pinned_roots)
-        groups.append(Group(len(groups), len(comps), tuple(members[g]), pinned))
+        groups.append(Group(len(groups), len(comps), tuple(members[gid[g]]), pinned))
+        an.group_roots.append(comps)
     return groups
 
 
@@ -317,6 +341,7 @@ def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str]
     inc = [include] if isinstance(include, str) else include
     exc = [exclude] if isinstance(exclude, str) else exclude
     out = GroupList()
+    roots: list[list[int]] = []
     for g in groups:
         if not g.prunable:
             continue
@@ -325,7 +350,10 @@ def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str]
         if exc and any(fnmatch.fnmatchcase(m.module, p) for m in g.members for p in exc):
             continue
         out.append(Group(len(out), g.channels, g.members, g.pinned))
+        roots.append(an.group_roots[g.id])
     out.boundaries = sorted(an.boundaries.items())
+    # what the zero analysis of compaction needs (see fastprune.structure.zeros)
+    out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend
     out.notes = list(graph.notes)
     return out

@@ -123,7 +123,7 @@ def _unknown_module(an: Any, name: str, module: nn.Module, node: Node, graph: Gr
 def _out_slot(an: Any, name: str, module: nn.Module, dim: int) -> np.ndarray:
     ids = an.slot(name, "weight", dim, "out")
     if getattr(module, "bias", None) is not None:
-        an.unify(ids, an.slot(name, "bias", 0, "out"))
+        an.slot(name, "bias", 0, "out", like=ids)
     return ids
 
 
@@ -137,7 +137,7 @@ def _conv(an: Any, name: str, m: nn.modules.conv._ConvNd, node: Node, graph: Gra
     out_ids = _out_slot(an, name, m, 1 if transposed else 0)
     if m.groups == 1:
         if lay is not None:
-            an.unify(an.slot(name, "weight", 0 if transposed else 1, "in"), lay.ids)
+            an.slot(name, "weight", 0 if transposed else 1, "in", like=lay.ids)
     elif not transposed and m.groups == m.in_channels == m.out_channels:
         # depthwise: output channel c reads only input channel c
         if lay is not None:
@@ -167,7 +167,7 @@ def _linear(an: Any, name: str, m: nn.Linear, node: Node, graph: Graph, layouts:
     shape = graph.shape_of(_arg(node, 0, "input")) if isinstance(_arg(node, 0, "input"), Ref) else None
     if lay is not None:
         if shape is not None and lay.cdim == len(shape) - 1:
-            an.unify(an.slot(name, "weight", 1, "in"), lay.ids)
+            an.slot(name, "weight", 1, "in", like=lay.ids)
         else:
             an.pin(lay.ids, name, "Linear applied along a dimension that is not the channel dimension")
     out_ids = _out_slot(an, name, m, 0)
@@ -186,9 +186,7 @@ def _batchnorm(an: Any, name: str, m: nn.modules.batchnorm._NormBase, node: Node
             an.pin(lay.ids, name, "BatchNorm input channels not on dim 1")
         return None
     for attr in ("weight", "bias", "running_mean", "running_var"):
-        ids = an.slot(name, attr, 0, "norm")
-        if ids is not None:
-            an.unify(ids, lay.ids)
+        an.slot(name, attr, 0, "norm", like=lay.ids)
     return lay
 
 
@@ -534,14 +532,14 @@ def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: di
         if lay is None:
             continue
         if shape is not None and lay.cdim == len(shape) - 1:
-            an.unify(an.slot(f"{name}.{proj}", "weight", 1, "in"), lay.ids)
+            an.slot(f"{name}.{proj}", "weight", 1, "in", like=lay.ids)
         else:
             an.pin(lay.ids, name, "attention input channels not on the last dimension")
     # one element per head: every row of a head (in q, k and v) and its out_proj columns go together
     rows = np.repeat(an.new(m.num_heads), m.head_dim)
     for proj in ("q_proj", "k_proj", "v_proj"):
         an.unify(_out_slot(an, f"{name}.{proj}", getattr(m, proj), 0), rows)
-    an.unify(an.slot(f"{name}.out_proj", "weight", 1, "in"), rows)
+    an.slot(f"{name}.out_proj", "weight", 1, "in", like=rows)
     out_ids = _out_slot(an, f"{name}.out_proj", m.out_proj, 0)
     shapes = node.shapes
     first = shapes[0] if _multi(shapes) else shapes

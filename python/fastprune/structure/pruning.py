@@ -20,7 +20,7 @@ from torch import nn
 from fastprune.config import ChannelConfig
 from fastprune.importance.channels import group_scores, select_channels
 from fastprune.plan import Plan
-from fastprune.structure.groups import Group, Member, _as_inputs, find_groups
+from fastprune.structure.groups import Group, GroupList, Member, _as_inputs, find_groups
 from fastprune.structure.surgery import compact, mask_channels
 
 __all__ = ["apply_channel_plan", "group_from_dict", "run_channels"]
@@ -41,8 +41,9 @@ def _zeros_from_specs(specs: Any, model: nn.Module) -> tuple:
     return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=dev) for s in specs)
 
 
-def run_channels(model: nn.Module, cfg: ChannelConfig, criterion: str) -> Plan:
-    """Score and select; the model is not changed (prune() applies the plan)."""
+def run_channels(model: nn.Module, cfg: ChannelConfig, criterion: str) -> tuple[Plan, GroupList]:
+    """Score and select; the model is not changed (prune() applies the plan, with the groups: their
+    trace lets compaction prove removed channels are zeros without running the model)."""
     inputs = _as_inputs(cfg.example_inputs)
     groups = find_groups(model, inputs, include=cfg.include, exclude=cfg.exclude)
     if not groups:
@@ -57,12 +58,14 @@ def run_channels(model: nn.Module, cfg: ChannelConfig, criterion: str) -> Plan:
     total = sum(len(g.prunable) for g in groups if g.id in scores)
     n_removed = sum(len(v) for v in removed.values())
     entries = tuple({**g.to_dict(), "removed": removed[g.id]} for g in groups if g.id in removed)
-    return Plan(criterion, config, cfg.sparsity, n_removed / total if total else 0.0, groups=entries)
+    return Plan(criterion, config, cfg.sparsity, n_removed / total if total else 0.0, groups=entries), groups
 
 
-def apply_channel_plan(model: nn.Module, plan: Plan, example_inputs: Any = None) -> Plan:
+def apply_channel_plan(model: nn.Module, plan: Plan, example_inputs: Any = None,
+                       traced: GroupList | None = None) -> Plan:
     """Mask (and in compact mode remove) the plan's channels on ``model``; returns the plan with
-    what compaction actually removed (a constant channel that cannot be folded exactly is kept)."""
+    what compaction actually removed (a constant channel that cannot be folded exactly is kept).
+    ``traced``: the groups the plan was made from (same model), when at hand."""
     groups = [group_from_dict(d) for d in plan.groups]
     removed = {g.id: list(d["removed"]) for g, d in zip(groups, plan.groups)}
     mode = plan.config.get("mode", "compact")
@@ -81,7 +84,7 @@ def apply_channel_plan(model: nn.Module, plan: Plan, example_inputs: Any = None)
         return plan
     mask_channels(model, groups, removed, hard=False, zero_norm=True)
     report = compact(model, inputs, allow_approximate=bool(plan.config.get("allow_approximate", False)),
-                     groups=groups, channels=removed)
+                     groups=traced if traced is not None else groups, channels=removed)
     entries = tuple({**d, "removed": report.removed.get(g.id, []),
                      "kept": [[c, why] for gid, c, why in report.kept if gid == g.id]}
                     for g, d in zip(groups, plan.groups))

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -32,6 +33,7 @@ from torch.nn.utils import prune as torch_prune
 from fastprune.masks import finalize, is_pruned
 from fastprune.structure import handlers as H
 from fastprune.structure.groups import Group, Member, _as_inputs, find_groups
+from fastprune.structure.zeros import zero_consumers
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
 
@@ -116,7 +118,7 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[in
     zero_norm = hard if zero_norm is None else zero_norm
     by_id = _check_removed(groups, removed)
     modules = dict(model.named_modules())
-    masks: dict[tuple[str, str], tuple[nn.Module, torch.Tensor]] = {}
+    zeros: dict[tuple[str, str], tuple[nn.Module, list[tuple[int, list[int]]]]] = {}
     for gid, chans in removed.items():
         if not chans:
             continue
@@ -124,26 +126,25 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[in
             if mem.role == "in":
                 continue
             t = _member_tensor(modules, mem)
-            mod = modules[mem.module]
             if t is None or (mem.role == "norm" and (not zero_norm or mem.attr not in ("weight", "bias", "running_mean"))):
                 continue
-            pos = mem.positions(chans)
-            if not pos:
-                continue
-            key = (mem.module, mem.attr)
-            if key not in masks:
-                masks[key] = (mod, torch.ones_like(t, dtype=torch.bool))
-            idx = torch.tensor(pos, dtype=torch.long, device=t.device)
-            masks[key][1].index_fill_(mem.dim, idx, False)
+            pos = np.flatnonzero(np.isin(np.asarray(mem.index), chans)).tolist()
+            if pos:
+                zeros.setdefault((mem.module, mem.attr), (modules[mem.module], []))[1].append((mem.dim, pos))
     seen: set[int] = set()
     with torch.no_grad():
-        for (_, attr), (mod, keep) in masks.items():
+        for (_, attr), (mod, cuts) in zeros.items():
             t = getattr(mod, attr + "_orig") if is_pruned(mod, attr) else getattr(mod, attr)
+            idx = [(d, torch.tensor(p, dtype=torch.long, device=t.device)) for d, p in cuts]
             if id(t) not in seen:  # a tied tensor is zeroed once
                 seen.add(id(t))
-                t.mul_(keep.to(t.dtype))
+                for d, i in idx:
+                    t.index_fill_(d, i, 0)
             if hard and (attr in mod._parameters or is_pruned(mod, attr)):
-                torch_prune.custom_from_mask(mod, attr, keep.to(t.dtype))
+                keep = torch.ones_like(t)
+                for d, i in idx:
+                    keep.index_fill_(d, i, 0)
+                torch_prune.custom_from_mask(mod, attr, keep)
 
 
 def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[int, Sequence[int]], *,
@@ -176,8 +177,8 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
         old = getattr(mod, mem.attr)
         value = replace.pop(name, old.detach())
         for dim, pos in dims.items():
-            keep = torch.tensor(sorted(set(range(value.shape[dim])) - pos), dtype=torch.long, device=value.device)
-            value = value.index_select(dim, keep)
+            keep = np.setdiff1d(np.arange(value.shape[dim]), np.fromiter(pos, dtype=np.int64))
+            value = value.index_select(dim, torch.from_numpy(keep).to(value.device))
         new_values.append((old, value))
     for name, value in replace.items():  # folded biases of layers that lose nothing themselves
         mname, _, attr = name.rpartition(".")
@@ -193,8 +194,9 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
             setattr(mod, attr, nn.Parameter(v))
             touched.add(mod)
             continue
-        shared = nn.Parameter(value.clone(), requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
-            else value.clone()  # one new tensor for every owner: tied weights stay tied
+        value = value if value.data_ptr() != old.data_ptr() else value.clone()
+        shared = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+            else value  # one new tensor for every owner: tied weights stay tied
         for mod, attr, is_param in owners.get(id(old), []):
             snapshots.setdefault(mod, H.snapshot(mod))
             if is_param:
@@ -210,15 +212,22 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
             H.fixup(mod, H.snapshot(mod))
 
 
-def _capture_inputs(model: nn.Module, names: set[str], inputs: tuple) -> tuple[dict[str, list[torch.Tensor]], Any]:
+def _capture_inputs(model: nn.Module, need: Mapping[str, torch.Tensor], inputs: tuple
+                    ) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], Any]:
+    """Per consumer module and call, the max and min of the input channels ``need[module]`` over
+    every other dimension (batch and space for a conv, every leading dimension for a Linear)."""
     modules = dict(model.named_modules())
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in need}
     handles = []
-    for n in names:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, n: str = n) -> None:
+    for n, pos in need.items():
+        cdim = -1 if isinstance(modules[n], nn.Linear) else 1
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, n: str = n, pos: torch.Tensor = pos, cdim: int = cdim) -> None:
             x = args[0] if args else next(iter(kwargs.values()), None)
-            if isinstance(x, torch.Tensor):
-                seen[n].append(x.detach().clone())
+            if isinstance(x, torch.Tensor) and x.numel():
+                v = x.detach().index_select(cdim, pos.to(x.device))
+                dims = tuple(d for d in range(v.dim()) if d != cdim % v.dim())
+                seen[n].append((v.amax(dims), v.amin(dims)))
         handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -252,24 +261,27 @@ def _max_diff(a: Any, b: Any) -> float:
     return d
 
 
-def _constants(mod: nn.Module, mem: Member, xs: list[torch.Tensor], pos: list[int]) -> torch.Tensor | None:
-    """Per position, the constant value the consumer sees on that input channel (None: not constant)."""
+def _constants(stats: list[tuple[torch.Tensor, torch.Tensor]], pos: list[int]) -> torch.Tensor | None:
+    """Per position, the constant value the consumer sees on that input channel (None: not constant
+    in some call, or the calls disagree)."""
+    if not stats:
+        return None
     vals = []
-    for x in xs:
-        if isinstance(mod, nn.Linear):
-            v = x.reshape(-1, x.shape[-1])[:, pos]
-            flat = v
-        else:
-            v = x[:, pos]
-            flat = v.transpose(0, 1).reshape(len(pos), -1).t()
-        if flat.shape[0] == 0:
+    for hi, lo in stats:
+        if not torch.equal(hi[pos], lo[pos]):
             return None
-        if not torch.equal(flat.amax(0), flat.amin(0)):
-            return None
-        vals.append(flat[0])
-    if not vals or any(not torch.equal(vals[0], v) for v in vals[1:]):
+        vals.append(hi[pos])
+    if any(not torch.equal(vals[0], v) for v in vals[1:]):
         return None
     return vals[0]
+
+
+def _by_channel(mem: Member) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p, c in enumerate(mem.index):
+        if c >= 0:
+            out.setdefault(c, []).append(p)
+    return out
 
 
 def _fold(mod: nn.Module, mem: Member, pos: list[int], c: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -286,8 +298,8 @@ def _fold(mod: nn.Module, mem: Member, pos: list[int], c: torch.Tensor) -> tuple
 
 
 def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = False,
-            groups: Sequence[Group] | None = None, channels: Mapping[int, Sequence[int]] | None = None
-            ) -> CompactionReport:
+            groups: Sequence[Group] | None = None, channels: Mapping[int, Sequence[int]] | None = None,
+            verify: bool = False) -> CompactionReport:
     """Remove channels whose producing filters are exactly zero, in place (module classes and
     attribute names are kept; tensors shrink).
 
@@ -300,9 +312,12 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
             the border); the measured deviation is in the report.
         groups / channels: restrict to these groups and, per group id, these channels (what
             :func:`fastprune.prune` passes); default: every group of :func:`find_groups`.
+        verify: also re-run the model when every removed channel was an exact zero (removal is
+            then exact by construction; with folded constants the check always runs).
 
     Returns:
-        A :class:`CompactionReport`, including ``max_abs_diff`` between the outputs before and after.
+        A :class:`CompactionReport`; ``max_abs_diff`` between the outputs before and after on the
+        example inputs when that was measured (None otherwise).
     """
     inputs = _as_inputs(example_inputs)
     report = CompactionReport(params_before=_num_params(model))
@@ -316,44 +331,65 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
         candidates: dict[int, list[int]] = {}
         for g in groups:
             allowed = set(channels.get(g.id, ())) if channels is not None else set(g.prunable)
-            prods = [m for m in g.producers]
+            prods = g.producers
             if not prods or not allowed:
                 continue
-            zero = []
-            for c in sorted(allowed - set(g.pinned)):
-                ok = True
-                for mem in prods:
-                    t = _member_tensor(modules, mem)
-                    pos = mem.positions([c])
-                    if t is None or (pos and bool(t.detach().index_select(mem.dim, torch.tensor(pos)).any())):
-                        ok = False
-                        break
-                if ok:
-                    zero.append(c)
+            nonzero: set[int] = set()
+            for mem in prods:
+                t = _member_tensor(modules, mem)
+                if t is None:
+                    nonzero = set(range(g.channels))
+                    break
+                nz = t.detach().ne(0).movedim(mem.dim, 0).reshape(t.shape[mem.dim], -1).any(1).tolist()
+                nonzero.update(c for c, z in zip(mem.index, nz) if z and c >= 0)
+            zero = sorted(allowed - set(g.pinned) - nonzero)
             if zero:
                 candidates[g.id] = zero
         if not candidates:
             report.params_after = report.params_before
             return report
         by_id = {g.id: g for g in groups}
-        consumers = {mem.module for gid in candidates for mem in by_id[gid].members if mem.role == "in"}
-        seen, before = _capture_inputs(model, consumers, inputs)
+        # input positions each consumer must be checked on (every consumer has one "in" member)
+        need_np: dict[str, set[int]] = {}
+        for gid, chans in candidates.items():
+            for mem in by_id[gid].members:
+                if mem.role == "in":
+                    pos = np.flatnonzero(np.isin(np.asarray(mem.index), chans)).tolist()
+                    if pos:
+                        need_np.setdefault(mem.module, set()).update(pos)
+        need = {n: torch.tensor(sorted(p), dtype=torch.long) for n, p in need_np.items()}
+        col = {n: {p: k for k, p in enumerate(v.tolist())} for n, v in need.items()}
+        known = zero_consumers(model, getattr(groups, "_trace", None), candidates)
+        if known is not None and not verify and all(known.get(n, False) for n in need):
+            # every consumer provably reads exact zeros (see fastprune.structure.zeros): no forward
+            seen = {n: [(torch.zeros(len(v)), torch.zeros(len(v)))] for n, v in need.items()}
+            before = None
+        else:
+            seen, before = _capture_inputs(model, need, inputs)
         deltas: dict[str, torch.Tensor] = {}
         removed: dict[int, list[int]] = {}
         for gid, chans in candidates.items():
             g = by_id[gid]
+            ins = []
+            for mem in g.members:
+                if mem.role != "in":
+                    continue
+                if mem.module not in need:
+                    continue
+                # fast path: every checked position of this consumer read an exact 0 in every call
+                stats = seen.get(mem.module, [])
+                if stats and all(not bool(hi.any()) and not bool(lo.any()) for hi, lo in stats):
+                    continue
+                ins.append((mem, _by_channel(mem)))
             for c in chans:
                 plan: list[tuple[Member, torch.Tensor]] = []
                 ok, approx = True, False
-                for mem in g.members:
-                    if mem.role != "in":
-                        continue
-                    pos = mem.positions([c])
+                for mem, pos_of in ins:
+                    pos = pos_of.get(c)
                     if not pos:
                         continue
                     mod = modules[mem.module]
-                    xs = seen.get(mem.module, [])
-                    const = _constants(mod, mem, xs, pos) if xs else None
+                    const = _constants(seen.get(mem.module, []), [col[mem.module][p] for p in pos])
                     if const is None:
                         ok = False
                         report.kept.append((gid, c, f"{mem.module} does not see a constant on this channel"))
@@ -397,9 +433,12 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
         remove_channels(model, groups, removed, replace=replace)
         report.removed = removed
         report.folded = sorted(replace)
-        with torch.no_grad():
-            after = model(*inputs)
-        report.max_abs_diff = _max_diff(before, after)
+        if before is not None and (replace or verify):
+            # folding changes arithmetic: measure what it did (removing exact zeros cannot change
+            # the function, so that case is not re-run unless verify=True)
+            with torch.no_grad():
+                after = model(*inputs)
+            report.max_abs_diff = _max_diff(before, after)
     finally:
         model.train(was_training)
     report.params_after = _num_params(model)
