@@ -9,8 +9,8 @@ MACs and parameter counts, which the table shows.
 
 Part 2, latency vs FLOPs: the compact ResNet-50-like (and ResNet-18-like) model at 30/50/70 % channel
 sparsity, with channel counts as selected and rounded to multiples of 8 and 16 (``round_to``), batch 1
-and 8, 1 thread: latency ratio (pruned / dense, torch.utils.benchmark medians in one run) next to the
-MACs ratio. The goal: at 50 % on the ResNet-50-like model, latency ratio within 1.25x of the MACs ratio.
+and 8, 1 thread: latency ratio (pruned / dense, torch.utils.benchmark medians; dense and pruned timed
+in turn, ``--rounds`` times, the median of the per-round ratios) next to the MACs ratio. The goal: at 50 % on the ResNet-50-like model, latency ratio within 1.25x of the MACs ratio.
 
 Usage: python benchmarks/bench_structured.py [--quick] [--repeats 5]
 """
@@ -71,6 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="ResNet-18-like only, batch 1, fewer points")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3, help="latency: dense/pruned timing rounds")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -109,24 +110,29 @@ def main() -> None:
     rows = []
     for name in names:
         dense = MODELS[name]().eval()
+        variants = {(s, r): prune_fastprune(x1, s, r)(copy.deepcopy(dense)) for s in sparsities for r in (None, 8, 16)}
         for b in batches:
             x = torch.randn(b, 3, 224, 224)
             macs0, _ = fastprune.count(dense, x)
+            # dense and every variant timed in turn, `rounds` times: each ratio is taken within a
+            # round (machine speed drifts over minutes on this VM), then the median over rounds
+            ratios: dict = {k: [] for k in variants}
+            dense_t = []
             with torch.no_grad():
-                t_dense = time_it(lambda: dense(x), min_run_time=2.0)
-            for s in sparsities:
-                for r in (None, 8, 16):
-                    m = prune_fastprune(x1, s, r)(copy.deepcopy(dense))
-                    macs, params = fastprune.count(m, x)
-                    with torch.no_grad():
-                        t = time_it(lambda m=m: m(x), min_run_time=2.0)
-                    lat, fl = t / t_dense, macs / macs0
-                    out["latency"].setdefault(name, []).append(
-                        {"batch": b, "sparsity": s, "round_to": r, "dense_s": t_dense, "pruned_s": t,
-                         "latency_ratio": lat, "macs_ratio": fl, "params": params})
-                    rows.append([name, b, f"{s:.0%}", r or "-", f"{fl:.3f}", f"{lat:.3f}", f"{lat / fl:.2f}",
-                                 f"{1 / lat:.2f}x"])
-                    print(rows[-1], flush=True)
+                for _ in range(args.rounds):
+                    t_dense = time_it(lambda: dense(x), min_run_time=1.0)
+                    dense_t.append(t_dense)
+                    for k, m in variants.items():
+                        ratios[k].append(time_it(lambda m=m: m(x), min_run_time=1.0) / t_dense)
+            for (s, r), m in variants.items():
+                macs, params = fastprune.count(m, x)
+                lat, fl = statistics.median(ratios[(s, r)]), macs / macs0
+                out["latency"].setdefault(name, []).append(
+                    {"batch": b, "sparsity": s, "round_to": r, "dense_s": statistics.median(dense_t),
+                     "latency_ratio": lat, "latency_ratios": ratios[(s, r)], "macs_ratio": fl, "params": params})
+                rows.append([name, b, f"{s:.0%}", r or "-", f"{fl:.3f}", f"{lat:.3f}", f"{lat / fl:.2f}",
+                             f"{1 / lat:.2f}x"])
+                print(rows[-1], flush=True)
     md += "### Compact model latency vs MACs (1 thread; ratio = pruned / dense, same run)\n\n"
     md += markdown_table(["model", "batch", "channels removed", "round_to", "MACs ratio", "latency ratio",
                           "latency / MACs", "speedup"], rows) + "\n"

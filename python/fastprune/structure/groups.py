@@ -56,8 +56,13 @@ class Member:
 
     def positions(self, channels: Iterable[int]) -> list[int]:
         """Positions along ``dim`` that belong to the given group channels."""
-        chosen = set(channels)
-        return [p for p, c in enumerate(self.index) if c in chosen]
+        chosen = np.fromiter(channels, dtype=np.int64)
+        idx = np.asarray(self.index, dtype=np.int64)
+        if not len(chosen) or not len(idx):
+            return []
+        mark = np.zeros(max(int(idx.max()), int(chosen.max())) + 1, dtype=bool)
+        mark[chosen] = True
+        return np.flatnonzero((idx >= 0) & mark[np.maximum(idx, 0)]).tolist()
 
 
 @dataclass(frozen=True)

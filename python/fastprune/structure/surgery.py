@@ -128,7 +128,7 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[in
             t = _member_tensor(modules, mem)
             if t is None or (mem.role == "norm" and (not zero_norm or mem.attr not in ("weight", "bias", "running_mean"))):
                 continue
-            pos = np.flatnonzero(np.isin(np.asarray(mem.index), chans)).tolist()
+            pos = mem.positions(chans)
             if pos:
                 zeros.setdefault((mem.module, mem.attr), (modules[mem.module], []))[1].append((mem.dim, pos))
     seen: set[int] = set()
@@ -177,8 +177,9 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
         old = getattr(mod, mem.attr)
         value = replace.pop(name, old.detach())
         for dim, pos in dims.items():
-            keep = np.setdiff1d(np.arange(value.shape[dim]), np.fromiter(pos, dtype=np.int64))
-            value = value.index_select(dim, torch.from_numpy(keep).to(value.device))
+            keep = np.ones(value.shape[dim], dtype=bool)
+            keep[np.fromiter(pos, dtype=np.int64)] = False
+            value = value.index_select(dim, torch.from_numpy(np.flatnonzero(keep)).to(value.device))
         new_values.append((old, value))
     for name, value in replace.items():  # folded biases of layers that lose nothing themselves
         mname, _, attr = name.rpartition(".")
@@ -354,7 +355,7 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
         for gid, chans in candidates.items():
             for mem in by_id[gid].members:
                 if mem.role == "in":
-                    pos = np.flatnonzero(np.isin(np.asarray(mem.index), chans)).tolist()
+                    pos = mem.positions(chans)
                     if pos:
                         need_np.setdefault(mem.module, set()).update(pos)
         need = {n: torch.tensor(sorted(p), dtype=torch.long) for n, p in need_np.items()}

@@ -117,18 +117,39 @@ class _Tracer(torch.fx.Tracer):
         return is_leaf(m, self._handled)
 
 
+def _meta_shape_prop_class() -> type:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    class MetaShapeProp(ShapeProp):
+        """Normalisation layers keep their input's shape: skip their (Python-decomposed, slow) meta
+        kernels."""
+
+        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+            mod = self.fetch_attr(target)
+            if isinstance(mod, _SAME_SHAPE) and args and isinstance(args[0], torch.Tensor):
+                return torch.empty_like(args[0])
+            return super().call_module(target, args, kwargs)
+
+    return MetaShapeProp
+
+
+_SAME_SHAPE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 def _propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Fill ``node.meta["tensor_meta"]``: on the meta device first (shapes only, no arithmetic:
     several times faster on a large model), on the real tensors when some op has no meta kernel."""
     from torch.fx.passes.shape_prop import ShapeProp
     from torch.nn.utils.stateless import _reparametrize_module
 
+    _MetaShapeProp = _meta_shape_prop_class()
+
     with torch.no_grad():
         try:
             meta = {k: torch.empty_like(v, device="meta")
                     for k, v in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
             with _reparametrize_module(gm, meta, tie_weights=True):
-                ShapeProp(gm).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
+                _MetaShapeProp(gm).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
             return
         except Exception:  # noqa: BLE001 - no meta kernel, data-dependent code...: run it for real
             pass
