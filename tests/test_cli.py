@@ -61,8 +61,22 @@ def test_prune_command_errors_are_clear(user_model):
         main(["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"])
 
 
+def test_prune_command_structured(user_model, capsys):
+    out = user_model / "slim.pt"
+    with pytest.raises(SystemExit, match="--input-shape"):
+        main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)])
+    assert main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "--input-shape", "2,8",
+                 "-o", str(out)]) == 0
+    assert "50.0% of the removable channels removed" in capsys.readouterr().out
+    import usermodels
+
+    model = fastprune.load_pruned(usermodels.make(), torch.load(out, weights_only=True))
+    assert model[0].out_features == 8 and model[2].in_features == 8
+
+
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "magnitude one-shot + retrain" in printed and "iterative" in printed
+    assert "50 % channels removed" in printed and "faster" in printed
     assert (tmp_path / "demo_accuracy.png").stat().st_size > 0

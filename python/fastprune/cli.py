@@ -158,6 +158,10 @@ def _plot_demo(path: str, dense_acc: float, curves: dict[str, list[tuple[float, 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import fastprune
+    from fastprune.config import get_method
+
+    args.scope_given = args.scope is not None
+    args.scope = args.scope or "global"
 
     model = _load_factory(args.model)
     if args.weights:
@@ -167,6 +171,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise SystemExit(f"fastprune: cannot load weights {args.weights!r}: {e}") from e
         fastprune.load_pruned(model, state)
     kwargs = {"sparsity": args.sparsity, "scope": args.scope}
+    structured = args.method in fastprune.method_names() and get_method(args.method).config_cls is fastprune.ChannelConfig
+    if structured:
+        if not args.input_shape:
+            raise SystemExit(f"fastprune: method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)")
+        kwargs["example_inputs"] = torch.randn(*args.input_shape)
+        kwargs["scope"] = args.scope if args.scope_given else "layer"
     if args.include:
         kwargs["include"] = args.include
     if args.exclude:
@@ -175,7 +185,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = fastprune.prune(model, args.method, **kwargs)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"fastprune: {e}") from e
-    print(fastprune.sparsity_report(model))
+    if structured:
+        x = kwargs["example_inputs"]
+        macs, params = fastprune.count(model, x)
+        print(f"{plan.method}: {plan.achieved_sparsity:.1%} of the removable channels removed; now {params} parameters, "
+              f"{macs} MACs for input {tuple(x.shape)}")
+    else:
+        print(fastprune.sparsity_report(model))
     if args.finalize:
         fastprune.finalize(model)
     torch.save(model.state_dict(), args.output)
@@ -197,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="package.module:factory returning the nn.Module")
     q.add_argument("--method", default="magnitude")
     q.add_argument("--sparsity", type=float, required=True)
-    q.add_argument("--scope", choices=["global", "layer"], default="global")
+    q.add_argument("--scope", choices=["global", "layer"], default=None,
+                   help="global (default for weight pruning) or layer (default for channel methods)")
+    q.add_argument("--input-shape", type=lambda v: [int(t) for t in v.split(",")],
+                   help="example input shape for channel (structured) methods, e.g. 1,3,224,224")
     q.add_argument("--include", nargs="*", help="module names or glob patterns")
     q.add_argument("--exclude", nargs="*", help="module names or glob patterns")
     q.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
