@@ -20,7 +20,12 @@ $(PY):
 
 $(DEPS): constraints.txt pyproject.toml | $(PY)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt numpy tqdm pytest hypothesis scikit-build-core ninja cmake scikit-learn matplotlib
+	$(PIP) install -q -c constraints.txt numpy tqdm pytest hypothesis scikit-build-core ninja cmake scikit-learn matplotlib transformers
+	touch $@
+
+BENCH_DEPS := $(VENV)/.bench-deps-installed
+$(BENCH_DEPS): $(DEPS)
+	$(PIP) install -q -c constraints.txt torch-pruning
 	touch $@
 
 $(BUILT): $(DEPS) $(NATIVE_SOURCES)
@@ -39,11 +44,12 @@ test: $(BUILT)
 cuda-check: $(DEPS)
 	PY=$(PY) bash tools/cuda_check.sh
 
-bench: $(BUILT)
+bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/bench_woodbury.py
 	$(PY) benchmarks/bench_woodfisher.py
 	$(PY) benchmarks/quality_magnitude.py
 	$(PY) benchmarks/quality_woodfisher.py
+	$(PY) benchmarks/bench_structured.py
 
 clean:
 	rm -rf build $(VENV)

@@ -7,7 +7,14 @@ behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
 
 from fastprune import data, models, ops, reference, schedules, structure, train
 from fastprune.api import Pruner, prune
-from fastprune.config import ChannelConfig, FisherDiagConfig, MagnitudeConfig, WoodFisherConfig, method_names, register_method
+from fastprune.config import (
+    ChannelConfig,
+    FisherDiagConfig,
+    MagnitudeConfig,
+    WoodFisherConfig,
+    method_names,
+    register_method,
+)
 from fastprune.dropout import rescale_dropout
 from fastprune.fisher import FisherInverse
 from fastprune.masks import finalize, load_pruned

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastprune._modes import eval_mode
+
 __all__ = ["FitHistory", "evaluate", "fit"]
 
 
@@ -82,11 +84,9 @@ def fit(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy (a fraction) of ``model`` in eval mode; restores its training flag."""
-    was_training = model.training
-    model.eval()
     correct, count = 0, 0
-    for x, y in loader:
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        count += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            count += len(y)
     return correct / count if count else float("nan")

@@ -82,3 +82,44 @@ def test_onnx_export(tmp_path) -> None:  # pragma: no cover - optional dependenc
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_bert_heads_and_ffn(sparsity: float) -> None:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+
+    class LastHidden(torch.nn.Module):  # a training-mode wrapper around an eval BERT: modes must survive
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = BertModel(cfg).eval()
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.bert(input_ids=ids).last_hidden_state
+
+    model = LastHidden()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    groups = fastprune.find_groups(model, ids)
+    heads = [g for g in groups if any(m.module.endswith("attention.self.query") for m in g.producers)]
+    ffn = [g for g in groups if any(m.module.endswith("intermediate.dense") for m in g.producers)]
+    assert len(heads) == 2 and all(g.channels == 4 for g in heads) and len(ffn) == 2
+    masked, comp = copy.deepcopy(model), copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=sparsity, example_inputs=ids, mode="mask")
+    fastprune.prune(comp, "l1_filter", sparsity=sparsity, example_inputs=ids)
+    assert comp.training and not comp.bert.training  # per-module training flags kept
+    att = comp.bert.encoder.layer[0].attention.self
+    kept = 4 - int(sparsity * 4)
+    assert att.num_attention_heads == kept and att.all_head_size == kept * 16
+    ids2 = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, out = masked(ids2), comp(ids2)
+    assert _rel_diff(ref, out) <= 1e-5
+    fresh = LastHidden()
+    fastprune.load_pruned(fresh, comp.state_dict())
+    assert fresh.bert.encoder.layer[0].attention.self.num_attention_heads == kept
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids2), out)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from fastprune._modes import restore_modes, training_flags
 from fastprune.fisher import FisherInverse
 from fastprune.masks import ParamRef, effective_weight, is_pruned
 
@@ -132,7 +133,7 @@ def collect_fisher(
     diag = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
     rows_per_chunk = max(1, max_chunk_floats // max(d_total, 1))
     seen = 0
-    was_training = model.training
+    flags = training_flags(model)
     model.eval()
     bar = tqdm(total=num_grads, desc="gradients", unit="grad", disable=not progress, leave=False)
     try:
@@ -163,7 +164,7 @@ def collect_fisher(
                 bar.update(k)
     finally:
         bar.close()
-        model.train(was_training)
+        restore_modes(flags)
     if seen == 0:
         raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
     fdiag = [x / num_grads for x in diag]

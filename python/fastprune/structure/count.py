@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastprune._modes import eval_mode
 from fastprune.structure.groups import _as_inputs
 
 __all__ = ["count"]
@@ -18,11 +19,6 @@ def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
     convolutions and attention; flops / 2) and the number of parameters (tied ones once).
     Runs in eval mode; the training flag is restored."""
     inputs = _as_inputs(example_inputs)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*inputs)
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*inputs)
     return int(fc.get_total_flops()) // 2, sum(p.numel() for p in model.parameters())

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastprune._modes import eval_mode
 from fastprune.structure import handlers as H
 from fastprune.structure.trace import Graph, Ref, trace
 
@@ -331,17 +332,14 @@ def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str]
             message says why, naming the failing code where torch does.
     """
     inputs = _as_inputs(example_inputs)
-    was_training = model.training
-    model.eval()
     try:
-        graph = trace(model, inputs, H.is_handled)
-        an = analyse(model, graph)
+        with eval_mode(model):
+            graph = trace(model, inputs, H.is_handled)
+            an = analyse(model, graph)
     except RuntimeError as e:
         if "shape" in str(e) or "size" in str(e) or "channels" in str(e):
             raise ValueError(f"example_inputs do not fit the model: {e}") from e
         raise
-    finally:
-        model.train(was_training)
     groups = _groups_from(an)
     inc = [include] if isinstance(include, str) else include
     exc = [exclude] if isinstance(exclude, str) else exclude

@@ -522,11 +522,37 @@ def _permute(an: Any, node: Node, lay: Layout, xs: torch.Size, out: Any, where: 
 
 
 # ------------------------------------------------------------------------------ attention
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where a multi-head attention module keeps its projections: ``q``/``k``/``v`` (and ``out``,
+    or None when the output projection lives outside the module) are Linear attribute names, ``heads``
+    and ``head_dim`` the attributes holding H and D; ``self_only``: one input feeds q, k and v."""
+
+    q: str
+    k: str
+    v: str
+    out: str | None
+    heads: str
+    head_dim: str
+    self_only: bool = False
+
+
+HEAD_SPECS: dict[type, HeadSpec] = {}
+
+
+def head_spec(module: nn.Module) -> HeadSpec | None:
+    return _lookup(HEAD_SPECS, module)
+
+
 def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: dict) -> list:
-    q_in = _arg(node, 0, "query")
-    k_in = _arg(node, 1, "key") or q_in
-    v_in = _arg(node, 2, "value") or k_in
-    for proj, inp in (("q_proj", q_in), ("k_proj", k_in), ("v_proj", v_in)):
+    spec = head_spec(m)
+    if spec.self_only:
+        q_in = k_in = v_in = _arg(node, 0, "hidden_states")
+    else:
+        q_in = _arg(node, 0, "query")
+        k_in = _arg(node, 1, "key") or q_in
+        v_in = _arg(node, 2, "value") or k_in
+    for proj, inp in ((spec.q, q_in), (spec.k, k_in), (spec.v, v_in)):
         lay = layouts.get(inp) if isinstance(inp, Ref) else None
         shape = graph.shape_of(inp) if isinstance(inp, Ref) else None
         if lay is None:
@@ -535,26 +561,44 @@ def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: di
             an.slot(f"{name}.{proj}", "weight", 1, "in", like=lay.ids)
         else:
             an.pin(lay.ids, name, "attention input channels not on the last dimension")
-    # one element per head: every row of a head (in q, k and v) and its out_proj columns go together
-    rows = np.repeat(an.new(m.num_heads), m.head_dim)
-    for proj in ("q_proj", "k_proj", "v_proj"):
+    # one element per head: every row of a head (in q, k and v) and its output columns go together
+    rows = np.repeat(an.new(getattr(m, spec.heads)), getattr(m, spec.head_dim))
+    for proj in (spec.q, spec.k, spec.v):
         an.unify(_out_slot(an, f"{name}.{proj}", getattr(m, proj), 0), rows)
-    an.slot(f"{name}.out_proj", "weight", 1, "in", like=rows)
-    out_ids = _out_slot(an, f"{name}.out_proj", m.out_proj, 0)
     shapes = node.shapes
     first = shapes[0] if _multi(shapes) else shapes
     nd = len(first) if isinstance(first, torch.Size) else 3
+    if spec.out is None:  # the heads' concatenated context leaves the module
+        return [Layout(nd - 1, rows), None]
+    an.slot(f"{name}.{spec.out}", "weight", 1, "in", like=rows)
+    out_ids = _out_slot(an, f"{name}.{spec.out}", getattr(m, spec.out), 0)
     return [Layout(nd - 1, out_ids), None]
 
 
 def _attention_fixup(m: Any, before: dict[str, Any]) -> None:  # noqa: ARG001
-    m.num_heads = m.q_proj.weight.shape[0] // m.head_dim
+    spec = head_spec(m)
+    d = getattr(m, spec.head_dim)
+    setattr(m, spec.heads, getattr(m, spec.q).weight.shape[0] // d)
+    if hasattr(m, "all_head_size"):
+        m.all_head_size = getattr(m, spec.heads) * d
+
+
+def register_attention(cls: type, spec: HeadSpec) -> None:
+    """Teach the analysis a multi-head attention class whose heads can be pruned."""
+    HEAD_SPECS[cls] = spec
+    register_handler(cls, _attention, _attention_fixup)
 
 
 def _register_attention() -> None:
     from fastprune.nn.attention import MultiheadSelfAttention
 
-    register_handler(MultiheadSelfAttention, _attention, _attention_fixup)
+    register_attention(MultiheadSelfAttention, HeadSpec("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim"))
+    try:  # HuggingFace BERT-style self-attention (separate query/key/value Linears)
+        from transformers.models.bert.modeling_bert import BertSelfAttention
+    except Exception:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads
+        return
+    register_attention(BertSelfAttention, HeadSpec("query", "key", "value", None, "num_attention_heads",
+                                                   "attention_head_size", self_only=True))
 
 
 _register_attention()

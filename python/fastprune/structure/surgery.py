@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from fastprune._modes import restore_modes, training_flags
 from fastprune.masks import finalize, is_pruned
 from fastprune.structure import handlers as H
 from fastprune.structure.groups import Group, Member, _as_inputs, find_groups
@@ -323,7 +324,7 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
     inputs = _as_inputs(example_inputs)
     report = CompactionReport(params_before=_num_params(model))
     finalize(model)
-    was_training = model.training
+    flags = training_flags(model)
     model.eval()
     try:
         if groups is None:
@@ -441,6 +442,6 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
                 after = model(*inputs)
             report.max_abs_diff = _max_diff(before, after)
     finally:
-        model.train(was_training)
+        restore_modes(flags)
     report.params_after = _num_params(model)
     return report

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from fastprune.structure import handlers as H
 from fastprune.structure.trace import Ref
 
 __all__ = ["zero_consumers"]
@@ -72,17 +73,23 @@ def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[
             x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
             if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
                 note(node.target, x)
-            elif type(mod).__name__ == "MultiheadSelfAttention":
-                q = node.args[0] if node.args else node.kwargs.get("query")
-                k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
-                v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
-                for proj, inp in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+            elif (spec := H.head_spec(mod)) is not None:
+                if spec.self_only:
+                    q = k = v = x
+                else:
+                    q = node.args[0] if node.args else node.kwargs.get("query")
+                    k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
+                    v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
+                for proj, inp in ((spec.q, q), (spec.k, k), (spec.v, v)):
                     note(f"{node.target}.{proj}", inp)
                 # a removed head's v rows are zero: its context softmax(.) @ v is zero where v's bias is
-                vb = mod.v_proj.bias
-                dead = ~mod.v_proj.weight.detach().ne(0).any(1)
-                ok = vb is None or not bool(vb.detach()[dead].any())
-                seen_by.setdefault(f"{node.target}.out_proj", []).append(ok)
+                vproj = getattr(mod, spec.v)
+                dead = ~vproj.weight.detach().ne(0).any(1)
+                ok = vproj.bias is None or not bool(vproj.bias.detach()[dead].any())
+                if spec.out is not None:
+                    seen_by.setdefault(f"{node.target}.{spec.out}", []).append(ok)
+                elif ok and layouts.get(Ref(i, 0)) is not None:
+                    Z[Ref(i, 0)] = _roots_of(layouts[Ref(i, 0)], root) & zero_roots
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 # BN(0) = beta - gamma * mean / sigma: zero where beta = 0 and gamma or mean = 0
                 lay = layouts.get(ref)
@@ -98,10 +105,12 @@ def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[
                 if lay is not None:
                     Z[ref] = _zero_roots_of(getattr(mod, "bias", None), lay.ids, root, _roots_of(lay, root) & zero_roots)
                 continue
-            if type(mod).__name__ == "MultiheadSelfAttention":
+            spec = H.head_spec(mod)
+            if spec is not None and spec.out is not None:
                 lay = layouts.get(Ref(i, 0))
                 if lay is not None:
-                    Z[Ref(i, 0)] = _zero_roots_of(mod.out_proj.bias, lay.ids, root, _roots_of(lay, root) & zero_roots)
+                    Z[Ref(i, 0)] = _zero_roots_of(getattr(mod, spec.out).bias, lay.ids, root,
+                                                  _roots_of(lay, root) & zero_roots)
             continue
         name = node.target
         ins = [a for a in (*node.args, *node.kwargs.values())]
