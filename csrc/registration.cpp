@@ -1,5 +1,6 @@
 // The only TORCH_LIBRARY of fastprune: every schema in one place. Implementations register
-// themselves with TORCH_LIBRARY_IMPL in the file that defines them (woodbury/woodbury_cpu.cpp, ...).
+// themselves with TORCH_LIBRARY_IMPL in the file that defines them (woodbury/woodbury_cpu.cpp,
+// sparse/sparse_cpu.cpp, ...).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,6 +12,12 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("woodbury_update_(Tensor(a!) finv, Tensor grads, float num_samples) -> ()");
   // Block-diagonal inverse of F = damp I + (1/N) sum_n g_n g_n^T for grads (N, d): (ceil(d/B), B, B).
   m.def("woodbury_inverse_fisher(Tensor grads, int block_size, float damp) -> Tensor");
+  // CSR packing of a 2-D weight (out, in), zeros dropped: (row_ptr int32 (out + 1), col_idx int16 when
+  // in <= 65536 (read as uint16) else int32 (nnz), values (nnz)). See sparse/sparse_core.h.
+  m.def("pack_sparse(Tensor weight) -> (Tensor, Tensor, Tensor)");
+  // act(input @ W^T + bias) for W in pack_sparse's form: input (..., in_features) -> (..., out).
+  m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int in_features, "
+        "Tensor? bias=None, bool relu=False) -> Tensor");
 }
 
 // The shared object is a Python extension only so that `import fastprune._C` loads it; the ops are

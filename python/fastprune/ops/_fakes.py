@@ -17,3 +17,20 @@ def _woodbury_inverse_fisher_fake(grads: torch.Tensor, block_size: int, damp: fl
 @torch.library.register_fake("fastprune::woodbury_update_")
 def _woodbury_update_fake(finv: torch.Tensor, grads: torch.Tensor, num_samples: float) -> None:
     torch._check(finv.dim() == 3 and grads.dim() == 2, lambda: "finv must be 3-D and grads 2-D")
+
+
+@torch.library.register_fake("fastprune::pack_sparse")
+def _pack_sparse_fake(weight: torch.Tensor):
+    torch._check(weight.dim() == 2, lambda: "weight must be 2-D")
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    col_dtype = torch.int16 if weight.shape[1] <= 65536 else torch.int32
+    return (weight.new_empty((weight.shape[0] + 1,), dtype=torch.int32), weight.new_empty((nnz,), dtype=col_dtype),
+            weight.new_empty((nnz,)))
+
+
+@torch.library.register_fake("fastprune::sparse_linear")
+def _sparse_linear_fake(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                        in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    torch._check(input.shape[-1] == in_features, lambda: "input's last dimension must be in_features")
+    torch._check(values.dtype == input.dtype, lambda: "values and input must share a dtype")
+    return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))

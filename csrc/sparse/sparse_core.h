@@ -1,0 +1,55 @@
+// Index math of the CSR sparse ops, shared by the CPU loops and the CUDA kernels.
+//
+// Packed format (pack_sparse): a weight (O, K) becomes
+//   row_ptr (O + 1) int32: the nonzeros of row o are k in [row_ptr[o], row_ptr[o + 1]);
+//   col_idx (nnz) int16 when K <= 65536 (read as uint16: batch-1 products are memory-bound and
+//           16-bit columns cut the bytes per nonzero from 8 to 6), else int32;
+//   values  (nnz) the weight's dtype.
+// For a convolution the K columns index the flattened (C / groups, kh, kw) filter, a
+// shape-independent form; the conv kernels derive input offsets from it per input geometry.
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace fastprune {
+namespace sparse {
+
+// Largest K whose columns fit the 16-bit form.
+constexpr int64_t kNarrowMaxK = 65536;
+
+FP_HOST_DEVICE inline int64_t col_at(const void* col, bool wide, int64_t k) {
+  return wide ? static_cast<int64_t>(static_cast<const int32_t*>(col)[k])
+              : static_cast<int64_t>(static_cast<const uint16_t*>(col)[k]);
+}
+
+// Partial dot product of CSR row r with x over the nonzeros k = row_ptr[r] + lane, + nlanes, ...
+// (lane 0 of 1 on the CPU; one lane per thread of a warp on the GPU). Columns >= K read x[K - 1]
+// (and negative ones) and set *bad (the caller reports the packed weight as made for another shape).
+template <typename T, typename Acc>
+FP_HOST_DEVICE inline Acc csr_partial_dot(const int32_t* row_ptr, const void* col, bool wide, const T* val,
+                                          const T* x, int64_t x_stride, int64_t K, int64_t r, int64_t lane,
+                                          int64_t nlanes, bool* bad) {
+  Acc acc = Acc(0);
+  const int64_t k1 = row_ptr[r + 1];
+  for (int64_t k = row_ptr[r] + lane; k < k1; k += nlanes) {
+    int64_t c = col_at(col, wide, k);
+    if (c >= K || c < 0) {
+      *bad = true;
+      c = K - 1;
+    }
+    acc += static_cast<Acc>(val[k]) * static_cast<Acc>(x[c * x_stride]);
+  }
+  return acc;
+}
+
+// Bias and the optional fused ReLU applied to one output.
+template <typename Acc>
+FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_t r, bool relu) {
+  if (bias_or_null != nullptr) acc += bias_or_null[r];
+  return (relu && acc < Acc(0)) ? Acc(0) : acc;
+}
+
+}  // namespace sparse
+}  // namespace fastprune

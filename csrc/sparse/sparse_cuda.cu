@@ -1,0 +1,81 @@
+// CUDA implementation of the sparse ops: indexing and launches only. The per-row arithmetic
+// (csr_partial_dot, finish_output) comes from sparse_core.h, shared with the CPU loops: one warp
+// per (row, sample), each lane summing a strided share of the row's nonzeros (Sputnik's 1-D row
+// tiling), then a warp reduction. Packing uses ATen (nonzero, cumsum), as the CPU result's layout.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sparse/sparse.h"
+#include "sparse/sparse_core.h"
+
+namespace fastprune {
+namespace sparse {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+template <typename T>
+__global__ void sparse_linear_kernel(const int32_t* __restrict__ row_ptr, const void* __restrict__ col, bool wide,
+                                     const T* __restrict__ val, const T* __restrict__ x, int64_t K, int64_t n,
+                                     int64_t O, const T* __restrict__ bias, bool relu, T* __restrict__ y,
+                                     int* __restrict__ bad_flag) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int64_t total = O * n;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t w = warp; w < total; w += warps) {
+    const int64_t r = w % O, j = w / O;
+    bool bad = false;
+    T acc = csr_partial_dot<T, T>(row_ptr, col, wide, val, x + j * K, 1, K, r, lane, 32, &bad);
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (bad) atomicOr(bad_flag, 1);
+    if (lane == 0) y[j * O + r] = finish_output<T>(acc, bias, r, relu);
+  }
+}
+
+at::Tensor sparse_linear_cuda(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_in,
+                              const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias_in,
+                              bool relu) {
+  const int64_t O = check_sparse_linear_inputs(input, row_ptr, col_in, values, in_features, bias_in);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t K = in_features, n = input.numel() / K;
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = O;
+  at::Tensor out = at::empty({n, O}, input.options());
+  if (n == 0 || O == 0) return out.reshape(out_shape);
+  const at::Tensor x = input.reshape({n, K}).contiguous(), rp = row_ptr.contiguous(), col = col_in.contiguous(),
+                   v = values.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  at::Tensor bad = at::zeros({1}, input.options().dtype(at::kInt));
+  const int64_t warps = O * n;
+  const int threads = 32 * kWarpsPerBlock;
+  const int blocks = static_cast<int>(std::min<int64_t>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock, 65535));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_linear_cuda", [&] {
+    sparse_linear_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rp.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == at::kInt, v.const_data_ptr<scalar_t>(),
+        x.const_data_ptr<scalar_t>(), K, n, O, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, relu,
+        out.data_ptr<scalar_t>(), bad.data_ptr<int>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(bad.item<int>() == 0, "sparse_linear: col_idx holds a column outside [0, ", K,
+              "): the packed weight was made for a different shape");
+  return out.reshape(out_shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor& weight) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return pack_sparse_composite(weight);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
+  m.impl("pack_sparse", &pack_sparse_cuda);
+  m.impl("sparse_linear", &sparse_linear_cuda);
+}
+
+}  // namespace sparse
+}  // namespace fastprune

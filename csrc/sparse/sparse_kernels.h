@@ -1,0 +1,42 @@
+// Per-ISA float32 copies of the CSR product loops (sparse_kernels_<isa>.cpp, each compiled with its
+// own -m flags); sparse_kernels(isa) returns the table for the ISA chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu_features.h"
+#include "sparse/sparse_core.h"
+
+namespace fastprune {
+namespace sparse {
+
+struct SparseKernels {
+  // Rows [r0, r1) of y = act(W x + b) for one sample: x (K), y (O). Gathers x at the columns.
+  void (*spmv)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* x, int64_t K,
+               const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
+  // Rows [r0, r1) of Y = act(W X + b) for n samples, vectorised along the samples:
+  // xt (K, n) row stride ldx (the input transposed), y (n, O) row stride ldy.
+  void (*spmm)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* xt, int64_t ldx,
+               int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
+               bool* bad);
+  const char* name;
+};
+
+const SparseKernels& sparse_kernels(Isa isa);
+
+// A zero-padded per-thread copy of x (K floats) of kNarrowMaxK entries: with 16-bit columns every
+// index the type can hold is in bounds, so the gather loops need no range checks. Defined in
+// sparse_cpu.cpp (baseline flags: shared by every ISA copy).
+const float* padded_copy(const float* x, int64_t K);
+
+namespace scalar { extern const SparseKernels kKernels; }
+namespace avx2 {
+extern const SparseKernels kKernels;
+// Also the AVX-512 table's single-sample loop: on Zen 4, 8-wide gathers beat 16-wide ones.
+void spmv(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* x, int64_t K,
+          const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
+}
+namespace avx512 { extern const SparseKernels kKernels; }
+
+}  // namespace sparse
+}  // namespace fastprune

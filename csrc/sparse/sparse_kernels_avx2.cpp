@@ -1,0 +1,156 @@
+// AVX2 copy of the CSR loops: 8-wide gathers for one sample, 8 samples per vector otherwise.
+#include <immintrin.h>
+
+#include "sparse/sparse_core.h"
+#include "sparse/sparse_kernels.h"
+
+namespace fastprune {
+namespace sparse {
+namespace avx2 {
+namespace {
+
+inline __m256i load_cols(const void* col, bool wide, int64_t k) {
+  if (wide) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const int32_t*>(col) + k));
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(col) + k)));
+}
+
+// nonzeros ahead of the current one at which the value/column streams are prefetched
+constexpr int64_t kPrefetch = 2048;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16-bit columns: x is read from a zero-padded copy of 65536 floats, so every column the type can
+// hold is in bounds and the loop needs no range checks (the caller checks the columns once).
+void spmv16(const int32_t* rp, const uint16_t* col, const float* val, const float* xpad, const float* bias,
+            bool relu, int64_t r0, int64_t r1, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t k = rp[r];
+    const int64_t k1 = rp[r + 1];
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; k + 32 <= k1; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch + 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetch), _MM_HINT_T0);
+      const __m256i i0 = load_cols(col, false, k), i1 = load_cols(col, false, k + 8);
+      const __m256i i2 = load_cols(col, false, k + 16), i3 = load_cols(col, false, k + 24);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xpad, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(xpad, i1, 4), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), _mm256_i32gather_ps(xpad, i2, 4), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), _mm256_i32gather_ps(xpad, i3, 4), a3);
+    }
+    for (; k + 8 <= k1; k += 8) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xpad, load_cols(col, false, k), 4), a0);
+    }
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < k1; ++k) acc += val[k] * xpad[col[k]];
+    y[r] = finish_output<float>(acc, bias, r, relu);
+  }
+}
+
+void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
+          int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
+  alignas(32) float out[8];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t k0 = rp[r], k1 = rp[r + 1];
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t w = n - j0 < 8 ? n - j0 : 8;
+      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4) {
+        int64_t c[4];
+        for (int q = 0; q < 4; ++q) {
+          c[q] = col_at(col, wide, k + q);
+          if (c[q] >= K || c[q] < 0) {
+            *bad = true;
+            c[q] = K - 1;
+          }
+        }
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(val[k]), _mm256_maskload_ps(xt + c[0] * ldx + j0, m), a0);
+        a1 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 1]), _mm256_maskload_ps(xt + c[1] * ldx + j0, m), a1);
+        a2 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 2]), _mm256_maskload_ps(xt + c[2] * ldx + j0, m), a2);
+        a3 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 3]), _mm256_maskload_ps(xt + c[3] * ldx + j0, m), a3);
+      }
+      for (; k < k1; ++k) {
+        int64_t c = col_at(col, wide, k);
+        if (c >= K || c < 0) {
+          *bad = true;
+          c = K - 1;
+        }
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(val[k]), _mm256_maskload_ps(xt + c * ldx + j0, m), a0);
+      }
+      _mm256_store_ps(out, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (int64_t j = 0; j < w; ++j) y[(j0 + j) * ldy + r] = finish_output<float>(out[j], bias, r, relu);
+    }
+  }
+}
+
+}  // namespace
+
+void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const float* x, int64_t K,
+          const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
+  if (!wide) {
+    spmv16(rp, static_cast<const uint16_t*>(col), val, padded_copy(x, K), bias, relu, r0, r1, y);
+    return;
+  }
+  // columns are compared as signed 32-bit: K < 2^31 (checked), so any wrapped value is >= K too
+  const __m256i kmax = _mm256_set1_epi32(static_cast<int32_t>(K - 1));
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i badv = zero;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t k = rp[r];
+    const int64_t k1 = rp[r + 1];
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    // four independent gathers in flight per step
+    for (; k + 32 <= k1; k += 32) {
+      // the value and column streams are read once: fetch them ahead of the gathers
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch + 16), _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(col) + (k + kPrefetch) * (wide ? 4 : 2), _MM_HINT_T0);
+      __m256i i0 = load_cols(col, wide, k), i1 = load_cols(col, wide, k + 8);
+      __m256i i2 = load_cols(col, wide, k + 16), i3 = load_cols(col, wide, k + 24);
+      const __m256i hi = _mm256_or_si256(_mm256_or_si256(_mm256_cmpgt_epi32(i0, kmax), _mm256_cmpgt_epi32(i1, kmax)),
+                                         _mm256_or_si256(_mm256_cmpgt_epi32(i2, kmax), _mm256_cmpgt_epi32(i3, kmax)));
+      const __m256i lo = _mm256_or_si256(_mm256_or_si256(_mm256_cmpgt_epi32(zero, i0), _mm256_cmpgt_epi32(zero, i1)),
+                                         _mm256_or_si256(_mm256_cmpgt_epi32(zero, i2), _mm256_cmpgt_epi32(zero, i3)));
+      badv = _mm256_or_si256(badv, _mm256_or_si256(hi, lo));
+      i0 = _mm256_max_epi32(_mm256_min_epi32(i0, kmax), zero);
+      i1 = _mm256_max_epi32(_mm256_min_epi32(i1, kmax), zero);
+      i2 = _mm256_max_epi32(_mm256_min_epi32(i2, kmax), zero);
+      i3 = _mm256_max_epi32(_mm256_min_epi32(i3, kmax), zero);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), _mm256_i32gather_ps(x, i2, 4), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), _mm256_i32gather_ps(x, i3, 4), a3);
+    }
+    for (; k + 8 <= k1; k += 8) {
+      __m256i i0 = load_cols(col, wide, k);
+      badv = _mm256_or_si256(badv, _mm256_or_si256(_mm256_cmpgt_epi32(i0, kmax), _mm256_cmpgt_epi32(zero, i0)));
+      i0 = _mm256_max_epi32(_mm256_min_epi32(i0, kmax), zero);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+    }
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < k1; ++k) {
+      int64_t c = col_at(col, wide, k);
+      if (c >= K || c < 0) {
+        *bad = true;
+        c = K - 1;
+      }
+      acc += val[k] * x[c];
+    }
+    y[r] = finish_output<float>(acc, bias, r, relu);
+  }
+  if (!_mm256_testz_si256(badv, badv)) *bad = true;
+}
+
+const SparseKernels kKernels = {spmv, spmm, "avx2"};
+
+}  // namespace avx2
+}  // namespace sparse
+}  // namespace fastprune

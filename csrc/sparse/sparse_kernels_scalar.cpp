@@ -1,0 +1,34 @@
+// Portable copy of the CSR loops (also the reference for the vector copies' tails).
+#include "sparse/sparse_core.h"
+#include "sparse/sparse_kernels.h"
+
+namespace fastprune {
+namespace sparse {
+namespace scalar {
+namespace {
+
+void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const float* x, int64_t K,
+          const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float acc = csr_partial_dot<float, float>(rp, col, wide, val, x, 1, K, r, 0, 1, bad);
+    y[r] = finish_output<float>(acc, bias, r, relu);
+  }
+}
+
+void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
+          int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float acc = csr_partial_dot<float, float>(rp, col, wide, val, xt + j, ldx, K, r, 0, 1, bad);
+      y[j * ldy + r] = finish_output<float>(acc, bias, r, relu);
+    }
+  }
+}
+
+}  // namespace
+
+const SparseKernels kKernels = {spmv, spmm, "scalar"};
+
+}  // namespace scalar
+}  // namespace sparse
+}  // namespace fastprune

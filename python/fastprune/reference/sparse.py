@@ -1,0 +1,25 @@
+"""Plain-PyTorch twins of the sparse ops (the test oracle): dense arithmetic on the unpacked weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pack_sparse", "sparse_linear"]
+
+
+def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR of ``weight``: the nonzeros in row-major order, rows delimited by a prefix sum."""
+    w = weight.detach()
+    nz = w != 0
+    row_ptr = torch.cat([w.new_zeros(1, dtype=torch.long), nz.sum(1).cumsum(0)]).to(torch.int32)
+    col_dtype = torch.int16 if w.shape[1] <= 65536 else torch.int32
+    return row_ptr, nz.nonzero()[:, 1].to(col_dtype), w[nz]
+
+
+def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    from fastprune.ops.sparse import unpack_sparse
+
+    y = F.linear(input, unpack_sparse(row_ptr, col_idx, values, in_features), bias)
+    return torch.relu(y) if relu else y

@@ -1,0 +1,141 @@
+"""pack_sparse and sparse_linear against their plain-PyTorch references (fastprune.reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastprune import ops, reference
+
+
+def _sparse_weight(out: int, inp: int, density: float, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g, dtype=dtype)
+    return w * (torch.rand(out, inp, generator=g) < density).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (37, 53), (0, 5), (4, 0), (3, 70000)])
+def test_pack_matches_reference(dtype, shape):
+    w = _sparse_weight(*shape, 0.3 if shape != (3, 70000) else 0.001, dtype)
+    if shape == (7, 13):
+        w[2] = 0  # an empty row
+        w[4] = 1.5  # a dense row
+    got = ops.pack_sparse(w)
+    want = reference.pack_sparse(w)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[1].dtype == (torch.int32 if shape[1] > 65536 else torch.int16)
+    torch.testing.assert_close(ops.unpack_sparse(*got, shape[1]), w, rtol=0, atol=0)
+
+
+def test_pack_reads_non_contiguous_weights_and_wide_16_bit_columns():
+    w = _sparse_weight(60000, 5, 0.5).t()  # (5, 60000): columns above 32767 live in int16 as negatives
+    rp, col, val = ops.pack_sparse(w)
+    assert col.dtype == torch.int16 and bool((col < 0).any())
+    torch.testing.assert_close(ops.unpack_sparse(rp, col, val, 60000), w, rtol=0, atol=0)
+    x = torch.randn(2, 60000)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, col, val, 60000),
+                               reference.sparse_linear(x.double(), rp, col, val.double(), 60000).float(),
+                               rtol=1e-4, atol=1e-3)  # float32 sums of 30000 products
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [(), (1,), (3,), (2, 3), (17,), (0,)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+def test_sparse_linear_matches_reference(isa, dtype, batch, density):
+    out, inp = 29, 67
+    w = _sparse_weight(out, inp, density, dtype, seed=len(batch))
+    w[3] = 0
+    packed = ops.pack_sparse(w)
+    x = torch.randn(*batch, inp, dtype=dtype)
+    b = torch.randn(out, dtype=dtype)
+    for bias, relu in [(None, False), (b, True), (b, False)]:
+        got = ops.sparse_linear(x, *packed, inp, bias, relu)
+        want = reference.sparse_linear(x.double(), packed[0], packed[1], packed[2].double(), inp,
+                                       None if bias is None else bias.double(), relu)
+        assert got.shape == (*batch, out) and got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_sparse_linear_non_contiguous_input_and_wide_columns(isa):
+    inp = 70000
+    w = _sparse_weight(9, inp, 0.002)
+    packed = ops.pack_sparse(w)
+    assert packed[1].dtype == torch.int32
+    x = torch.randn(inp, 6).t()  # (6, inp), not contiguous
+    for n in (1, 6):
+        got = ops.sparse_linear(x[:n], *packed, inp)
+        torch.testing.assert_close(got.double(), x[:n].double() @ w.double().t(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_clear_errors():
+    w = _sparse_weight(5, 8, 0.5)
+    rp, col, val = ops.pack_sparse(w)
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.sparse_linear(torch.randn(2, 9), rp, col, val, 8)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.pack_sparse(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.pack_sparse(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.pack_sparse(torch.ones(2, 2, dtype=torch.int64))
+    # a packed weight from a different (wider) shape: a clear error from the wrapper; the native op
+    # never reads out of bounds (16-bit columns: a zero-padded copy of x; else range checks)
+    wide = ops.pack_sparse(_sparse_weight(5, 40, 0.9))
+    with pytest.raises(ValueError, match="different shape"):
+        ops.sparse_linear(torch.randn(3, 8), *wide, 8)
+    wide_w = _sparse_weight(5, 40, 0.9)
+    for name in ("scalar", "avx2", "avx512"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTPRUNE_ISA", name)
+            for n in (1, 3):
+                x8 = torch.randn(n, 8)
+                try:
+                    y = torch.ops.fastprune.sparse_linear(x8, *wide, 8, None, False)
+                except RuntimeError as e:
+                    assert "different shape" in str(e)
+                else:  # columns >= 8 read zeros: the result is the product with the first 8 columns
+                    torch.testing.assert_close(y, x8 @ wide_w[:, :8].t(), rtol=1e-5, atol=1e-5)
+    big = ops.pack_sparse(_sparse_weight(3, 70000, 0.01))
+    with pytest.raises(RuntimeError, match="different shape"):
+        torch.ops.fastprune.sparse_linear(torch.randn(1, 100), *big, 100, None, False)
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        torch.ops.fastprune.sparse_linear(x, rp[:-1].contiguous(), col, val, 8, None, False)
+    with pytest.raises(RuntimeError, match="values are Float, input is Double"):
+        torch.ops.fastprune.sparse_linear(x.double(), rp, col, val, 8, None, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.fastprune.sparse_linear(x, rp, col, val, 8, torch.randn(4), False)
+
+
+def test_opcheck():
+    for dtype, n in [(torch.float32, 1), (torch.float32, 5), (torch.float64, 2)]:
+        w = _sparse_weight(11, 19, 0.4, dtype)
+        packed = ops.pack_sparse(w)
+        x = torch.randn(n, 19, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(torch.ops.fastprune.sparse_linear, (x, *packed, 19, torch.randn(11, dtype=dtype), True))
+        torch.library.opcheck(torch.ops.fastprune.pack_sparse, (w,),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_input_gradient_and_no_weight_gradient():
+    w = _sparse_weight(6, 9, 0.5, torch.float64)
+    rp, col, val = ops.pack_sparse(w)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: ops.sparse_linear(x, rp, col, val, 9, b, True), (x, b))
+    with pytest.raises(RuntimeError, match="not supported"):
+        ops.sparse_linear(x, rp, col, val.clone().requires_grad_(), 9).sum().backward()
+
+
+def test_torch_compile_smoke():
+    w = _sparse_weight(8, 16, 0.3)
+    packed = ops.pack_sparse(w)
+
+    def f(x):
+        return torch.ops.fastprune.sparse_linear(x, *packed, 16, None, True) * 2
+
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
