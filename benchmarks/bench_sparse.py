@@ -1,4 +1,4 @@
-"""Sparse execution: fastprune's CSR kernels (pack_sparse + sparse_linear) against dense torch and
+"""Sparse execution: fastprune's CSR kernels (pack_sparse, sparse_linear, sparse_conv2d) against dense torch and
 torch's own CSR product, in one run.
 
 Linear 4096 -> 4096 (the issue's memory-bound case) and a ResNet-50 classifier-sized Linear
@@ -7,8 +7,10 @@ Linear 4096 -> 4096 (the issue's memory-bound case) and a ResNet-50 classifier-s
 the dense product, ratios dense / sparse. torch CSR is ``W_csr @ x^T`` (MKL sparse BLAS).
 Writes JSON, markdown and a PNG of speedup vs sparsity under benchmarks/results/.
 
-The sparse convolution kernels (sparse_conv2d) and the end-to-end ResNet-50-like model join this
-script with them.
+Conv layers of ResNet-50 (3x3 64->64 at 56^2, 3x3 256->256 at 14^2, 1x1 1024->256 at 14^2, 1x1
+512->2048 at 7^2) through sparse_conv2d against F.conv2d (oneDNN) and torch CSR (unfold + CSR mm),
+with the geometric mean over the four layers. The end-to-end ResNet-50-like model (sparsify) joins
+this script with the modules.
 
 Usage: python benchmarks/bench_sparse.py [--quick] [--threads 1 2]
 """
@@ -16,6 +18,7 @@ Usage: python benchmarks/bench_sparse.py [--quick] [--threads 1 2]
 from __future__ import annotations
 
 import argparse
+import math
 
 from harness import ensure_malloc_env
 
@@ -31,6 +34,19 @@ from fastprune import ops  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 SHAPES = {"linear 4096x4096": (4096, 4096), "linear 2048->1000": (1000, 2048)}
+# ResNet-50 conv layers: (in, out, kernel, input side, stride, padding)
+CONVS = {"3x3 64->64 @56": (64, 64, 3, 56, 1, 1), "3x3 256->256 @14": (256, 256, 3, 14, 1, 1),
+         "1x1 1024->256 @14": (1024, 256, 1, 14, 1, 0), "1x1 512->2048 @7": (512, 2048, 1, 7, 1, 0)}
+
+
+def torch_csr_conv(x: torch.Tensor, w_csr: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
+    """torch's own sparse path: unfold (im2col) + CSR matrix product."""
+    n, _, h, wd = x.shape
+    cols = F.unfold(x, k, padding=padding, stride=stride)  # (n, C*k*k, L)
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (wd + 2 * padding - k) // stride + 1
+    out = torch.stack([w_csr @ cols[i] for i in range(n)])
+    return out.reshape(n, -1, ho, wo)
 
 
 def magnitude_prune(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -77,9 +93,46 @@ def main() -> None:
                     rows.append([name, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
                                  f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
                     print(rows[-1], flush=True)
-    md = ("### sparse_linear vs dense F.linear and torch CSR (ms, medians; speedup = dense / sparse)\n\n"
+        conv_rows = []
+        for name, (c, o, k, side, stride, pad) in ({} if args.quick else CONVS).items():
+            dense_w = torch.randn(o, c, k, k) / (c * k * k) ** 0.5
+            for s in sparsities:
+                w = magnitude_prune(dense_w, s)
+                packed = ops.pack_sparse(w.flatten(1))
+                w_csr = w.flatten(1).to_sparse_csr()
+                for b in batches:
+                    x = torch.randn(b, c, side, side)
+                    want = F.conv2d(x.double(), w.double(), None, stride, pad)
+                    got = ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad)
+                    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(torch_csr_conv(x, w_csr, k, stride, pad).double(), want, rtol=1e-4, atol=1e-4)
+                    t_dense = time_it(lambda: F.conv2d(x, w, None, stride, pad), args.min_run_time)
+                    t_ours = time_it(lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad), args.min_run_time)
+                    t_csr = time_it(lambda: torch_csr_conv(x, w_csr, k, stride, pad), args.min_run_time)
+                    rec = {"layer": name, "threads": threads, "batch": b, "sparsity": s, "dense_s": t_dense,
+                           "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
+                           "torch_csr_speedup": t_dense / t_csr, "col_dtype": str(packed[1].dtype)}
+                    out.append(rec)
+                    conv_rows.append(rec)
+                    rows.append([name, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
+                                 f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
+                    print(rows[-1], flush=True)
+    geo = []
+    for threads in args.threads:
+        for b in batches:
+            for s in sparsities:
+                pts = [r for r in out if r["threads"] == threads and r["batch"] == b and r["sparsity"] == s
+                       and r["layer"] in CONVS]
+                if pts:
+                    g = math.exp(sum(math.log(r["speedup"]) for r in pts) / len(pts))
+                    gc = math.exp(sum(math.log(r["torch_csr_speedup"]) for r in pts) / len(pts))
+                    geo.append([threads, b, f"{s:.0%}", f"{g:.2f}x", f"{gc:.2f}x"])
+    md = ("### sparse_linear / sparse_conv2d vs dense F.linear / F.conv2d and torch CSR (ms, medians; speedup = dense / sparse)\n\n"
           + markdown_table(["layer", "threads", "batch", "sparsity", "dense ms", "fastprune ms", "torch CSR ms",
                             "fastprune speedup", "torch CSR speedup"], rows) + "\n")
+    if geo:
+        md += ("\n### Geometric mean over the four ResNet-50 conv layers\n\n"
+               + markdown_table(["threads", "batch", "sparsity", "fastprune", "torch CSR"], geo) + "\n")
     print()
     print(md)
     tag = "sparse_quick" if args.quick else "sparse"

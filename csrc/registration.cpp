@@ -18,6 +18,11 @@ TORCH_LIBRARY(fastprune, m) {
   // act(input @ W^T + bias) for W in pack_sparse's form: input (..., in_features) -> (..., out).
   m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int in_features, "
         "Tensor? bias=None, bool relu=False) -> Tensor");
+  // Direct convolution with a packed filter: weight_shape = [out, in/groups, kh, kw], its columns the
+  // flattened (in/groups, kh, kw) taps. act(conv(input) + bias + residual): input (N, C, H, W).
+  m.def("sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int[] weight_shape, "
+        "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool relu=False, "
+        "Tensor? residual=None) -> Tensor");
 }
 
 // The shared object is a Python extension only so that `import fastprune._C` loads it; the ops are

@@ -16,6 +16,18 @@ void check_pack_inputs(const at::Tensor& weight);
 int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                    const at::Tensor& values, int64_t in_features,
                                    const std::optional<at::Tensor>& bias);
+// Geometry of one sparse_conv2d call (validated), and the size of its phase buffer.
+struct ConvGeometry {
+  int64_t N, C, H, W, O, Cg, kh, kw, sh, sw, ph, pw, dh, dw, groups;
+  // plane: elements per (phase, channel) plane, Hph * Wph rounded up to 16 floats so that a plane
+  // starts on a 64-byte line (aligned vector loads for 1x1 convolutions)
+  int64_t Hout, Wout, Hph, Wph, plane, buf_len;
+};
+ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        const at::Tensor& values, at::IntArrayRef weight_shape,
+                                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        const std::optional<at::Tensor>& residual);
 // dtype of col_idx for K columns.
 at::ScalarType col_dtype_for(int64_t K);
 // Composite (ATen-only) packing, used by the CUDA registration.

@@ -48,6 +48,50 @@ int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& ro
   return O;
 }
 
+ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                        const at::Tensor& values, at::IntArrayRef ws,
+                                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                        const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(input.dim() == 4, "sparse_conv2d: input must be (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(ws.size() == 4, "sparse_conv2d: weight_shape must be [out, in/groups, kh, kw]");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "sparse_conv2d: stride, padding and dilation take two values each");
+  ConvGeometry g{};
+  g.N = input.size(0), g.C = input.size(1), g.H = input.size(2), g.W = input.size(3);
+  g.O = ws[0], g.Cg = ws[1], g.kh = ws[2], g.kw = ws[3], g.groups = groups;
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1], g.dh = dilation[0], g.dw = dilation[1];
+  TORCH_CHECK(groups >= 1 && g.O >= 0 && g.Cg >= 1 && g.kh >= 1 && g.kw >= 1 && g.O % groups == 0,
+              "sparse_conv2d: bad weight_shape ", ws, " for groups=", groups);
+  TORCH_CHECK(g.C == g.Cg * groups, "sparse_conv2d: input has ", g.C, " channels, the packed weight expects ",
+              g.Cg * groups, " (in/groups = ", g.Cg, ", groups = ", groups, ")");
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1 && g.ph >= 0 && g.pw >= 0,
+              "sparse_conv2d: stride and dilation must be >= 1, padding >= 0");
+  const int64_t K = g.Cg * g.kh * g.kw;
+  (void)check_sparse_linear_inputs(at::empty({0, K}, input.options()), row_ptr, col_idx, values, K, bias);
+  TORCH_CHECK(row_ptr.numel() - 1 == g.O, "sparse_conv2d: row_ptr has ", row_ptr.numel() - 1,
+              " rows, weight_shape says ", g.O);
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+  const int64_t eh = g.dh * (g.kh - 1) + 1, ew = g.dw * (g.kw - 1) + 1;
+  TORCH_CHECK(Hp >= eh && Wp >= ew, "sparse_conv2d: the (padded) input ", Hp, "x", Wp,
+              " is smaller than the dilated kernel ", eh, "x", ew);
+  g.Hout = (Hp - eh) / g.sh + 1;
+  g.Wout = (Wp - ew) / g.sw + 1;
+  g.Hph = (Hp + g.sh - 1) / g.sh;
+  g.Wph = (Wp + g.sw - 1) / g.sw;
+  // the largest read is plane base + (C-1) plane + the deepest tap + the last (rounded-up) tile
+  const int64_t q_pad = (g.Hout * g.Wph + 63) / 64 * 64;
+  g.plane = (g.Hph * g.Wph + 15) / 16 * 16;
+  g.buf_len = g.sh * g.sw * g.C * g.plane + q_pad + g.Wph + 64;
+  TORCH_CHECK(g.buf_len < (int64_t(1) << 31), "sparse_conv2d: input too large for 32-bit offsets");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.O, g.Hout, g.Wout}) &&
+                    residual->scalar_type() == input.scalar_type() && residual->device() == input.device(),
+                "sparse_conv2d: residual must be (", g.N, ", ", g.O, ", ", g.Hout, ", ", g.Wout, ") like the output");
+  }
+  return g;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_composite(const at::Tensor& weight) {
   check_pack_inputs(weight);
   TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "pack_sparse: weight holds NaN or Inf");

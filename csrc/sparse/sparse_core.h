@@ -44,6 +44,14 @@ FP_HOST_DEVICE inline Acc csr_partial_dot(const int32_t* row_ptr, const void* co
   return acc;
 }
 
+// Column of a packed conv filter -> (channel within the group, kernel row, kernel column).
+struct Tap {
+  int64_t c, i, j;
+};
+FP_HOST_DEVICE inline Tap decode_tap(int64_t col, int64_t kh, int64_t kw) {
+  return Tap{col / (kh * kw), (col / kw) % kh, col % kw};
+}
+
 // Bias and the optional fused ReLU applied to one output.
 template <typename Acc>
 FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_t r, bool relu) {

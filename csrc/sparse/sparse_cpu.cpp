@@ -172,11 +172,138 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   return out.reshape(out_shape);
 }
 
+// float32: the per-ISA loop; float64: the portable one.
+void conv_rows_any(const int32_t* rp, const int32_t* off, const float* v, const float* x, int64_t q_len, int64_t r0,
+                   int64_t r1, float* out, int64_t ldo) {
+  sparse_kernels(active_isa()).conv_rows(rp, off, v, x, q_len, r0, r1, out, ldo);
+}
+void conv_rows_any(const int32_t* rp, const int32_t* off, const double* v, const double* x, int64_t q_len, int64_t r0,
+                   int64_t r1, double* out, int64_t ldo) {
+  scalar::conv_rows_f64(rp, off, v, x, q_len, r0, r1, out, ldo);
+}
+
+// One sample relaid out for the direct convolution: stride phases (sh * sw planes of (Hph, Wph)) of
+// the zero-padded input, so that every tap reads a unit-stride run (see sparse_conv_impl.h).
+template <typename T>
+void build_phases(const T* x, const ConvGeometry& g, T* buf) {
+  std::fill(buf, buf + g.buf_len, T(0));
+  if (g.sh == 1 && g.sw == 1) {  // one phase: the zero-padded input, row by row
+    for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t h = 0; h < g.H; ++h) {
+        std::copy(x + (c * g.H + h) * g.W, x + (c * g.H + h + 1) * g.W,
+                  buf + c * g.plane + (h + g.ph) * g.Wph + g.pw);
+      }
+    }
+    return;
+  }
+  const int64_t plane = g.plane;
+  for (int64_t pr = 0; pr < g.sh; ++pr) {
+    for (int64_t pc = 0; pc < g.sw; ++pc) {
+      T* dst = buf + (pr * g.sw + pc) * g.C * plane;
+      for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t h2 = 0; h2 < g.Hph; ++h2) {
+          const int64_t h = h2 * g.sh + pr - g.ph;
+          if (h < 0 || h >= g.H) continue;
+          const T* src = x + (c * g.H + h) * g.W;
+          T* d = dst + c * plane + h2 * g.Wph;
+          for (int64_t w2 = 0; w2 < g.Wph; ++w2) {
+            const int64_t w = w2 * g.sw + pc - g.pw;
+            if (w >= 0 && w < g.W) d[w2] = src[w];
+          }
+        }
+      }
+    }
+  }
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_in, const at::Tensor& col_in,
+                             const at::Tensor& values_in, at::IntArrayRef weight_shape,
+                             const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups, bool relu,
+                             const std::optional<at::Tensor>& residual_in) {
+  const ConvGeometry g = check_sparse_conv2d_inputs(input, row_ptr_in, col_in, values_in, weight_shape, bias_in, stride,
+                                                    padding, dilation, groups, residual_in);
+  const at::Tensor rp_t = row_ptr_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
+  const int32_t* rp = rp_t.const_data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[g.O] == values.numel(), "sparse_conv2d: row_ptr must start at 0 and end at nnz");
+  for (int64_t r = 0; r < g.O; ++r) TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_conv2d: row_ptr must not decrease");
+  at::Tensor out = at::empty({g.N, g.O, g.Hout, g.Wout}, input.options());
+  if (out.numel() == 0) return out;
+  // per nonzero: the offset of its tap in the phase buffer (depends on this call's geometry; O(nnz)
+  // integer work against O(nnz * output pixels) of arithmetic)
+  const int64_t nnz = values.numel();
+  std::vector<int32_t> off(nnz);
+  const bool wide_cols = col.scalar_type() == at::kInt;
+  const int64_t taps = g.kh * g.kw, rows_per_group = g.O / g.groups, plane = g.plane;
+  // offset of each column (channel within the group, kh, kw) for a group starting at channel 0; a
+  // row of group gi adds gi * Cg planes. A table of K entries: no division per nonzero.
+  const int64_t K = g.Cg * taps;
+  std::vector<int64_t> col_off(K);
+  for (int64_t cl = 0; cl < K; ++cl) {
+    const Tap t = decode_tap(cl, g.kh, g.kw);
+    const int64_t c = t.c, a = t.i * g.dh, b = t.j * g.dw;
+    col_off[cl] = (((a % g.sh) * g.sw + (b % g.sw)) * g.C + c) * plane + (a / g.sh) * g.Wph + b / g.sw;
+  }
+  bool bad = false;
+  for (int64_t r = 0; r < g.O; ++r) {
+    const int64_t base = (r / rows_per_group) * g.Cg * plane;
+    for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+      int64_t cl = col_at(col.const_data_ptr(), wide_cols, k);
+      if (cl < 0 || cl >= K) {
+        bad = true;
+        cl = 0;
+      }
+      off[k] = static_cast<int32_t>(base + col_off[cl]);
+    }
+  }
+  TORCH_CHECK(!bad, "sparse_conv2d: col_idx holds a column outside [0, ", K,
+              "): the packed weight was made for a different shape");
+  const int64_t q_len = g.Hout * g.Wph;
+  const int64_t ldo = (q_len + 63) / 64 * 64;
+  const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
+  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor res = residual_in.has_value() ? residual_in->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
+    // ATen's CPU allocator returns 64-byte aligned memory: planes (multiples of 16 floats) stay aligned
+    at::Tensor buf_t = at::empty({g.buf_len}, input.options()), wide_t = at::empty({g.O * ldo}, input.options());
+    scalar_t* buf = buf_t.data_ptr<scalar_t>();
+    scalar_t* wide = wide_t.data_ptr<scalar_t>();
+    const scalar_t* v = values.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t n = 0; n < g.N; ++n) {
+      build_phases<scalar_t>(x.const_data_ptr<scalar_t>() + n * g.C * g.H * g.W, g, buf);
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        conv_rows_any(rp, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
+      });
+      scalar_t* o = out.data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout;
+      const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout : nullptr;
+      at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);
+          for (int64_t oh = 0; oh < g.Hout; ++oh) {
+            const scalar_t* src = wide + r * ldo + oh * g.Wph;
+            const int64_t base = (r * g.Hout + oh) * g.Wout;
+            for (int64_t ow = 0; ow < g.Wout; ++ow) {
+              scalar_t y = src[ow] + bb;
+              if (rs != nullptr) y += rs[base + ow];
+              o[base + ow] = (relu && y < scalar_t(0)) ? scalar_t(0) : y;
+            }
+          }
+        }
+      });
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("pack_sparse", &pack_sparse_cpu);
   m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
 }
 
 }  // namespace sparse

@@ -1,7 +1,8 @@
 // CUDA implementation of the sparse ops: indexing and launches only. The per-row arithmetic
 // (csr_partial_dot, finish_output) comes from sparse_core.h, shared with the CPU loops: one warp
 // per (row, sample), each lane summing a strided share of the row's nonzeros (Sputnik's 1-D row
-// tiling), then a warp reduction. Packing uses ATen (nonzero, cumsum), as the CPU result's layout.
+// tiling), then a warp reduction. The convolution: one thread per output element, taps decoded
+// with decode_tap. Packing uses ATen (nonzero, cumsum), as the CPU result's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -65,6 +66,66 @@ at::Tensor sparse_linear_cuda(const at::Tensor& input, const at::Tensor& row_ptr
   return out.reshape(out_shape);
 }
 
+// One thread per output element (n, o, oh, ow): the row's nonzeros decoded with decode_tap, the
+// input read at (oh * sh - ph + i * dh, ow * sw - pw + j * dw), zero outside.
+template <typename T>
+__global__ void sparse_conv2d_kernel(const int32_t* __restrict__ row_ptr, const void* __restrict__ col, bool wide,
+                                     const T* __restrict__ val, const T* __restrict__ x, ConvGeometry g,
+                                     const T* __restrict__ bias, const T* __restrict__ res, bool relu,
+                                     T* __restrict__ y, int* __restrict__ bad_flag) {
+  const int64_t total = g.N * g.O * g.Hout * g.Wout;
+  const int64_t K = g.Cg * g.kh * g.kw, rows_per_group = g.O / g.groups;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ow = idx % g.Wout, oh = (idx / g.Wout) % g.Hout, o = (idx / (g.Wout * g.Hout)) % g.O;
+    const int64_t n = idx / (g.Wout * g.Hout * g.O);
+    const int64_t c0 = (o / rows_per_group) * g.Cg;
+    T acc = T(0);
+    for (int64_t k = row_ptr[o]; k < row_ptr[o + 1]; ++k) {
+      const int64_t cl = col_at(col, wide, k);
+      if (cl < 0 || cl >= K) {
+        atomicOr(bad_flag, 1);
+        continue;
+      }
+      const Tap t = decode_tap(cl, g.kh, g.kw);
+      const int64_t ih = oh * g.sh - g.ph + t.i * g.dh, iw = ow * g.sw - g.pw + t.j * g.dw;
+      if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+        acc += val[k] * x[((n * g.C + c0 + t.c) * g.H + ih) * g.W + iw];
+      }
+    }
+    if (res != nullptr) acc += res[idx];
+    y[idx] = finish_output<T>(acc + (bias != nullptr ? bias[o] : T(0)), nullptr, o, relu);
+  }
+}
+
+at::Tensor sparse_conv2d_cuda(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_in,
+                              const at::Tensor& values, at::IntArrayRef weight_shape,
+                              const std::optional<at::Tensor>& bias_in, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation, int64_t groups, bool relu,
+                              const std::optional<at::Tensor>& residual_in) {
+  const ConvGeometry g = check_sparse_conv2d_inputs(input, row_ptr, col_in, values, weight_shape, bias_in, stride,
+                                                    padding, dilation, groups, residual_in);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty({g.N, g.O, g.Hout, g.Wout}, input.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x = input.contiguous(), rp = row_ptr.contiguous(), col = col_in.contiguous(), v = values.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor res = residual_in.has_value() ? residual_in->contiguous() : at::Tensor();
+  at::Tensor bad = at::zeros({1}, input.options().dtype(at::kInt));
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((out.numel() + threads - 1) / threads, 65535));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_cuda", [&] {
+    sparse_conv2d_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        rp.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == at::kInt, v.const_data_ptr<scalar_t>(),
+        x.const_data_ptr<scalar_t>(), g, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+        res.defined() ? res.const_data_ptr<scalar_t>() : nullptr, relu, out.data_ptr<scalar_t>(), bad.data_ptr<int>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(bad.item<int>() == 0, "sparse_conv2d: col_idx holds a column outside [0, ", g.Cg * g.kh * g.kw,
+              "): the packed weight was made for a different shape");
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor& weight) {
   const c10::cuda::CUDAGuard guard(weight.device());
   return pack_sparse_composite(weight);
@@ -75,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("pack_sparse", &pack_sparse_cuda);
   m.impl("sparse_linear", &sparse_linear_cuda);
+  m.impl("sparse_conv2d", &sparse_conv2d_cuda);
 }
 
 }  // namespace sparse

@@ -19,6 +19,10 @@ struct SparseKernels {
   void (*spmm)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* xt, int64_t ldx,
                int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
                bool* bad);
+  // Rows [r0, r1) of the sparse direct convolution on one sample (see sparse_conv_impl.h):
+  // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q], q < q_len (ldo >= q_len rounded up to 64).
+  void (*conv_rows)(const int32_t* row_ptr, const int32_t* off, const float* val, const float* xin, int64_t q_len,
+                    int64_t r0, int64_t r1, float* out_wide, int64_t ldo);
   const char* name;
 };
 
@@ -29,7 +33,11 @@ const SparseKernels& sparse_kernels(Isa isa);
 // sparse_cpu.cpp (baseline flags: shared by every ISA copy).
 const float* padded_copy(const float* x, int64_t K);
 
-namespace scalar { extern const SparseKernels kKernels; }
+namespace scalar {
+extern const SparseKernels kKernels;
+void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val, const double* xin, int64_t q_len,
+                   int64_t r0, int64_t r1, double* out_wide, int64_t ldo);
+}
 namespace avx2 {
 extern const SparseKernels kKernels;
 // Also the AVX-512 table's single-sample loop: on Zen 4, 8-wide gathers beat 16-wide ones.

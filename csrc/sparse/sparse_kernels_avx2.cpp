@@ -4,6 +4,7 @@
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
 
+
 namespace fastprune {
 namespace sparse {
 namespace avx2 {
@@ -149,7 +150,49 @@ void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const
   if (!_mm256_testz_si256(badv, badv)) *bad = true;
 }
 
-const SparseKernels kKernels = {spmv, spmm, "avx2"};
+// 32 output positions in 4 ymm accumulators, two nonzeros per step into two accumulator sets.
+// (The caller's tile is 64 positions: two passes of 32.)
+void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
+               int64_t r1, float* out_wide, int64_t ldo) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t k0 = rp[r], k1 = rp[r + 1];
+    float* orow = out_wide + r * ldo;
+    const int64_t q_end = (q_len + 63) / 64 * 64;
+    for (int64_t q0 = 0; q0 < q_end; q0 += 32) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+      const float* base = xin + q0;
+      int64_t k = k0;
+      for (; k + 2 <= k1; k += 2) {
+        const float* s0 = base + off[k];
+        const float* s1 = base + off[k + 1];
+        const __m256 v0 = _mm256_set1_ps(val[k]), v1 = _mm256_set1_ps(val[k + 1]);
+        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0), a0);
+        a1 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 8), a1);
+        a2 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 16), a2);
+        a3 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 24), a3);
+        b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1), b0);
+        b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 8), b1);
+        b2 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 16), b2);
+        b3 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 24), b3);
+      }
+      if (k < k1) {
+        const float* s0 = base + off[k];
+        const __m256 v0 = _mm256_set1_ps(val[k]);
+        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0), a0);
+        a1 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 8), a1);
+        a2 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 16), a2);
+        a3 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 24), a3);
+      }
+      _mm256_storeu_ps(orow + q0, _mm256_add_ps(a0, b0));
+      _mm256_storeu_ps(orow + q0 + 8, _mm256_add_ps(a1, b1));
+      _mm256_storeu_ps(orow + q0 + 16, _mm256_add_ps(a2, b2));
+      _mm256_storeu_ps(orow + q0 + 24, _mm256_add_ps(a3, b3));
+    }
+  }
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, "avx2"};
 
 }  // namespace avx2
 }  // namespace sparse

@@ -2,6 +2,9 @@
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
 
+#define FP_ISA_NS scalar
+#include "sparse/sparse_conv_impl.h"
+
 namespace fastprune {
 namespace sparse {
 namespace scalar {
@@ -27,7 +30,17 @@ void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const
 
 }  // namespace
 
-const SparseKernels kKernels = {spmv, spmm, "scalar"};
+void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
+               int64_t r1, float* out_wide, int64_t ldo) {
+  conv_rows_t<float>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, "scalar"};
+
+void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t q_len,
+                   int64_t r0, int64_t r1, double* out_wide, int64_t ldo) {
+  conv_rows_t<double>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+}
 
 }  // namespace scalar
 }  // namespace sparse

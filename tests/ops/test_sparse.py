@@ -139,3 +139,86 @@ def test_torch_compile_smoke():
 
     x = torch.randn(3, 16)
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+# ------------------------------------------------------------------------------ sparse_conv2d
+CONV_CASES = [
+    # (N, C, H, W, O, k, stride, padding, dilation, groups)
+    (1, 5, 9, 11, 7, 3, 1, 1, 1, 1),
+    (3, 6, 10, 7, 4, 3, 2, 1, 1, 2),  # stride 2, grouped, odd sizes
+    (2, 8, 8, 8, 8, 3, 1, 2, 2, 8),  # depthwise, dilation 2
+    (1, 4, 6, 6, 6, 1, 1, 0, 1, 1),  # 1x1
+    (2, 3, 13, 9, 5, 5, (2, 1), (2, 0), 1, 1),  # rectangular stride and padding
+    (0, 3, 5, 5, 4, 3, 1, 1, 1, 1),  # empty batch
+]
+
+
+def _conv_case(case, dtype, density=0.4, seed=0):
+    n, c, h, w, o, k, s, p, d, g = case
+    weight = _sparse_weight(o, c // g * k * k, density, dtype, seed).reshape(o, c // g, k, k)
+    weight[1] = 0  # an all-zero filter
+    x = torch.randn(n, c, h, w, dtype=dtype, generator=torch.Generator().manual_seed(seed + 1))
+    return weight, x, s, p, d, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_sparse_conv2d_matches_reference(isa, dtype, case):
+    import torch.nn.functional as F
+
+    weight, x, s, p, d, g = _conv_case(case, dtype)
+    packed = ops.pack_sparse(weight.flatten(1))
+    b = torch.randn(weight.shape[0], dtype=dtype)
+    want = F.conv2d(x.double(), weight.double(), b.double(), s, p, d, g)
+    res = torch.randn(want.shape, dtype=dtype)
+    for bias, relu, residual in [(None, False, None), (b, True, None), (b, True, res)]:
+        got = ops.sparse_conv2d(x, *packed, weight.shape, bias, s, p, d, g, relu, residual)
+        ref = reference.sparse_conv2d(x.double(), packed[0], packed[1], packed[2].double(), weight.shape,
+                                      None if bias is None else bias.double(), s, p, d, g, relu,
+                                      None if residual is None else residual.double())
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_sparse_conv2d_non_contiguous_input_and_dense_filter(isa):
+    import torch.nn.functional as F
+
+    weight = torch.randn(6, 4, 3, 3)  # fully dense rows
+    x = torch.randn(2, 9, 9, 4).permute(0, 3, 1, 2)  # channels-last view
+    packed = ops.pack_sparse(weight.flatten(1))
+    torch.testing.assert_close(ops.sparse_conv2d(x, *packed, weight.shape, None, 1, 1), F.conv2d(x, weight, None, 1, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_conv2d_bad_inputs():
+    weight = _sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
+    packed = ops.pack_sparse(weight.flatten(1))
+    with pytest.raises(ValueError, match="channels"):
+        ops.sparse_conv2d(torch.randn(1, 5, 8, 8), *packed, weight.shape)
+    with pytest.raises(ValueError, match="different shape"):
+        ops.sparse_conv2d(torch.randn(1, 1, 8, 8), *packed, (4, 1, 3, 3))
+    with pytest.raises(RuntimeError, match="different shape"):
+        torch.ops.fastprune.sparse_conv2d(torch.randn(1, 1, 8, 8), *packed, [4, 1, 3, 3], None, [1, 1], [0, 0], [1, 1],
+                                          1, False, None)
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        ops.sparse_conv2d(torch.randn(1, 3, 2, 2), *packed, weight.shape)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.sparse_conv2d(torch.randn(1, 3, 8, 8), *packed, weight.shape, residual=torch.randn(1, 4, 5, 5))
+
+
+def test_sparse_conv2d_opcheck_gradients_and_compile():
+    weight, x, s, p, d, g = _conv_case(CONV_CASES[1], torch.float64)
+    packed = ops.pack_sparse(weight.flatten(1))
+    x = x.requires_grad_()
+    b = torch.randn(weight.shape[0], dtype=torch.float64, requires_grad=True)
+    args = (x, *packed, list(weight.shape), b, [2, 2], [1, 1], [1, 1], g, True, None)
+    torch.library.opcheck(torch.ops.fastprune.sparse_conv2d, args)
+    assert torch.autograd.gradcheck(lambda x, b: ops.sparse_conv2d(x, *packed, weight.shape, b, 2, 1, 1, g, True), (x, b))
+    w32, x32 = weight.float(), x.detach().float()
+    p32 = ops.pack_sparse(w32.flatten(1))
+
+    def f(t):
+        return torch.ops.fastprune.sparse_conv2d(t, *p32, list(w32.shape), None, [2, 2], [1, 1], [1, 1], g, True, None)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x32), f(x32))

@@ -34,3 +34,13 @@ def _sparse_linear_fake(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: tor
     torch._check(input.shape[-1] == in_features, lambda: "input's last dimension must be in_features")
     torch._check(values.dtype == input.dtype, lambda: "values and input must share a dtype")
     return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))
+
+
+@torch.library.register_fake("fastprune::sparse_conv2d")
+def _sparse_conv2d_fake(input, row_ptr, col_idx, values, weight_shape, bias=None, stride=(1, 1), padding=(0, 0),  # noqa: ANN001
+                        dilation=(1, 1), groups=1, relu=False, residual=None):
+    torch._check(input.dim() == 4, lambda: "input must be 4-D")
+    o, _, kh, kw = weight_shape
+    hout = (input.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wout = (input.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return input.new_empty((input.shape[0], o, hout, wout))

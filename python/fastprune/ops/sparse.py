@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_sparse", "sparse_linear", "unpack_sparse"]
+__all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear", "unpack_sparse"]
 
 
 def _float_tensor(t: object, name: str) -> torch.Tensor:
@@ -103,3 +103,67 @@ def _sparse_linear_backward(ctx, grad):  # noqa: ANN001
 
 
 torch.library.register_autograd("fastprune::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)
+
+
+def _pair(v: int | tuple[int, int] | list[int], name: str) -> list[int]:
+    vals = [v, v] if isinstance(v, int) and not isinstance(v, bool) else list(v)
+    if len(vals) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in vals):
+        raise ValueError(f"{name} must be an int or two ints, got {v!r}")
+    return vals
+
+
+def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  weight_shape: tuple[int, int, int, int] | list[int], bias: torch.Tensor | None = None,
+                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                  dilation: int | tuple[int, int] = 1, groups: int = 1, relu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(conv2d(input, W) + bias + residual)`` with W (out, in/groups, kh, kw) packed by
+    :func:`pack_sparse` from ``W.flatten(1)``.
+
+    Shapes: input (N, C, H, W) -> (N, out, Hout, Wout), as ``F.conv2d`` with the same stride,
+    padding (zeros), dilation and groups (depthwise included). The CPU kernel is a direct
+    convolution vectorised along output pixels: the input is laid out once per call in stride
+    phases so that every nonzero tap reads a contiguous run (no im2col). ``residual`` (the
+    output's shape) is added before the optional ReLU. Differentiable with respect to ``input``,
+    ``bias`` and ``residual``; not with respect to the packed weight.
+    """
+    _float_tensor(input, "input")
+    if input.dim() != 4:
+        raise ValueError(f"input must be (N, C, H, W), got shape {tuple(input.shape)}")
+    ws = [int(v) for v in weight_shape]
+    if len(ws) != 4:
+        raise ValueError(f"weight_shape must be (out, in/groups, kh, kw), got {weight_shape!r}")
+    if input.shape[1] != ws[1] * groups:
+        raise ValueError(f"input has {input.shape[1]} channels; the packed weight expects {ws[1] * groups} "
+                         f"(in/groups={ws[1]}, groups={groups})")
+    _check_columns(col_idx, ws[1] * ws[2] * ws[3])
+    return torch.ops.fastprune.sparse_conv2d(input, row_ptr, col_idx, values, ws, bias, _pair(stride, "stride"),
+                                             _pair(padding, "padding"), _pair(dilation, "dilation"), groups, relu,
+                                             residual)
+
+
+def _sparse_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    input, row_ptr, col_idx, values, ws, bias, stride, padding, dilation, groups, relu, residual = inputs
+    ctx.conf = (list(input.shape), list(ws), stride, padding, dilation, groups, relu, bias is not None,
+                residual is not None)
+    ctx.save_for_backward(row_ptr, col_idx, values, output if relu else None)
+
+
+def _sparse_conv2d_backward(ctx, grad):  # noqa: ANN001
+    row_ptr, col_idx, values, output = ctx.saved_tensors
+    in_shape, ws, stride, padding, dilation, groups, relu, has_bias, has_res = ctx.conf
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError("sparse_conv2d: gradients with respect to the packed weight (values) are not supported; "
+                           "train the dense layer (masked) and pack it again")
+    if relu:
+        grad = grad * (output > 0).to(grad.dtype)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        w = unpack_sparse(row_ptr, col_idx, values, ws[1] * ws[2] * ws[3]).reshape(ws)
+        grad_input = torch.nn.grad.conv2d_input(in_shape, w, grad, stride, padding, dilation, groups)
+    grad_bias = grad.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[5] else None
+    grad_res = grad if has_res and ctx.needs_input_grad[11] else None
+    return grad_input, None, None, None, None, grad_bias, None, None, None, None, None, grad_res
+
+
+torch.library.register_autograd("fastprune::sparse_conv2d", _sparse_conv2d_backward, setup_context=_sparse_conv2d_setup)

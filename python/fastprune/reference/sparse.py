@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_sparse", "sparse_linear"]
+__all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear"]
 
 
 def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,4 +22,17 @@ def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
     from fastprune.ops.sparse import unpack_sparse
 
     y = F.linear(input, unpack_sparse(row_ptr, col_idx, values, in_features), bias)
+    return torch.relu(y) if relu else y
+
+
+def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  weight_shape, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
+                  relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    from fastprune.ops.sparse import unpack_sparse
+
+    ws = [int(v) for v in weight_shape]
+    w = unpack_sparse(row_ptr, col_idx, values, ws[1] * ws[2] * ws[3]).reshape(ws)
+    y = F.conv2d(input, w, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
     return torch.relu(y) if relu else y

@@ -1,0 +1,43 @@
+// The sparse direct convolution's hot loop, compiled once per ISA (sparse_kernels_<isa>.cpp define
+// FP_ISA_NS and include this file; the compiler vectorises the fixed-size tile loop with that
+// TU's -m flags). See sparse_cpu.cpp for the layout it runs on:
+//   xin   one sample's input, relaid out into stride phases, each plane (Hph, Wph), zero padded;
+//   q     a position of the "wide" output grid (Hout, Wph): q = oh * Wph + ow (ow >= Wout is junk);
+//   off   per nonzero, the element offset of its (channel, kh, kw) tap in xin, so that the input
+//         of output position q for that tap is xin[off + q]: contiguous in q, for any stride,
+//         padding and dilation (the phases turn strided reads into unit-stride ones).
+// out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q] for rows r in [r0, r1), q in [0, q_len),
+// computed in tiles of kTile positions held in registers across the row's nonzeros. xin has
+// kTile floats of slack past its end, so the last tile needs no masks.
+#pragma once
+
+#include <cstdint>
+
+namespace fastprune {
+namespace sparse {
+namespace FP_ISA_NS {
+
+constexpr int64_t kConvTile = 64;
+
+template <typename T>
+void conv_rows_t(const int32_t* rp, const int32_t* off, const T* val, const T* xin, int64_t q_len, int64_t r0,
+                 int64_t r1, T* out_wide, int64_t ldo) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t k0 = rp[r], k1 = rp[r + 1];
+    T* orow = out_wide + r * ldo;
+    for (int64_t q0 = 0; q0 < q_len; q0 += kConvTile) {
+      T acc[kConvTile];
+      for (int64_t t = 0; t < kConvTile; ++t) acc[t] = T(0);
+      for (int64_t k = k0; k < k1; ++k) {
+        const T v = val[k];
+        const T* src = xin + off[k] + q0;
+        for (int64_t t = 0; t < kConvTile; ++t) acc[t] += v * src[t];
+      }
+      for (int64_t t = 0; t < kConvTile; ++t) orow[q0 + t] = acc[t];
+    }
+  }
+}
+
+}  // namespace FP_ISA_NS
+}  // namespace sparse
+}  // namespace fastprune
