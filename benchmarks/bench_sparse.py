@@ -9,8 +9,9 @@ Writes JSON, markdown and a PNG of speedup vs sparsity under benchmarks/results/
 
 Conv layers of ResNet-50 (3x3 64->64 at 56^2, 3x3 256->256 at 14^2, 1x1 1024->256 at 14^2, 1x1
 512->2048 at 7^2) through sparse_conv2d against F.conv2d (oneDNN) and torch CSR (unfold + CSR mm),
-with the geometric mean over the four layers. The end-to-end ResNet-50-like model (sparsify) joins
-this script with the modules.
+with the geometric mean over the four layers. End to end: the ResNet-50-like model of
+fastprune.models, random weights magnitude-pruned per layer (first conv dense) at 0/80/90/95 %, dense
+eager (with and without BN folded) vs fastprune.sparsify.
 
 Usage: python benchmarks/bench_sparse.py [--quick] [--threads 1 2]
 """
@@ -57,11 +58,43 @@ def magnitude_prune(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return w * (w.abs() > thr)
 
 
+def end_to_end(out: list, batches, min_run_time: float) -> list:
+    """Dense ResNet-50-like vs fastprune.sparsify (per-layer calibration on the example input)."""
+    import fastprune
+    from fastprune.models import resnet50
+
+    rows = []
+    for s in (0.0, 0.8, 0.9, 0.95):
+        torch.manual_seed(0)
+        model = resnet50().eval()
+        if s:
+            fastprune.prune(model, "magnitude", sparsity=s, scope="layer", exclude="conv1")
+            fastprune.finalize(model)
+        for b in batches:
+            x = torch.randn(b, 3, 224, 224)
+            folded = fastprune.sparsify(model, min_sparsity=1.0)  # BN folded, every layer dense
+            sparse = fastprune.sparsify(model, example_inputs=x[:1])
+            with torch.no_grad():
+                want = model(x)
+                torch.testing.assert_close(sparse(x), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+                t_dense = time_it(lambda: model(x), max(min_run_time, 1.0))
+                t_fold = time_it(lambda: folded(x), max(min_run_time, 1.0))
+                t_sparse = time_it(lambda: sparse(x), max(min_run_time, 1.0))
+            n_sparse = len(fastprune.nn.sparsify_report(sparse))
+            out.append({"batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
+                        "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse})
+            rows.append([b, f"{s:.0%}", f"{1e3 * t_dense:.1f}", f"{1e3 * t_fold:.1f}", f"{1e3 * t_sparse:.1f}",
+                         n_sparse, f"{t_dense / t_sparse:.2f}x", f"{t_fold / t_sparse:.2f}x"])
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4096 linear only, sparsity 0.9 and 0.95, batch 1")
     p.add_argument("--threads", type=int, nargs="+", default=[1])
     p.add_argument("--min-run-time", type=float, default=0.5)
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end ResNet-50-like model")
     args = p.parse_args()
     shapes = {"linear 4096x4096": SHAPES["linear 4096x4096"]} if args.quick else SHAPES
     sparsities = (0.9, 0.95) if args.quick else SPARSITIES
@@ -127,16 +160,28 @@ def main() -> None:
                     g = math.exp(sum(math.log(r["speedup"]) for r in pts) / len(pts))
                     gc = math.exp(sum(math.log(r["torch_csr_speedup"]) for r in pts) / len(pts))
                     geo.append([threads, b, f"{s:.0%}", f"{g:.2f}x", f"{gc:.2f}x"])
+    e2e_rows = []
+    if not args.quick and not args.no_e2e:
+        torch.set_num_threads(1)
+        e2e_rows = end_to_end(out_e2e := [], batches, args.min_run_time)
+    else:
+        out_e2e = []
     md = ("### sparse_linear / sparse_conv2d vs dense F.linear / F.conv2d and torch CSR (ms, medians; speedup = dense / sparse)\n\n"
           + markdown_table(["layer", "threads", "batch", "sparsity", "dense ms", "fastprune ms", "torch CSR ms",
                             "fastprune speedup", "torch CSR speedup"], rows) + "\n")
     if geo:
         md += ("\n### Geometric mean over the four ResNet-50 conv layers\n\n"
                + markdown_table(["threads", "batch", "sparsity", "fastprune", "torch CSR"], geo) + "\n")
+    if e2e_rows:
+        md += ("\n### End to end: ResNet-50-like model, random weights magnitude-pruned per layer (first conv dense), "
+               "224 x 224, 1 thread\n\n" + markdown_table(
+                   ["batch", "sparsity", "dense ms", "dense, BN folded ms", "sparsify ms", "sparse layers",
+                    "speedup vs dense", "vs BN-folded dense"], e2e_rows) + "\n")
     print()
     print(md)
     tag = "sparse_quick" if args.quick else "sparse"
-    jpath, mpath = write_results(tag, {"machine": machine_info(args.threads[0]), "results": out}, md)
+    jpath, mpath = write_results(tag, {"machine": machine_info(args.threads[0]), "results": out,
+                                       "end_to_end": out_e2e}, md)
     import matplotlib
 
     matplotlib.use("Agg")

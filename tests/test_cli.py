@@ -74,9 +74,22 @@ def test_prune_command_structured(user_model, capsys):
     assert model[0].out_features == 8 and model[2].in_features == 8
 
 
+def test_bench_command(user_model, capsys):
+    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--min-run-time", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "fastprune.sparsify" in out and "magnitude-pruned per layer to 80%" in out
+    with pytest.raises(SystemExit, match="input shape"):
+        main(["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"])
+    (user_model / "scripted.py").write_text(
+        "import torch\nfrom torch import nn\ndef make():\n    return torch.jit.script(nn.Linear(3, 2))\n")
+    with pytest.raises(SystemExit, match="TorchScript"):
+        main(["bench", "scripted:make", "--input-shape", "1,3"])
+
+
 def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "magnitude one-shot + retrain" in printed and "iterative" in printed
     assert "50 % channels removed" in printed and "faster" in printed
+    assert "ResNet-50-like, 90 %" in printed and "MLP, magnitude one-shot" in printed
     assert (tmp_path / "demo_accuracy.png").stat().st_size > 0

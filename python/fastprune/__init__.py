@@ -5,7 +5,7 @@ Native kernels (C++, CUDA) registered as ``torch.ops.fastprune.*``, typed wrappe
 behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
 """
 
-from fastprune import data, models, ops, reference, schedules, structure, train
+from fastprune import data, models, nn, ops, reference, schedules, structure, train
 from fastprune.api import Pruner, prune
 from fastprune.config import (
     ChannelConfig,
@@ -20,6 +20,7 @@ from fastprune.fisher import FisherInverse
 from fastprune.masks import finalize, load_pruned
 from fastprune.plan import Plan
 from fastprune.report import SparsityReport, sparsity_report
+from fastprune.nn.sparsify import sparsify
 from fastprune.sensitivity import sensitivity
 from fastprune.structure import compact, count, find_groups
 
@@ -30,6 +31,8 @@ __all__ = [
     "compact",
     "count",
     "find_groups",
+    "nn",
+    "sparsify",
     "structure",
     "FisherDiagConfig",
     "FisherInverse",

@@ -71,7 +71,8 @@ def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
 def _check_columns(col_idx: torch.Tensor, in_features: int) -> None:
     """A packed weight made for a wider input is a clear error. (The native op is memory-safe either
     way: 16-bit columns read a zero-padded copy of the input, 32-bit ones are range-checked.)"""
-    if col_idx.dtype != torch.int16 or col_idx.numel() == 0 or col_idx.device.type == "meta":
+    if (col_idx.dtype != torch.int16 or col_idx.numel() == 0 or col_idx.device.type == "meta"
+            or torch.compiler.is_compiling()):  # under compile the op's own checks remain (memory-safe)
         return
     # (version counter, largest column), kept on the tensor: checked once per packed weight, not per call
     hit = getattr(col_idx, "_fastprune_max_col", None)

@@ -1,0 +1,151 @@
+"""Sparse layers: a Linear or Conv2d whose weight is stored in CSR form and run by fastprune's kernels.
+
+``SparseLinear.from_dense(linear)`` / ``SparseConv2d.from_dense(conv)`` pack the layer's weight as
+the forward sees it (so a layer pruned with ``torch.nn.utils.prune`` masks packs its masked weight).
+The packed tensors are buffers: they follow ``.to()``, ``state_dict`` round-trips (a checkpoint with
+another number of nonzeros loads too) and ``torch.compile`` traces the ops through their fake
+kernels. The layers are differentiable with respect to their input, so they can sit inside a
+larger trained graph; their weight is not trainable (train the dense layer, then pack).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastprune import ops
+
+__all__ = ["SparseConv2d", "SparseLinear"]
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    from fastprune.masks import effective_weight
+
+    return effective_weight(module, "weight")
+
+
+class _Packed(nn.Module):
+    """Holds row_ptr / col_idx / values buffers; loads checkpoints whatever their nonzero count."""
+
+    def _set_packed(self, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> None:
+        row_ptr, col_idx, values = packed
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("row_ptr", "col_idx", "values", "bias"):
+            t = state_dict.get(prefix + name)
+            cur = getattr(self, name)
+            if t is not None and (cur is None or cur.shape != t.shape or cur.dtype != t.dtype):
+                device = cur.device if cur is not None else self.row_ptr.device
+                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    def sparsity(self) -> float:
+        total = self.numel_dense()
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def numel_dense(self) -> int:
+        raise NotImplementedError
+
+
+class SparseLinear(_Packed):
+    """``y = act(x W^T + b)`` with W in CSR form. Shapes: (..., in_features) -> (..., out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 bias: torch.Tensor | None = None, relu: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.relu = in_features, out_features, relu
+        if packed[0].numel() != out_features + 1:
+            raise ValueError(f"packed weight has {packed[0].numel() - 1} rows, out_features is {out_features}")
+        self._set_packed(packed, bias)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, relu: bool = False) -> SparseLinear:
+        """Pack ``linear`` (masked or not). Raises ValueError if its weight holds NaN/Inf."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        w = _dense_weight(linear)
+        return cls(linear.in_features, linear.out_features, ops.pack_sparse(w), linear.bias, relu)
+
+    def numel_dense(self) -> int:
+        return self.in_features * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features, self.bias, self.relu)
+
+    def to_dense(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(ops.unpack_sparse(self.row_ptr, self.col_idx, self.values, self.in_features))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity():.3f}, bias={self.bias is not None}, relu={self.relu}")
+
+
+class SparseConv2d(_Packed):
+    """``y = act(conv2d(x, W) + b [+ residual])`` with W in CSR form (zero padding only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None,
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, relu: bool = False) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.padding, self.dilation = (tuple(kernel_size), tuple(stride),
+                                                                      tuple(padding), tuple(dilation))
+        self.relu = relu
+        self._set_packed(packed, bias)
+
+    @property
+    def weight_shape(self) -> list[int]:
+        return [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, relu: bool = False) -> SparseConv2d:
+        """Pack ``conv`` (masked or not). Only zero padding with integer padding is supported."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"SparseConv2d supports zero padding given as integers, got padding={conv.padding!r}, "
+                             f"padding_mode={conv.padding_mode!r}")
+        w = _dense_weight(conv)
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, ops.pack_sparse(w.flatten(1)), conv.bias,
+                   conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+
+    def numel_dense(self) -> int:
+        k = self.kernel_size[0] * self.kernel_size[1]
+        return self.out_channels * (self.in_channels // self.groups) * k
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.weight_shape, self.bias, self.stride,
+                                 self.padding, self.dilation, self.groups, self.relu, residual)
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, device=self.values.device,
+                         dtype=self.values.dtype)
+        ws = self.weight_shape
+        with torch.no_grad():
+            conv.weight.copy_(ops.unpack_sparse(self.row_ptr, self.col_idx, self.values, ws[1] * ws[2] * ws[3]).reshape(ws))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity():.3f}, relu={self.relu}")
