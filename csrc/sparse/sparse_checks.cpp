@@ -80,7 +80,7 @@ ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tenso
   g.Hph = (Hp + g.sh - 1) / g.sh;
   g.Wph = (Wp + g.sw - 1) / g.sw;
   // the largest read is plane base + (C-1) plane + the deepest tap + the last (rounded-up) tile
-  const int64_t q_pad = (g.Hout * g.Wph + 63) / 64 * 64;
+  const int64_t q_pad = (g.Hout * g.Wph + 127) / 128 * 128;
   g.plane = (g.Hph * g.Wph + 15) / 16 * 16;
   g.buf_len = g.sh * g.sw * g.C * g.plane + q_pad + g.Wph + 64;
   TORCH_CHECK(g.buf_len < (int64_t(1) << 31), "sparse_conv2d: input too large for 32-bit offsets");

@@ -8,7 +8,8 @@
 //         padding and dilation (the phases turn strided reads into unit-stride ones).
 // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q] for rows r in [r0, r1), q in [0, q_len),
 // computed in tiles of kTile positions held in registers across the row's nonzeros. xin has
-// kTile floats of slack past its end, so the last tile needs no masks.
+// 128 floats of slack past its end (ldo and the slack are whole 128-position tiles), so the last
+// tile needs no masks.
 #pragma once
 
 #include <cstdint>

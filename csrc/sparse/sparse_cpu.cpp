@@ -9,6 +9,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <array>
+#include <deque>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "sparse/sparse.h"
@@ -172,6 +176,82 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   return out.reshape(out_shape);
 }
 
+std::shared_ptr<const std::vector<int32_t>> compute_offsets(const int32_t* rp, const at::Tensor& col,
+                                                            const ConvGeometry& g) {
+  const int64_t nnz = col.numel();
+  auto off = std::make_shared<std::vector<int32_t>>(nnz);
+  const int64_t taps = g.kh * g.kw, rows_per_group = g.O / g.groups, plane = g.plane;
+  // offset of each column (channel within the group, kh, kw) for a group starting at channel 0; a
+  // row of group gi adds gi * Cg planes. A table of K entries: no division per nonzero.
+  const int64_t K = g.Cg * taps;
+  std::vector<int64_t> col_off(K);
+  for (int64_t cl = 0; cl < K; ++cl) {
+    const Tap t = decode_tap(cl, g.kh, g.kw);
+    const int64_t c = t.c, a = t.i * g.dh, b = t.j * g.dw;
+    col_off[cl] = (((a % g.sh) * g.sw + (b % g.sw)) * g.C + c) * plane + (a / g.sh) * g.Wph + b / g.sw;
+  }
+  bool bad = false;
+  auto fill = [&](auto* cols) {
+    for (int64_t r = 0; r < g.O; ++r) {
+      const int64_t base = (r / rows_per_group) * g.Cg * plane;
+      for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
+        int64_t cl = static_cast<int64_t>(cols[k]);
+        if (cl < 0 || cl >= K) {
+          bad = true;
+          cl = 0;
+        }
+        (*off)[k] = static_cast<int32_t>(base + col_off[cl]);
+      }
+    }
+  };
+  if (col.scalar_type() == at::kInt) {
+    fill(col.const_data_ptr<int32_t>());
+  } else {
+    fill(static_cast<const uint16_t*>(col.const_data_ptr()));
+  }
+  TORCH_CHECK(!bad, "sparse_conv2d: col_idx holds a column outside [0, ", K,
+              "): the packed weight was made for a different shape");
+  return off;
+}
+
+// Cache of tap offsets, keyed by the packed tensors' identity (a weak reference to their TensorImpl
+// plus its version counter: an in-place change or a new tensor misses) and the input geometry.
+struct OffsetEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl> col, rp;
+  uint32_t col_version, rp_version;
+  std::array<int64_t, 12> geom;
+  std::shared_ptr<const std::vector<int32_t>> off;
+};
+constexpr size_t kOffsetCacheSize = 256;
+
+std::shared_ptr<const std::vector<int32_t>> conv_offsets(const at::Tensor& col_in, const at::Tensor& rp_in,
+                                                         const int32_t* rp, const at::Tensor& col,
+                                                         const ConvGeometry& g) {
+  if (col_in.is_inference() || rp_in.is_inference()) return compute_offsets(rp, col, g);
+  static std::mutex mu;
+  static std::deque<OffsetEntry> cache;
+  const std::array<int64_t, 12> geom{g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups};
+  const uint32_t cv = col_in.unsafeGetTensorImpl()->version_counter().current_version();
+  const uint32_t rv = rp_in.unsafeGetTensorImpl()->version_counter().current_version();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const OffsetEntry& e : cache) {
+      if (e.col_version != cv || e.rp_version != rv || e.geom != geom) continue;
+      const auto c = e.col.lock(), r = e.rp.lock();
+      if (c.get() == col_in.unsafeGetTensorImpl() && r.get() == rp_in.unsafeGetTensorImpl()) return e.off;
+    }
+  }
+  auto off = compute_offsets(rp, col, g);
+  std::lock_guard<std::mutex> lock(mu);
+  // drop entries whose tensors are gone, then the oldest beyond the bound
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const OffsetEntry& e) { return e.col.expired(); }),
+              cache.end());
+  if (cache.size() >= kOffsetCacheSize) cache.pop_front();
+  cache.push_back(OffsetEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(col_in.getIntrusivePtr()),
+                              c10::weak_intrusive_ptr<c10::TensorImpl>(rp_in.getIntrusivePtr()), cv, rv, geom, off});
+  return off;
+}
+
 // float32: the per-ISA loop; float64: the portable one.
 void conv_rows_any(const int32_t* rp, const int32_t* off, const float* v, const float* x, int64_t q_len, int64_t r0,
                    int64_t r1, float* out, int64_t ldo) {
@@ -229,37 +309,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   for (int64_t r = 0; r < g.O; ++r) TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_conv2d: row_ptr must not decrease");
   at::Tensor out = at::empty({g.N, g.O, g.Hout, g.Wout}, input.options());
   if (out.numel() == 0) return out;
-  // per nonzero: the offset of its tap in the phase buffer (depends on this call's geometry; O(nnz)
-  // integer work against O(nnz * output pixels) of arithmetic)
-  const int64_t nnz = values.numel();
-  std::vector<int32_t> off(nnz);
-  const bool wide_cols = col.scalar_type() == at::kInt;
-  const int64_t taps = g.kh * g.kw, rows_per_group = g.O / g.groups, plane = g.plane;
-  // offset of each column (channel within the group, kh, kw) for a group starting at channel 0; a
-  // row of group gi adds gi * Cg planes. A table of K entries: no division per nonzero.
-  const int64_t K = g.Cg * taps;
-  std::vector<int64_t> col_off(K);
-  for (int64_t cl = 0; cl < K; ++cl) {
-    const Tap t = decode_tap(cl, g.kh, g.kw);
-    const int64_t c = t.c, a = t.i * g.dh, b = t.j * g.dw;
-    col_off[cl] = (((a % g.sh) * g.sw + (b % g.sw)) * g.C + c) * plane + (a / g.sh) * g.Wph + b / g.sw;
-  }
-  bool bad = false;
-  for (int64_t r = 0; r < g.O; ++r) {
-    const int64_t base = (r / rows_per_group) * g.Cg * plane;
-    for (int64_t k = rp[r]; k < rp[r + 1]; ++k) {
-      int64_t cl = col_at(col.const_data_ptr(), wide_cols, k);
-      if (cl < 0 || cl >= K) {
-        bad = true;
-        cl = 0;
-      }
-      off[k] = static_cast<int32_t>(base + col_off[cl]);
-    }
-  }
-  TORCH_CHECK(!bad, "sparse_conv2d: col_idx holds a column outside [0, ", K,
-              "): the packed weight was made for a different shape");
+  // per nonzero: the offset of its tap in the phase buffer, derived from this call's geometry and
+  // cached per (packed weight, geometry): later calls with the same input shape reuse it
+  const std::shared_ptr<const std::vector<int32_t>> off_ptr = conv_offsets(col_in, row_ptr_in, rp, col, g);
+  const std::vector<int32_t>& off = *off_ptr;
   const int64_t q_len = g.Hout * g.Wph;
-  const int64_t ldo = (q_len + 63) / 64 * 64;
+  const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   const at::Tensor x = input.contiguous();

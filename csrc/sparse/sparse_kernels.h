@@ -20,7 +20,7 @@ struct SparseKernels {
                int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
                bool* bad);
   // Rows [r0, r1) of the sparse direct convolution on one sample (see sparse_conv_impl.h):
-  // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q], q < q_len (ldo >= q_len rounded up to 64).
+  // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q], q < q_len (ldo >= q_len rounded up to 128).
   void (*conv_rows)(const int32_t* row_ptr, const int32_t* off, const float* val, const float* xin, int64_t q_len,
                     int64_t r0, int64_t r1, float* out_wide, int64_t ldo);
   const char* name;

@@ -222,3 +222,25 @@ def test_sparse_conv2d_opcheck_gradients_and_compile():
         return torch.ops.fastprune.sparse_conv2d(t, *p32, list(w32.shape), None, [2, 2], [1, 1], [1, 1], g, True, None)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x32), f(x32))
+
+
+def test_conv_offset_cache_follows_in_place_changes_and_geometry():
+    import torch.nn.functional as F
+
+    weight = _sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
+    rp, col, val = ops.pack_sparse(weight.flatten(1))
+    x = torch.randn(1, 3, 8, 8)
+    y1 = ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
+    # another geometry with the same packed weight: its own offsets
+    x2 = torch.randn(2, 3, 11, 5)
+    torch.testing.assert_close(ops.sparse_conv2d(x2, rp, col, val, weight.shape, None, 2, 2),
+                               F.conv2d(x2, weight, None, 2, 2), rtol=1e-5, atol=1e-5)
+    # an in-place change of the columns (a different filter pattern) must not reuse stale offsets
+    w2 = weight.roll(1, dims=3)
+    rp2, col2, val2 = ops.pack_sparse(w2.flatten(1))
+    if col2.numel() == col.numel() and torch.equal(rp2, rp):
+        col.copy_(col2)
+        val.copy_(val2)
+        torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1),
+                                   F.conv2d(x, w2, None, 1, 1), rtol=1e-5, atol=1e-5)
+    assert y1.shape == (1, 4, 8, 8)
