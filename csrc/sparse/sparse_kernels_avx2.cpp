@@ -25,32 +25,60 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 16-bit columns: x is read from a zero-padded copy of 65536 floats, so every column the type can
-// hold is in bounds and the loop needs no range checks (the caller checks the columns once).
-void spmv16(const int32_t* rp, const uint16_t* col, const float* val, const float* xpad, const float* bias,
-            bool relu, int64_t r0, int64_t r1, float* y) {
+// Column lanes made safe to gather. 16-bit columns index a zero-padded copy of x of 65536 floats
+// (padded_copy), so every value the type holds is in bounds and nothing is checked; 32-bit ones are
+// clamped to [0, K) and any out-of-range one is flagged (signed compares: K < 2^31 is checked).
+template <bool kWide>
+struct ColGuard {
+  __m256i kmax, zero, bad;
+  explicit ColGuard(int64_t K)
+      : kmax(_mm256_set1_epi32(static_cast<int32_t>(K - 1))), zero(_mm256_setzero_si256()), bad(zero) {}
+  __m256i operator()(__m256i i) {
+    if constexpr (!kWide) {
+      return i;
+    } else {
+      bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi32(i, kmax), _mm256_cmpgt_epi32(zero, i)));
+      return _mm256_max_epi32(_mm256_min_epi32(i, kmax), zero);
+    }
+  }
+};
+
+template <bool kWide>
+void spmv_rows(const int32_t* rp, const void* col, const float* val, const float* x, int64_t K, const float* bias,
+               bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
+  ColGuard<kWide> guard(K);
   for (int64_t r = r0; r < r1; ++r) {
     int64_t k = rp[r];
     const int64_t k1 = rp[r + 1];
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    // four independent gathers in flight per step
     for (; k + 32 <= k1; k += 32) {
+      // the value and column streams are read once: fetch them ahead of the gathers
       _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch + 16), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(col + k + kPrefetch), _MM_HINT_T0);
-      const __m256i i0 = load_cols(col, false, k), i1 = load_cols(col, false, k + 8);
-      const __m256i i2 = load_cols(col, false, k + 16), i3 = load_cols(col, false, k + 24);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xpad, i0, 4), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(xpad, i1, 4), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), _mm256_i32gather_ps(xpad, i2, 4), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), _mm256_i32gather_ps(xpad, i3, 4), a3);
+      _mm_prefetch(static_cast<const char*>(col) + (k + kPrefetch) * (kWide ? 4 : 2), _MM_HINT_T0);
+      const __m256i i0 = guard(load_cols(col, kWide, k)), i1 = guard(load_cols(col, kWide, k + 8));
+      const __m256i i2 = guard(load_cols(col, kWide, k + 16)), i3 = guard(load_cols(col, kWide, k + 24));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), _mm256_i32gather_ps(x, i2, 4), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), _mm256_i32gather_ps(x, i3, 4), a3);
     }
     for (; k + 8 <= k1; k += 8) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(xpad, load_cols(col, false, k), 4), a0);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, guard(load_cols(col, kWide, k)), 4), a0);
     }
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < k1; ++k) acc += val[k] * xpad[col[k]];
+    for (; k < k1; ++k) {
+      int64_t c = col_at(col, kWide, k);
+      if (kWide && (c >= K || c < 0)) {
+        *bad = true;
+        c = K - 1;
+      }
+      acc += val[k] * x[c];
+    }
     y[r] = finish_output<float>(acc, bias, r, relu);
   }
+  if (!_mm256_testz_si256(guard.bad, guard.bad)) *bad = true;
 }
 
 void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
@@ -96,58 +124,11 @@ void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const
 
 void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const float* x, int64_t K,
           const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
-  if (!wide) {
-    spmv16(rp, static_cast<const uint16_t*>(col), val, padded_copy(x, K), bias, relu, r0, r1, y);
-    return;
+  if (wide) {
+    spmv_rows<true>(rp, col, val, x, K, bias, relu, r0, r1, y, bad);
+  } else {
+    spmv_rows<false>(rp, col, val, padded_copy(x, K), K, bias, relu, r0, r1, y, bad);
   }
-  // columns are compared as signed 32-bit: K < 2^31 (checked), so any wrapped value is >= K too
-  const __m256i kmax = _mm256_set1_epi32(static_cast<int32_t>(K - 1));
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i badv = zero;
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = rp[r];
-    const int64_t k1 = rp[r + 1];
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    // four independent gathers in flight per step
-    for (; k + 32 <= k1; k += 32) {
-      // the value and column streams are read once: fetch them ahead of the gathers
-      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(val + k + kPrefetch + 16), _MM_HINT_T0);
-      _mm_prefetch(static_cast<const char*>(col) + (k + kPrefetch) * (wide ? 4 : 2), _MM_HINT_T0);
-      __m256i i0 = load_cols(col, wide, k), i1 = load_cols(col, wide, k + 8);
-      __m256i i2 = load_cols(col, wide, k + 16), i3 = load_cols(col, wide, k + 24);
-      const __m256i hi = _mm256_or_si256(_mm256_or_si256(_mm256_cmpgt_epi32(i0, kmax), _mm256_cmpgt_epi32(i1, kmax)),
-                                         _mm256_or_si256(_mm256_cmpgt_epi32(i2, kmax), _mm256_cmpgt_epi32(i3, kmax)));
-      const __m256i lo = _mm256_or_si256(_mm256_or_si256(_mm256_cmpgt_epi32(zero, i0), _mm256_cmpgt_epi32(zero, i1)),
-                                         _mm256_or_si256(_mm256_cmpgt_epi32(zero, i2), _mm256_cmpgt_epi32(zero, i3)));
-      badv = _mm256_or_si256(badv, _mm256_or_si256(hi, lo));
-      i0 = _mm256_max_epi32(_mm256_min_epi32(i0, kmax), zero);
-      i1 = _mm256_max_epi32(_mm256_min_epi32(i1, kmax), zero);
-      i2 = _mm256_max_epi32(_mm256_min_epi32(i2, kmax), zero);
-      i3 = _mm256_max_epi32(_mm256_min_epi32(i3, kmax), zero);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), _mm256_i32gather_ps(x, i2, 4), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), _mm256_i32gather_ps(x, i3, 4), a3);
-    }
-    for (; k + 8 <= k1; k += 8) {
-      __m256i i0 = load_cols(col, wide, k);
-      badv = _mm256_or_si256(badv, _mm256_or_si256(_mm256_cmpgt_epi32(i0, kmax), _mm256_cmpgt_epi32(zero, i0)));
-      i0 = _mm256_max_epi32(_mm256_min_epi32(i0, kmax), zero);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), _mm256_i32gather_ps(x, i0, 4), a0);
-    }
-    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < k1; ++k) {
-      int64_t c = col_at(col, wide, k);
-      if (c >= K || c < 0) {
-        *bad = true;
-        c = K - 1;
-      }
-      acc += val[k] * x[c];
-    }
-    y[r] = finish_output<float>(acc, bias, r, relu);
-  }
-  if (!_mm256_testz_si256(badv, badv)) *bad = true;
 }
 
 // 32 output positions in 4 ymm accumulators, two nonzeros per step into two accumulator sets.

@@ -45,6 +45,20 @@ def _load_factory(spec: str) -> nn.Module:
     return model
 
 
+def _load_model(spec: str, weights: str | None) -> nn.Module:
+    """The factory's model, with a (possibly pruned) state_dict loaded when given (weights_only)."""
+    import fastprune
+
+    model = _load_factory(spec)
+    if weights:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - report any load failure clearly
+            raise SystemExit(f"fastprune: cannot load weights {weights!r}: {e}") from e
+        fastprune.load_pruned(model, state)
+    return model
+
+
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -212,13 +226,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     args.scope_given = args.scope is not None
     args.scope = args.scope or "global"
 
-    model = _load_factory(args.model)
-    if args.weights:
-        try:
-            state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - report any load failure clearly
-            raise SystemExit(f"fastprune: cannot load weights {args.weights!r}: {e}") from e
-        fastprune.load_pruned(model, state)
+    model = _load_model(args.model, args.weights)
     kwargs = {"sparsity": args.sparsity, "scope": args.scope}
     structured = args.method in fastprune.method_names() and get_method(args.method).config_cls is fastprune.ChannelConfig
     if structured:
@@ -255,13 +263,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fastprune.nn import sparsify, sparsify_report
 
     torch.set_num_threads(args.threads)
-    model = _load_factory(args.model).eval()
-    if args.weights:
-        try:
-            state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - report any load failure clearly
-            raise SystemExit(f"fastprune: cannot load weights {args.weights!r}: {e}") from e
-        fastprune.load_pruned(model, state)
+    model = _load_model(args.model, args.weights).eval()
     fastprune.finalize(model)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
