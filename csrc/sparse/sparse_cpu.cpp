@@ -139,7 +139,9 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     const auto& kern = sparse_kernels(active_isa());
     const float* v = values.const_data_ptr<float>();
     const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    float* y = out.data_ptr<float>();
+    // several samples: the kernel writes Y^T (O, n), transposed into out afterwards
+    at::Tensor yt = n == 1 ? out : at::empty({O, n}, input.options());
+    float* y = yt.data_ptr<float>();
     // one sample: gather-dot per row; several: the transposed input makes each column a
     // contiguous run of samples, so every nonzero is one vector FMA across the batch
     const at::Tensor xt = n == 1 ? x : x.t().contiguous();
@@ -150,11 +152,12 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
           kern.spmv(rp, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), K, b, relu, chunks[c], chunks[c + 1], y, &bad);
         } else {
           kern.spmm(rp, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), n, K, n, b, relu, chunks[c],
-                    chunks[c + 1], y, O, &bad);
+                    chunks[c + 1], y, n, &bad);
         }
       }
       if (bad) any_bad = true;
     });
+    if (n > 1) out.copy_(yt.t());
   } else {
     const double* v = values.const_data_ptr<double>();
     const double* b = bias.defined() ? bias.const_data_ptr<double>() : nullptr;

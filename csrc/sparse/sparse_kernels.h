@@ -14,8 +14,9 @@ struct SparseKernels {
   // Rows [r0, r1) of y = act(W x + b) for one sample: x (K), y (O). Gathers x at the columns.
   void (*spmv)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* x, int64_t K,
                const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
-  // Rows [r0, r1) of Y = act(W X + b) for n samples, vectorised along the samples:
-  // xt (K, n) row stride ldx (the input transposed), y (n, O) row stride ldy.
+  // Rows [r0, r1) of Y^T = act(W X + b) for n samples, vectorised along the samples:
+  // xt (K, n) row stride ldx (the input transposed), yt (O, n) row stride ldy (the output transposed:
+  // each row's results are one contiguous vector store).
   void (*spmm)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* xt, int64_t ldx,
                int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
                bool* bad);

@@ -12,7 +12,6 @@ namespace {
 
 void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
           int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
-  alignas(64) float out[16];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
@@ -43,8 +42,10 @@ void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const
         }
         a0 = _mm512_fmadd_ps(_mm512_set1_ps(val[k]), _mm512_maskz_loadu_ps(m, xt + c * ldx + j0), a0);
       }
-      _mm512_store_ps(out, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-      for (int64_t j = 0; j < w; ++j) y[(j0 + j) * ldy + r] = finish_output<float>(out[j], bias, r, relu);
+      __m512 acc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+      if (bias != nullptr) acc = _mm512_add_ps(acc, _mm512_set1_ps(bias[r]));
+      if (relu) acc = _mm512_max_ps(acc, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(y + r * ldy + j0, m, acc);
     }
   }
 }

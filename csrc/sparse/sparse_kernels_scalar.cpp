@@ -23,7 +23,7 @@ void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t j = 0; j < n; ++j) {
       const float acc = csr_partial_dot<float, float>(rp, col, wide, val, xt + j, ldx, K, r, 0, 1, bad);
-      y[j * ldy + r] = finish_output<float>(acc, bias, r, relu);
+      y[r * ldy + j] = finish_output<float>(acc, bias, r, relu);
     }
   }
 }
