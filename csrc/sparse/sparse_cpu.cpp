@@ -312,11 +312,21 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   for (int64_t r = 0; r < g.O; ++r) TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_conv2d: row_ptr must not decrease");
   at::Tensor out = at::empty({g.N, g.O, g.Hout, g.Wout}, input.options());
   if (out.numel() == 0) return out;
+  // A 1x1, stride-1, unpadded conv on several samples is one product over all N * H * W positions:
+  // the samples are laid side by side in each channel's plane (longer runs, fewer partial tiles).
+  const bool merge = g.N > 1 && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  ConvGeometry gm = g;
+  if (merge) {
+    gm.N = 1, gm.H = 1, gm.W = g.N * g.H * g.W, gm.Hout = 1, gm.Wout = gm.W, gm.Hph = 1, gm.Wph = gm.W;
+    gm.plane = (gm.W + 15) / 16 * 16;
+    gm.buf_len = g.C * gm.plane + (gm.W + 127) / 128 * 128 + gm.W + 128;
+    TORCH_CHECK(gm.buf_len < (int64_t(1) << 31), "sparse_conv2d: input too large for 32-bit offsets");
+  }
   // per nonzero: the offset of its tap in the phase buffer, derived from this call's geometry and
   // cached per (packed weight, geometry): later calls with the same input shape reuse it
-  const std::shared_ptr<const std::vector<int32_t>> off_ptr = conv_offsets(col_in, row_ptr_in, rp, col, g);
+  const std::shared_ptr<const std::vector<int32_t>> off_ptr = conv_offsets(col_in, row_ptr_in, rp, col, gm);
   const std::vector<int32_t>& off = *off_ptr;
-  const int64_t q_len = g.Hout * g.Wph;
+  const int64_t q_len = gm.Hout * gm.Wph;
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
@@ -325,11 +335,39 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const at::Tensor res = residual_in.has_value() ? residual_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
     // ATen's CPU allocator returns 64-byte aligned memory: planes (multiples of 16 floats) stay aligned
-    at::Tensor buf_t = at::empty({g.buf_len}, input.options()), wide_t = at::empty({g.O * ldo}, input.options());
+    at::Tensor buf_t = at::empty({gm.buf_len}, input.options()), wide_t = at::empty({g.O * ldo}, input.options());
     scalar_t* buf = buf_t.data_ptr<scalar_t>();
     scalar_t* wide = wide_t.data_ptr<scalar_t>();
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    if (merge) {
+      const int64_t hw = g.H * g.W;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      std::fill(buf, buf + gm.buf_len, scalar_t(0));
+      for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t n = 0; n < g.N; ++n) std::copy(xp + (n * g.C + c) * hw, xp + (n * g.C + c + 1) * hw, buf + c * gm.plane + n * hw);
+      }
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        conv_rows_any(rp, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
+      });
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);
+          for (int64_t n = 0; n < g.N; ++n) {
+            const scalar_t* src = wide + r * ldo + n * hw;
+            const int64_t base = (n * g.O + r) * hw;
+            for (int64_t p = 0; p < hw; ++p) {
+              scalar_t y = src[p] + bb;
+              if (rs != nullptr) y += rs[base + p];
+              o[base + p] = (relu && y < scalar_t(0)) ? scalar_t(0) : y;
+            }
+          }
+        }
+      });
+      return;
+    }
     for (int64_t n = 0; n < g.N; ++n) {
       build_phases<scalar_t>(x.const_data_ptr<scalar_t>() + n * g.C * g.H * g.W, g, buf);
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {

@@ -148,6 +148,8 @@ CONV_CASES = [
     (3, 6, 10, 7, 4, 3, 2, 1, 1, 2),  # stride 2, grouped, odd sizes
     (2, 8, 8, 8, 8, 3, 1, 2, 2, 8),  # depthwise, dilation 2
     (1, 4, 6, 6, 6, 1, 1, 0, 1, 1),  # 1x1
+    (3, 4, 5, 7, 6, 1, 1, 0, 1, 1),  # 1x1 on several samples: one product over all positions
+    (2, 6, 4, 4, 4, 1, 1, 0, 1, 2),  # grouped 1x1 on several samples
     (2, 3, 13, 9, 5, 5, (2, 1), (2, 0), 1, 1),  # rectangular stride and padding
     (0, 3, 5, 5, 4, 3, 1, 1, 1, 1),  # empty batch
 ]
