@@ -245,9 +245,9 @@ def _flat_tensors(x: Any) -> list[torch.Tensor]:
         return [x]
     if isinstance(x, (tuple, list)):
         return [t for v in x for t in _flat_tensors(v)]
-    if isinstance(x, Mapping):
+    if isinstance(x, Mapping):  # also HuggingFace ModelOutput (an OrderedDict)
         return [t for v in x.values() for t in _flat_tensors(v)]
-    return [t for v in getattr(x, "__dict__", {}).values() for t in _flat_tensors(v)] if hasattr(x, "to_tuple") else []
+    return []
 
 
 def _max_diff(a: Any, b: Any) -> float:
