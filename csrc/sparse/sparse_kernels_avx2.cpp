@@ -3,6 +3,7 @@
 
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
+#include "sparse/sparse_simd_impl.h"
 
 
 namespace fastprune {
@@ -81,44 +82,27 @@ void spmv_rows(const int32_t* rp, const void* col, const float* val, const float
   if (!_mm256_testz_si256(guard.bad, guard.bad)) *bad = true;
 }
 
+struct V256 {
+  using Reg = __m256;
+  using Mask = __m256i;
+  static constexpr int64_t kWidth = 8;
+  static Reg zero() { return _mm256_setzero_ps(); }
+  static Reg set1(float f) { return _mm256_set1_ps(f); }
+  static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, Reg v) { _mm256_storeu_ps(p, v); }
+  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+  static Reg max0(Reg v) { return _mm256_max_ps(v, _mm256_setzero_ps()); }
+  static Mask mask(int64_t w) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static Reg maskz_load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static void mask_store(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+};
+
 void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
           int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t k0 = rp[r], k1 = rp[r + 1];
-    for (int64_t j0 = 0; j0 < n; j0 += 8) {
-      const int64_t w = n - j0 < 8 ? n - j0 : 8;
-      const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      int64_t k = k0;
-      for (; k + 4 <= k1; k += 4) {
-        int64_t c[4];
-        for (int q = 0; q < 4; ++q) {
-          c[q] = col_at(col, wide, k + q);
-          if (c[q] >= K || c[q] < 0) {
-            *bad = true;
-            c[q] = K - 1;
-          }
-        }
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(val[k]), _mm256_maskload_ps(xt + c[0] * ldx + j0, m), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 1]), _mm256_maskload_ps(xt + c[1] * ldx + j0, m), a1);
-        a2 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 2]), _mm256_maskload_ps(xt + c[2] * ldx + j0, m), a2);
-        a3 = _mm256_fmadd_ps(_mm256_set1_ps(val[k + 3]), _mm256_maskload_ps(xt + c[3] * ldx + j0, m), a3);
-      }
-      for (; k < k1; ++k) {
-        int64_t c = col_at(col, wide, k);
-        if (c >= K || c < 0) {
-          *bad = true;
-          c = K - 1;
-        }
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(val[k]), _mm256_maskload_ps(xt + c * ldx + j0, m), a0);
-      }
-      __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-      if (bias != nullptr) acc = _mm256_add_ps(acc, _mm256_set1_ps(bias[r]));
-      if (relu) acc = _mm256_max_ps(acc, _mm256_setzero_ps());
-      _mm256_maskstore_ps(y + r * ldy + j0, m, acc);
-    }
-  }
+  spmm_t<V256>(rp, col, wide, val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
 }
 
 }  // namespace
@@ -132,46 +116,9 @@ void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const
   }
 }
 
-// 32 output positions in 4 ymm accumulators, two nonzeros per step into two accumulator sets.
-// (The caller's tile is 64 positions: two passes of 32.)
 void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
                int64_t r1, float* out_wide, int64_t ldo) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t k0 = rp[r], k1 = rp[r + 1];
-    float* orow = out_wide + r * ldo;
-    const int64_t q_end = (q_len + 63) / 64 * 64;
-    for (int64_t q0 = 0; q0 < q_end; q0 += 32) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-      __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
-      const float* base = xin + q0;
-      int64_t k = k0;
-      for (; k + 2 <= k1; k += 2) {
-        const float* s0 = base + off[k];
-        const float* s1 = base + off[k + 1];
-        const __m256 v0 = _mm256_set1_ps(val[k]), v1 = _mm256_set1_ps(val[k + 1]);
-        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0), a0);
-        a1 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 8), a1);
-        a2 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 16), a2);
-        a3 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 24), a3);
-        b0 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1), b0);
-        b1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 8), b1);
-        b2 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 16), b2);
-        b3 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(s1 + 24), b3);
-      }
-      if (k < k1) {
-        const float* s0 = base + off[k];
-        const __m256 v0 = _mm256_set1_ps(val[k]);
-        a0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0), a0);
-        a1 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 8), a1);
-        a2 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 16), a2);
-        a3 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(s0 + 24), a3);
-      }
-      _mm256_storeu_ps(orow + q0, _mm256_add_ps(a0, b0));
-      _mm256_storeu_ps(orow + q0 + 8, _mm256_add_ps(a1, b1));
-      _mm256_storeu_ps(orow + q0 + 16, _mm256_add_ps(a2, b2));
-      _mm256_storeu_ps(orow + q0 + 24, _mm256_add_ps(a3, b3));
-    }
-  }
+  conv_rows_simd<V256>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
 }
 
 const SparseKernels kKernels = {spmv, spmm, conv_rows, "avx2"};
