@@ -180,6 +180,8 @@ def main() -> None:
     print()
     print(md)
     tag = "sparse_quick" if args.quick else "sparse"
+    if args.threads != [1]:  # the 1-thread run is the record the README quotes; others get their own files
+        tag += "_threads_" + "_".join(str(t) for t in args.threads)
     jpath, mpath = write_results(tag, {"machine": machine_info(args.threads[0]), "results": out,
                                        "end_to_end": out_e2e}, md)
     import matplotlib
