@@ -1,15 +1,13 @@
-// The sparse direct convolution's hot loop, compiled once per ISA (sparse_kernels_<isa>.cpp define
-// FP_ISA_NS and include this file; the compiler vectorises the fixed-size tile loop with that
-// TU's -m flags). See sparse_cpu.cpp for the layout it runs on:
+// The portable sparse direct convolution loop (the scalar table and the float64 path; the AVX2 and
+// AVX-512 tables use the register-tiled conv_rows_simd of sparse_simd_impl.h on the same layout):
 //   xin   one sample's input, relaid out into stride phases, each plane (Hph, Wph), zero padded;
 //   q     a position of the "wide" output grid (Hout, Wph): q = oh * Wph + ow (ow >= Wout is junk);
 //   off   per nonzero, the element offset of its (channel, kh, kw) tap in xin, so that the input
 //         of output position q for that tap is xin[off + q]: contiguous in q, for any stride,
 //         padding and dilation (the phases turn strided reads into unit-stride ones).
 // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q] for rows r in [r0, r1), q in [0, q_len),
-// computed in tiles of kTile positions held in registers across the row's nonzeros. xin has
-// 128 floats of slack past its end (ldo and the slack are whole 128-position tiles), so the last
-// tile needs no masks.
+// in tiles of kConvTile positions. xin has 128 floats of slack past its end (ldo and the slack are
+// whole 128-position tiles), so the last tile needs no masks.
 #pragma once
 
 #include <cstdint>
