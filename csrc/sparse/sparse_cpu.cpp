@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <array>
 #include <deque>
 #include <memory>
@@ -105,84 +106,46 @@ std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts
   const int64_t nnz = rp[O];
   for (int64_t p = 1; p < parts; ++p) {
     const int64_t target = nnz * p / parts;
-    const int64_t r = std::upper_bound(rp, rp + O + 1, static_cast<int32_t>(target)) - rp - 1;
+    // on a multiple of 4 rows: a chunk edge never splits a group of rows sharing a pattern
+    const int64_t r = (std::upper_bound(rp, rp + O + 1, static_cast<int32_t>(target)) - rp - 1) / 4 * 4;
     if (r > b.back()) b.push_back(r);
   }
   if (b.back() != O) b.push_back(O);
   return b;
 }
 
-at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_in, const at::Tensor& col_in,
-                             const at::Tensor& values_in, int64_t in_features, const std::optional<at::Tensor>& bias_in,
-                             bool relu) {
-  const int64_t O = check_sparse_linear_inputs(input, row_ptr_in, col_in, values_in, in_features, bias_in);
-  const int64_t K = in_features;
-  const at::Tensor rp_t = row_ptr_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
-  const int32_t* rp = rp_t.const_data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[O] == values.numel(), "sparse_linear: row_ptr must start at 0 and end at nnz (",
-              values.numel(), ")");
-  for (int64_t r = 0; r < O; ++r) {
-    TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_linear: row_ptr must not decrease (row ", r, ")");
+// What the kernels derive from a packed weight (and, for a convolution, the input geometry):
+// off  per nonzero, its tap's offset in the phase buffer (convolutions only);
+// runs per row, how many rows from it on share its pattern (sparse_kernels.h).
+struct Derived {
+  std::vector<int32_t> off, runs;
+};
+
+// runs[r] from same(r) = "row r + 1 has row r's pattern" (rows of equal length only are compared).
+template <class Same>
+std::vector<int32_t> row_runs(const int32_t* rp, int64_t O, Same same) {
+  std::vector<int32_t> runs(O, 1);
+  for (int64_t r = O - 2; r >= 0; --r) {
+    if (rp[r + 1] - rp[r] == rp[r + 2] - rp[r + 1] && same(r)) runs[r] = runs[r + 1] + 1;
   }
-  const bool wide = col.scalar_type() == at::kInt;
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = O;
-  const int64_t n = input.numel() / K;
-  at::Tensor out = at::empty({n, O}, input.options());
-  if (n == 0 || O == 0) return out.reshape(out_shape);
-  const at::Tensor x = input.reshape({n, K}).contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const auto chunks = balanced_chunks(rp, O, std::max<int64_t>(1, at::get_num_threads() * 4));
-  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  std::atomic<bool> any_bad{false};
-  if (input.scalar_type() == at::kFloat) {
-    const auto& kern = sparse_kernels(active_isa());
-    const float* v = values.const_data_ptr<float>();
-    const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    // several samples: the kernel writes Y^T (O, n), transposed into out afterwards
-    at::Tensor yt = n == 1 ? out : at::empty({O, n}, input.options());
-    float* y = yt.data_ptr<float>();
-    // one sample: gather-dot per row; several: the transposed input makes each column a
-    // contiguous run of samples, so every nonzero is one vector FMA across the batch
-    const at::Tensor xt = n == 1 ? x : x.t().contiguous();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      bool bad = false;
-      for (int64_t c = c0; c < c1; ++c) {
-        if (n == 1) {
-          kern.spmv(rp, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), K, b, relu, chunks[c], chunks[c + 1], y, &bad);
-        } else {
-          kern.spmm(rp, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), n, K, n, b, relu, chunks[c],
-                    chunks[c + 1], y, n, &bad);
-        }
-      }
-      if (bad) any_bad = true;
-    });
-    if (n > 1) out.copy_(yt.t());
-  } else {
-    const double* v = values.const_data_ptr<double>();
-    const double* b = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
-    const double* xp = x.const_data_ptr<double>();
-    double* y = out.data_ptr<double>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      bool bad = false;
-      for (int64_t r = chunks[c0]; r < chunks[c1]; ++r) {
-        for (int64_t j = 0; j < n; ++j) {
-          const double acc = csr_partial_dot<double, double>(rp, col.const_data_ptr(), wide, v, xp + j * K, 1, K, r, 0, 1, &bad);
-          y[j * O + r] = finish_output<double>(acc, b, r, relu);
-        }
-      }
-      if (bad) any_bad = true;
-    });
-  }
-  TORCH_CHECK(!any_bad, "sparse_linear: col_idx holds a column outside [0, ", K,
-              "): the packed weight was made for a different shape");
-  return out.reshape(out_shape);
+  return runs;
 }
 
-std::shared_ptr<const std::vector<int32_t>> compute_offsets(const int32_t* rp, const at::Tensor& col,
-                                                            const ConvGeometry& g) {
+std::shared_ptr<const Derived> linear_derived(const int32_t* rp, const at::Tensor& col, int64_t O) {
+  auto d = std::make_shared<Derived>();
+  const auto* bytes = static_cast<const unsigned char*>(col.const_data_ptr());
+  const int64_t es = col.element_size();
+  d->runs = row_runs(rp, O, [&](int64_t r) {
+    return std::memcmp(bytes + rp[r] * es, bytes + rp[r + 1] * es, (rp[r + 1] - rp[r]) * es) == 0;
+  });
+  return d;
+}
+
+std::shared_ptr<const Derived> compute_offsets(const int32_t* rp, const at::Tensor& col, const ConvGeometry& g) {
   const int64_t nnz = col.numel();
-  auto off = std::make_shared<std::vector<int32_t>>(nnz);
+  auto d = std::make_shared<Derived>();
+  d->off.resize(nnz);
+  std::vector<int32_t>* off = &d->off;
   const int64_t taps = g.kh * g.kw, rows_per_group = g.O / g.groups, plane = g.plane;
   // offset of each column (channel within the group, kh, kw) for a group starting at channel 0; a
   // row of group gi adds gi * Cg planes. A table of K entries: no division per nonzero.
@@ -214,26 +177,30 @@ std::shared_ptr<const std::vector<int32_t>> compute_offsets(const int32_t* rp, c
   }
   TORCH_CHECK(!bad, "sparse_conv2d: col_idx holds a column outside [0, ", K,
               "): the packed weight was made for a different shape");
-  return off;
+  // equal offsets, not equal columns: rows of different conv groups read different planes
+  d->runs = row_runs(rp, g.O, [&](int64_t r) {
+    return std::equal(off->begin() + rp[r], off->begin() + rp[r + 1], off->begin() + rp[r + 1]);
+  });
+  return d;
 }
 
-// Cache of tap offsets, keyed by the packed tensors' identity (a weak reference to their TensorImpl
-// plus its version counter: an in-place change or a new tensor misses) and the input geometry.
+// Cache of Derived, keyed by the packed tensors' identity (a weak reference to their TensorImpl plus
+// its version counter: an in-place change or a new tensor misses) and the input geometry (for a
+// linear layer: -1 and K). Inference tensors have no version counter: computed afresh each call.
 struct OffsetEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> col, rp;
   uint32_t col_version, rp_version;
   std::array<int64_t, 12> geom;
-  std::shared_ptr<const std::vector<int32_t>> off;
+  std::shared_ptr<const Derived> derived;
 };
 constexpr size_t kOffsetCacheSize = 256;
 
-std::shared_ptr<const std::vector<int32_t>> conv_offsets(const at::Tensor& col_in, const at::Tensor& rp_in,
-                                                         const int32_t* rp, const at::Tensor& col,
-                                                         const ConvGeometry& g) {
-  if (col_in.is_inference() || rp_in.is_inference()) return compute_offsets(rp, col, g);
+template <class Compute>
+std::shared_ptr<const Derived> cached_derived(const at::Tensor& col_in, const at::Tensor& rp_in,
+                                              const std::array<int64_t, 12>& geom, Compute compute) {
+  if (col_in.is_inference() || rp_in.is_inference()) return compute();
   static std::mutex mu;
   static std::deque<OffsetEntry> cache;
-  const std::array<int64_t, 12> geom{g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups};
   const uint32_t cv = col_in.unsafeGetTensorImpl()->version_counter().current_version();
   const uint32_t rv = rp_in.unsafeGetTensorImpl()->version_counter().current_version();
   {
@@ -241,27 +208,103 @@ std::shared_ptr<const std::vector<int32_t>> conv_offsets(const at::Tensor& col_i
     for (const OffsetEntry& e : cache) {
       if (e.col_version != cv || e.rp_version != rv || e.geom != geom) continue;
       const auto c = e.col.lock(), r = e.rp.lock();
-      if (c.get() == col_in.unsafeGetTensorImpl() && r.get() == rp_in.unsafeGetTensorImpl()) return e.off;
+      if (c.get() == col_in.unsafeGetTensorImpl() && r.get() == rp_in.unsafeGetTensorImpl()) return e.derived;
     }
   }
-  auto off = compute_offsets(rp, col, g);
+  auto derived = compute();
   std::lock_guard<std::mutex> lock(mu);
   // drop entries whose tensors are gone, then the oldest beyond the bound
   cache.erase(std::remove_if(cache.begin(), cache.end(), [](const OffsetEntry& e) { return e.col.expired(); }),
               cache.end());
   if (cache.size() >= kOffsetCacheSize) cache.pop_front();
   cache.push_back(OffsetEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(col_in.getIntrusivePtr()),
-                              c10::weak_intrusive_ptr<c10::TensorImpl>(rp_in.getIntrusivePtr()), cv, rv, geom, off});
-  return off;
+                              c10::weak_intrusive_ptr<c10::TensorImpl>(rp_in.getIntrusivePtr()), cv, rv, geom, derived});
+  return derived;
+}
+
+std::shared_ptr<const Derived> conv_derived(const at::Tensor& col_in, const at::Tensor& rp_in, const int32_t* rp,
+                                            const at::Tensor& col, const ConvGeometry& g) {
+  const std::array<int64_t, 12> geom{g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups};
+  return cached_derived(col_in, rp_in, geom, [&] { return compute_offsets(rp, col, g); });
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_in, const at::Tensor& col_in,
+                             const at::Tensor& values_in, int64_t in_features, const std::optional<at::Tensor>& bias_in,
+                             bool relu) {
+  const int64_t O = check_sparse_linear_inputs(input, row_ptr_in, col_in, values_in, in_features, bias_in);
+  const int64_t K = in_features;
+  const at::Tensor rp_t = row_ptr_in.contiguous(), col = col_in.contiguous(), values = values_in.contiguous();
+  const int32_t* rp = rp_t.const_data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[O] == values.numel(), "sparse_linear: row_ptr must start at 0 and end at nnz (",
+              values.numel(), ")");
+  for (int64_t r = 0; r < O; ++r) {
+    TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_linear: row_ptr must not decrease (row ", r, ")");
+  }
+  const bool wide = col.scalar_type() == at::kInt;
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = O;
+  const int64_t n = input.numel() / K;
+  at::Tensor out = at::empty({n, O}, input.options());
+  if (n == 0 || O == 0) return out.reshape(out_shape);
+  const at::Tensor x = input.reshape({n, K}).contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const auto chunks = balanced_chunks(rp, O, std::max<int64_t>(1, at::get_num_threads() * 4));
+  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
+  std::atomic<bool> any_bad{false};
+  if (input.scalar_type() == at::kFloat) {
+    const auto& kern = sparse_kernels(active_isa());
+    const std::array<int64_t, 12> geom{-1, K, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const auto derived = cached_derived(col_in, row_ptr_in, geom, [&] { return linear_derived(rp, col, O); });
+    const int32_t* runs = derived->runs.data();
+    const float* v = values.const_data_ptr<float>();
+    const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+    // several samples: the kernel writes Y^T (O, n), transposed into out afterwards
+    at::Tensor yt = n == 1 ? out : at::empty({O, n}, input.options());
+    float* y = yt.data_ptr<float>();
+    // one sample: gather-dot per row; several: the transposed input makes each column a
+    // contiguous run of samples, so every nonzero is one vector FMA across the batch
+    const at::Tensor xt = n == 1 ? x : x.t().contiguous();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      bool bad = false;
+      for (int64_t c = c0; c < c1; ++c) {
+        if (n == 1) {
+          kern.spmv(rp, runs, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), K, b, relu, chunks[c], chunks[c + 1], y, &bad);
+        } else {
+          kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), n, K, n, b, relu, chunks[c],
+                    chunks[c + 1], y, n, &bad);
+        }
+      }
+      if (bad) any_bad = true;
+    });
+    if (n > 1) out.copy_(yt.t());
+  } else {
+    const double* v = values.const_data_ptr<double>();
+    const double* b = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
+    const double* xp = x.const_data_ptr<double>();
+    double* y = out.data_ptr<double>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      bool bad = false;
+      for (int64_t r = chunks[c0]; r < chunks[c1]; ++r) {
+        for (int64_t j = 0; j < n; ++j) {
+          const double acc = csr_partial_dot<double, double>(rp, col.const_data_ptr(), wide, v, xp + j * K, 1, K, r, 0, 1, &bad);
+          y[j * O + r] = finish_output<double>(acc, b, r, relu);
+        }
+      }
+      if (bad) any_bad = true;
+    });
+  }
+  TORCH_CHECK(!any_bad, "sparse_linear: col_idx holds a column outside [0, ", K,
+              "): the packed weight was made for a different shape");
+  return out.reshape(out_shape);
 }
 
 // float32: the per-ISA loop; float64: the portable one.
-void conv_rows_any(const int32_t* rp, const int32_t* off, const float* v, const float* x, int64_t q_len, int64_t r0,
-                   int64_t r1, float* out, int64_t ldo) {
-  sparse_kernels(active_isa()).conv_rows(rp, off, v, x, q_len, r0, r1, out, ldo);
+void conv_rows_any(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* v, const float* x,
+                   int64_t q_len, int64_t r0, int64_t r1, float* out, int64_t ldo) {
+  sparse_kernels(active_isa()).conv_rows(rp, runs, off, v, x, q_len, r0, r1, out, ldo);
 }
-void conv_rows_any(const int32_t* rp, const int32_t* off, const double* v, const double* x, int64_t q_len, int64_t r0,
-                   int64_t r1, double* out, int64_t ldo) {
+void conv_rows_any(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const double* v, const double* x,
+                   int64_t q_len, int64_t r0, int64_t r1, double* out, int64_t ldo) {
   scalar::conv_rows_f64(rp, off, v, x, q_len, r0, r1, out, ldo);
 }
 
@@ -324,8 +367,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   }
   // per nonzero: the offset of its tap in the phase buffer, derived from this call's geometry and
   // cached per (packed weight, geometry): later calls with the same input shape reuse it
-  const std::shared_ptr<const std::vector<int32_t>> off_ptr = conv_offsets(col_in, row_ptr_in, rp, col, gm);
-  const std::vector<int32_t>& off = *off_ptr;
+  const std::shared_ptr<const Derived> derived = conv_derived(col_in, row_ptr_in, rp, col, gm);
+  const std::vector<int32_t>& off = derived->off;
+  const int32_t* runs = derived->runs.data();
   const int64_t q_len = gm.Hout * gm.Wph;
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
@@ -348,7 +392,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
         for (int64_t n = 0; n < g.N; ++n) std::copy(xp + (n * g.C + c) * hw, xp + (n * g.C + c + 1) * hw, buf + c * gm.plane + n * hw);
       }
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
+        conv_rows_any(rp, runs, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
       });
       scalar_t* o = out.data_ptr<scalar_t>();
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
@@ -371,7 +415,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     for (int64_t n = 0; n < g.N; ++n) {
       build_phases<scalar_t>(x.const_data_ptr<scalar_t>() + n * g.C * g.H * g.W, g, buf);
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
+        conv_rows_any(rp, runs, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
       });
       scalar_t* o = out.data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout;
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout : nullptr;

@@ -10,19 +10,23 @@
 namespace fastprune {
 namespace sparse {
 
+// runs (nullable): runs[r] = how many rows from r on share row r's pattern (its columns, or for a
+// convolution its tap offsets), at least 1. The vector loops run up to four such rows together, so
+// that every input vector they load (or gather) feeds several rows' FMAs; nullptr: one row at a time.
+// The portable loops ignore it.
 struct SparseKernels {
   // Rows [r0, r1) of y = act(W x + b) for one sample: x (K), y (O). Gathers x at the columns.
-  void (*spmv)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* x, int64_t K,
+  void (*spmv)(const int32_t* row_ptr, const int32_t* runs, const void* col, bool wide, const float* val, const float* x, int64_t K,
                const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
   // Rows [r0, r1) of Y^T = act(W X + b) for n samples, vectorised along the samples:
   // xt (K, n) row stride ldx (the input transposed), yt (O, n) row stride ldy (the output transposed:
   // each row's results are one contiguous vector store).
-  void (*spmm)(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* xt, int64_t ldx,
+  void (*spmm)(const int32_t* row_ptr, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt, int64_t ldx,
                int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
                bool* bad);
   // Rows [r0, r1) of the sparse direct convolution on one sample (see sparse_conv_impl.h):
   // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q], q < q_len (ldo >= q_len rounded up to 128).
-  void (*conv_rows)(const int32_t* row_ptr, const int32_t* off, const float* val, const float* xin, int64_t q_len,
+  void (*conv_rows)(const int32_t* row_ptr, const int32_t* runs, const int32_t* off, const float* val, const float* xin, int64_t q_len,
                     int64_t r0, int64_t r1, float* out_wide, int64_t ldo);
   const char* name;
 };
@@ -42,7 +46,7 @@ void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val
 namespace avx2 {
 extern const SparseKernels kKernels;
 // Also the AVX-512 table's single-sample loop: on Zen 4, 8-wide gathers beat 16-wide ones.
-void spmv(const int32_t* row_ptr, const void* col, bool wide, const float* val, const float* x, int64_t K,
+void spmv(const int32_t* row_ptr, const int32_t* runs, const void* col, bool wide, const float* val, const float* x, int64_t K,
           const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
 }
 namespace avx512 { extern const SparseKernels kKernels; }

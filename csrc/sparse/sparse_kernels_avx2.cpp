@@ -1,6 +1,8 @@
 // AVX2 copy of the CSR loops: 8-wide gathers for one sample, 8 samples per vector otherwise.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
 #include "sparse/sparse_simd_impl.h"
@@ -44,11 +46,58 @@ struct ColGuard {
   }
 };
 
+// G rows r.. sharing one column pattern: each gather feeds G rows' FMAs (the gathers, not the
+// FMAs, bound the one-row loop).
+template <bool kWide, int G>
+void spmv_group(const int32_t* rp, const void* col, const float* val, const float* x, int64_t K, const float* bias,
+                bool relu, int64_t r, float* y, ColGuard<kWide>& guard, bool* bad) {
+  const int64_t k0 = rp[r], len = rp[r + 1] - k0;
+  const float* w[G];
+  for (int i = 0; i < G; ++i) w[i] = val + rp[r + i];
+  __m256 a[G][2];
+  for (int i = 0; i < G; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) {
+    const __m256 g0 = _mm256_i32gather_ps(x, guard(load_cols(col, kWide, k0 + k)), 4);
+    const __m256 g1 = _mm256_i32gather_ps(x, guard(load_cols(col, kWide, k0 + k + 8)), 4);
+    for (int i = 0; i < G; ++i) {
+      a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w[i] + k), g0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w[i] + k + 8), g1, a[i][1]);
+    }
+  }
+  for (; k + 8 <= len; k += 8) {
+    const __m256 g0 = _mm256_i32gather_ps(x, guard(load_cols(col, kWide, k0 + k)), 4);
+    for (int i = 0; i < G; ++i) a[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w[i] + k), g0, a[i][0]);
+  }
+  float acc[G];
+  for (int i = 0; i < G; ++i) acc[i] = hsum(_mm256_add_ps(a[i][0], a[i][1]));
+  for (; k < len; ++k) {
+    int64_t c = col_at(col, kWide, k0 + k);
+    if (kWide && (c >= K || c < 0)) {
+      *bad = true;
+      c = K - 1;
+    }
+    for (int i = 0; i < G; ++i) acc[i] += w[i][k] * x[c];
+  }
+  for (int i = 0; i < G; ++i) y[r + i] = finish_output<float>(acc[i], bias, r + i, relu);
+}
+
 template <bool kWide>
-void spmv_rows(const int32_t* rp, const void* col, const float* val, const float* x, int64_t K, const float* bias,
-               bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
+void spmv_rows(const int32_t* rp, const int32_t* runs, const void* col, const float* val, const float* x, int64_t K,
+               const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
   ColGuard<kWide> guard(K);
   for (int64_t r = r0; r < r1; ++r) {
+    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
+    if (run >= 4) {
+      spmv_group<kWide, 4>(rp, col, val, x, K, bias, relu, r, y, guard, bad);
+      r += 3;
+      continue;
+    }
+    if (run >= 2) {
+      spmv_group<kWide, 2>(rp, col, val, x, K, bias, relu, r, y, guard, bad);
+      r += 1;
+      continue;
+    }
     int64_t k = rp[r];
     const int64_t k1 = rp[r + 1];
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -86,6 +135,7 @@ struct V256 {
   using Reg = __m256;
   using Mask = __m256i;
   static constexpr int64_t kWidth = 8;
+  static constexpr int kGroupVecs = 2;  // 4 rows x 2 vectors: 8 of the 16 ymm registers accumulate
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float f) { return _mm256_set1_ps(f); }
   static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
@@ -100,25 +150,26 @@ struct V256 {
   static void mask_store(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
 };
 
-void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
-          int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
-  spmm_t<V256>(rp, col, wide, val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+void spmm(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
+          int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
+          int64_t ldy, bool* bad) {
+  spmm_t<V256>(rp, runs, col, wide, val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
 }
 
 }  // namespace
 
-void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const float* x, int64_t K,
-          const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
+void spmv(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* x,
+          int64_t K, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
   if (wide) {
-    spmv_rows<true>(rp, col, val, x, K, bias, relu, r0, r1, y, bad);
+    spmv_rows<true>(rp, runs, col, val, x, K, bias, relu, r0, r1, y, bad);
   } else {
-    spmv_rows<false>(rp, col, val, padded_copy(x, K), K, bias, relu, r0, r1, y, bad);
+    spmv_rows<false>(rp, runs, col, val, padded_copy(x, K), K, bias, relu, r0, r1, y, bad);
   }
 }
 
-void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
-               int64_t r1, float* out_wide, int64_t ldo) {
-  conv_rows_simd<V256>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+void conv_rows(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* val, const float* xin,
+               int64_t q_len, int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
+  conv_rows_simd<V256>(rp, runs, off, val, xin, q_len, r0, r1, out_wide, ldo);
 }
 
 const SparseKernels kKernels = {spmv, spmm, conv_rows, "avx2"};

@@ -14,6 +14,7 @@ struct V512 {
   using Reg = __m512;
   using Mask = __mmask16;
   static constexpr int64_t kWidth = 16;
+  static constexpr int kGroupVecs = 4;  // 4 rows x 4 vectors: 16 of the 32 zmm registers accumulate
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg set1(float f) { return _mm512_set1_ps(f); }
   static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
@@ -26,16 +27,17 @@ struct V512 {
   static void mask_store(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
 };
 
-void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
-          int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
-  spmm_t<V512>(rp, col, wide, val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+void spmm(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
+          int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
+          int64_t ldy, bool* bad) {
+  spmm_t<V512>(rp, runs, col, wide, val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
 }
 
 }  // namespace
 
-void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
-               int64_t r1, float* out_wide, int64_t ldo) {
-  conv_rows_simd<V512>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+void conv_rows(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* val, const float* xin,
+               int64_t q_len, int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
+  conv_rows_simd<V512>(rp, runs, off, val, xin, q_len, r0, r1, out_wide, ldo);
 }
 
 const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, "avx512"};

@@ -10,7 +10,7 @@ namespace sparse {
 namespace scalar {
 namespace {
 
-void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const float* x, int64_t K,
+void spmv(const int32_t* rp, const int32_t* /*runs*/, const void* col, bool wide, const float* val, const float* x, int64_t K,
           const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
   for (int64_t r = r0; r < r1; ++r) {
     const float acc = csr_partial_dot<float, float>(rp, col, wide, val, x, 1, K, r, 0, 1, bad);
@@ -18,7 +18,7 @@ void spmv(const int32_t* rp, const void* col, bool wide, const float* val, const
   }
 }
 
-void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
+void spmm(const int32_t* rp, const int32_t* /*runs*/, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
           int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t j = 0; j < n; ++j) {
@@ -30,7 +30,7 @@ void spmm(const int32_t* rp, const void* col, bool wide, const float* val, const
 
 }  // namespace
 
-void conv_rows(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
+void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
                int64_t r1, float* out_wide, int64_t ldo) {
   conv_rows_t<float>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
 }

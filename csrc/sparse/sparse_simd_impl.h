@@ -2,9 +2,11 @@
 // each sparse_kernels_<isa>.cpp defines (in an anonymous namespace, so every instantiation stays
 // inside its own translation unit and its own -m flags). V provides: Reg, Mask, kWidth, zero(),
 // set1(f), loadu(p), storeu(p, v), fmadd(a, b, c), add(a, b), max0(v), mask(w) (first w lanes),
-// maskz_load(m, p), mask_store(p, m, v).
+// maskz_load(m, p), mask_store(p, m, v), and kGroupVecs: the vectors of output positions per row in
+// the shared-pattern conv loop (its G rows x kGroupVecs accumulators must fit the register file).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "sparse/sparse_core.h"
@@ -15,9 +17,34 @@ namespace sparse {
 // Rows [r0, r1) of Y^T = act(W X + b), vectorised along the n samples (xt: X^T (K, n), row stride
 // ldx; yt (O, n), row stride ldy); four accumulators hide the FMA latency when one vector covers
 // all samples. Columns are range-checked (clamped, *bad set).
+// G rows r.. sharing one column pattern: each loaded input vector feeds G rows' FMAs.
+template <class V, int G, class Column>
+inline void spmm_group(const int32_t* rp, const float* val, const float* xt, int64_t ldx, int64_t n,
+                       const float* bias, bool relu, int64_t r, float* y, int64_t ldy, Column column) {
+  const int64_t k0 = rp[r], len = rp[r + 1] - k0;
+  const float* w[G];
+  for (int i = 0; i < G; ++i) w[i] = val + rp[r + i];
+  for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
+    const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
+    typename V::Reg acc[G];
+    for (int i = 0; i < G; ++i) acc[i] = V::zero();
+    for (int64_t k = 0; k < len; ++k) {
+      const typename V::Reg x = V::maskz_load(m, xt + column(k0 + k) * ldx + j0);
+      for (int i = 0; i < G; ++i) acc[i] = V::fmadd(V::set1(w[i][k]), x, acc[i]);
+    }
+    for (int i = 0; i < G; ++i) {
+      typename V::Reg a = acc[i];
+      if (bias != nullptr) a = V::add(a, V::set1(bias[r + i]));
+      if (relu) a = V::max0(a);
+      V::mask_store(y + (r + i) * ldy + j0, m, a);
+    }
+  }
+}
+
 template <class V>
-void spmm_t(const int32_t* rp, const void* col, bool wide, const float* val, const float* xt, int64_t ldx, int64_t K,
-            int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy, bool* bad) {
+void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
+            int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
+            int64_t ldy, bool* bad) {
   auto column = [&](int64_t k) {
     int64_t c = col_at(col, wide, k);
     if (c >= K || c < 0) {
@@ -26,7 +53,18 @@ void spmm_t(const int32_t* rp, const void* col, bool wide, const float* val, con
     }
     return c;
   };
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = r0; r < r1;) {
+    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
+    if (run >= 4) {
+      spmm_group<V, 4>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
+      r += 4;
+      continue;
+    }
+    if (run >= 2) {
+      spmm_group<V, 2>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
+      r += 2;
+      continue;
+    }
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
       const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
@@ -45,22 +83,88 @@ void spmm_t(const int32_t* rp, const void* col, bool wide, const float* val, con
       if (relu) acc = V::max0(acc);
       V::mask_store(y + r * ldy + j0, m, acc);
     }
+    ++r;
   }
 }
 
 // The sparse direct convolution (see sparse_conv_impl.h for the layout): out_wide[r * ldo + q] =
 // sum_k val[k] * xin[off[k] + q], in steps of 4 vectors of output positions held in registers, two
-// nonzeros per step into two accumulator sets (8 independent FMA chains). q runs over whole tiles of
-// 64 positions (xin and out_wide have the slack).
-template <class V>
-void conv_rows_simd(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len,
-                    int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
+// nonzeros per step into two accumulator sets (8 independent FMA chains); the last partial step
+// computes only the vectors it needs (xin and out_wide have the slack of whole vectors). Rows that
+// share a pattern (runs) go 4 or 2 at a time through conv_group.
+// One tile of T vectors of output positions from q0 for G rows r.. sharing one pattern of tap
+// offsets: per nonzero, T input vectors loaded once feed G x T FMAs (the one-row loop below does one
+// FMA per load and is bound by the loads; sharing makes it bound by the FMAs).
+template <class V, int G, int T>
+inline void conv_tile(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q0,
+                      int64_t r, float* out_wide, int64_t ldo) {
   constexpr int64_t W = V::kWidth;
-  const int64_t q_end = (q_len + 63) / 64 * 64;
-  for (int64_t r = r0; r < r1; ++r) {
+  const int64_t k0 = rp[r], len = rp[r + 1] - k0;
+  const int32_t* o = off + k0;
+  const float* w[G];
+  for (int i = 0; i < G; ++i) w[i] = val + rp[r + i];
+  typename V::Reg acc[G][T];
+  for (int i = 0; i < G; ++i) {
+    for (int t = 0; t < T; ++t) acc[i][t] = V::zero();
+  }
+  const float* base = xin + q0;
+  for (int64_t k = 0; k < len; ++k) {
+    const float* s = base + o[k];
+    typename V::Reg x[T];
+    for (int t = 0; t < T; ++t) x[t] = V::loadu(s + t * W);
+    for (int i = 0; i < G; ++i) {
+      const typename V::Reg v = V::set1(w[i][k]);
+      for (int t = 0; t < T; ++t) acc[i][t] = V::fmadd(v, x[t], acc[i][t]);
+    }
+  }
+  for (int i = 0; i < G; ++i) {
+    for (int t = 0; t < T; ++t) V::storeu(out_wide + (r + i) * ldo + q0 + t * W, acc[i][t]);
+  }
+}
+
+// The last, partial tile of G rows: only the vectors that hold positions below q_len (on 7x7 and
+// 14x14 planes a whole 64-position tile would waste up to a quarter of the work).
+template <class V, int G>
+inline void conv_tail(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q0,
+                      int64_t q_len, int64_t r, float* out_wide, int64_t ldo) {
+  switch ((q_len - q0 + V::kWidth - 1) / V::kWidth) {
+    case 1: conv_tile<V, G, 1>(rp, off, val, xin, q0, r, out_wide, ldo); break;
+    case 2: conv_tile<V, G, 2>(rp, off, val, xin, q0, r, out_wide, ldo); break;
+    case 3: conv_tile<V, G, 3>(rp, off, val, xin, q0, r, out_wide, ldo); break;
+    default: conv_tile<V, G, 4>(rp, off, val, xin, q0, r, out_wide, ldo); break;
+  }
+}
+
+template <class V, int G>
+inline void conv_group(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len,
+                       int64_t r, float* out_wide, int64_t ldo) {
+  constexpr int64_t step = V::kGroupVecs * V::kWidth;
+  int64_t q0 = 0;
+  for (; q0 + step <= q_len; q0 += step) conv_tile<V, G, V::kGroupVecs>(rp, off, val, xin, q0, r, out_wide, ldo);
+  if (q0 < q_len) conv_tail<V, G>(rp, off, val, xin, q0, q_len, r, out_wide, ldo);
+}
+
+template <class V>
+void conv_rows_simd(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* val, const float* xin,
+                    int64_t q_len, int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
+  constexpr int64_t W = V::kWidth;
+  const int64_t q_full = q_len / (4 * W) * (4 * W);
+  for (int64_t r = r0; r < r1;) {
+    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
+    if (run >= 4) {
+      conv_group<V, 4>(rp, off, val, xin, q_len, r, out_wide, ldo);
+      r += 4;
+      continue;
+    }
+    if (run >= 2) {
+      conv_group<V, 2>(rp, off, val, xin, q_len, r, out_wide, ldo);
+      r += 2;
+      continue;
+    }
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     float* orow = out_wide + r * ldo;
-    for (int64_t q0 = 0; q0 < q_end; q0 += 4 * W) {
+    if (q_full < q_len) conv_tail<V, 1>(rp, off, val, xin, q_full, q_len, r, out_wide, ldo);
+    for (int64_t q0 = 0; q0 < q_full; q0 += 4 * W) {
       typename V::Reg a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
       typename V::Reg b0 = V::zero(), b1 = V::zero(), b2 = V::zero(), b3 = V::zero();
       const float* base = xin + q0;
@@ -91,6 +195,7 @@ void conv_rows_simd(const int32_t* rp, const int32_t* off, const float* val, con
       V::storeu(orow + q0 + 2 * W, V::add(a2, b2));
       V::storeu(orow + q0 + 3 * W, V::add(a3, b3));
     }
+    ++r;
   }
 }
 

@@ -246,3 +246,61 @@ def test_conv_offset_cache_follows_in_place_changes_and_geometry():
         torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1),
                                    F.conv2d(x, w2, None, 1, 1), rtol=1e-5, atol=1e-5)
     assert y1.shape == (1, 4, 8, 8)
+
+
+# Rows that share a pattern: the vector loops run up to four of them together (one load or gather
+# feeds several rows). Runs of 1..6 equal-pattern rows, so that groups of 4, 2 and single rows, runs
+# cut by a chunk edge, and empty shared rows all occur.
+def _shared_pattern_weight(out: int, inp: int, density: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows, r = [], 0
+    while r < out:
+        length = min(int(torch.randint(1, 7, (1,), generator=g)), out - r)
+        pattern = torch.rand(inp, generator=g) < density
+        if torch.rand(1, generator=g).item() < 0.1:
+            pattern[:] = False  # empty rows share a pattern too
+        rows += [pattern] * length
+        r += length
+    return torch.randn(out, inp, generator=g) * torch.stack(rows)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("inp", [67, 300, 70000])
+def test_sparse_linear_rows_sharing_a_pattern(isa, batch, inp):
+    w = _shared_pattern_weight(45, inp, 0.3 if inp < 70000 else 0.002, seed=batch)
+    rp, col, val = ops.pack_sparse(w)
+    x, b = torch.randn(batch, inp), torch.randn(45)
+    want = reference.sparse_linear(x.double(), rp, col, val.double(), inp, b.double(), True)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, col, val, inp, b, True).double(), want, rtol=1e-5, atol=1e-4)
+    # the same weight packed as inference tensors (no version counter: nothing cached)
+    with torch.inference_mode():
+        packed = ops.pack_sparse(w)
+        got = ops.sparse_linear(x, *packed, inp, b, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # an in-place change that breaks the shared patterns must not reuse the cached groups
+    w2 = w.clone()
+    w2[torch.arange(0, 45, 2)] = w2[torch.arange(0, 45, 2)].roll(1, dims=1)
+    rp2, col2, val2 = ops.pack_sparse(w2)
+    if torch.equal(rp2, rp):
+        col.copy_(col2)
+        val.copy_(val2)
+        torch.testing.assert_close(ops.sparse_linear(x, rp, col, val, inp, b, True),
+                                   torch.relu(torch.nn.functional.linear(x, w2, b)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 5, 9, 11, 23, 3, 1, 1, 1, 1),  # odd sizes: a partial last tile
+    (2, 6, 14, 14, 18, 3, 2, 1, 1, 2),  # stride 2, two conv groups (equal columns, different planes)
+    (3, 40, 7, 7, 37, 1, 1, 0, 1, 1),  # 1x1 on several samples (one product over N * H * W)
+    (1, 8, 12, 12, 8, 3, 1, 2, 2, 8),  # depthwise, dilated
+    (1, 16, 56, 30, 9, 3, 1, 1, 1, 1),  # long rows: several full tiles and a tail
+])
+def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
+    n, c, h, wd, o, k, s, p, d, g = case
+    weight = _shared_pattern_weight(o, c // g * k * k, 0.4, seed=o).reshape(o, c // g, k, k)
+    x = torch.randn(n, c, h, wd)
+    rp, col, val = ops.pack_sparse(weight.flatten(1))
+    b = torch.randn(o)
+    want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape, b.double(), s, p, d, g, True)
+    got = ops.sparse_conv2d(x, rp, col, val, weight.shape, b, s, p, d, g, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)

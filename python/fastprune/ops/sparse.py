@@ -75,8 +75,11 @@ def _check_columns(col_idx: torch.Tensor, in_features: int) -> None:
             or torch.compiler.is_compiling()):  # under compile the op's own checks remain (memory-safe)
         return
     # (version counter, largest column), kept on the tensor: checked once per packed weight, not per call
-    hit = getattr(col_idx, "_fastprune_max_col", None)
-    if hit is None or hit[0] != col_idx._version:
+    if col_idx.is_inference():  # no version counter to key a cache on: checked each call
+        hit = (None, int((col_idx.to(torch.int32) & 0xFFFF).max()))
+    else:
+        hit = getattr(col_idx, "_fastprune_max_col", None)
+    if hit is None or (hit[0] is not None and hit[0] != col_idx._version):
         hit = (col_idx._version, int((col_idx.to(torch.int32) & 0xFFFF).max()))
         col_idx._fastprune_max_col = hit
     if hit[1] >= in_features:
