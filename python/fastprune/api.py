@@ -16,7 +16,7 @@ from fastprune.config import (
     get_method,
     register_method,
 )
-from fastprune.importance.magnitude import magnitude_scores, threshold_masks, topk_masks
+from fastprune.importance.magnitude import block_scores, magnitude_scores, threshold_masks, topk_masks
 from fastprune.masks import add_to_weights, apply_masks, select_parameters
 from fastprune.plan import Plan
 from fastprune.schedules import Schedule
@@ -36,9 +36,10 @@ def _run_magnitude(model: nn.Module, cfg: MagnitudeConfig) -> Plan:
         raise ValueError("the model has no prunable parameters (weights of Linear/Conv layers) under include/exclude")
     names = [r.name for r in refs]
     if cfg.threshold_std is not None:
-        masks = threshold_masks(refs, cfg.threshold_std, cfg.min_remaining)
+        masks = threshold_masks(refs, cfg.threshold_std, cfg.min_remaining, cfg.block)
     else:
-        masks = topk_masks(names, magnitude_scores(refs), cfg.sparsity, cfg.scope, cfg.min_remaining)
+        scores = [block_scores(s, cfg.block) for s in magnitude_scores(refs)]
+        masks = topk_masks(names, scores, cfg.sparsity, cfg.scope, cfg.min_remaining)
     return Plan("magnitude", dataclasses.asdict(cfg), cfg.sparsity, _sparsity_of(masks), masks)
 
 

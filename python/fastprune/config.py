@@ -59,6 +59,12 @@ class MagnitudeConfig:
         include / exclude: module names or glob patterns (see :func:`fastprune.masks.select_parameters`).
         threshold_std: Han's quality parameter q (exclusive with ``sparsity``).
         min_remaining: weights each layer keeps at least (default 1: never prune a layer to nothing).
+        block: output channels pruned together (default 1: each weight on its own). With ``block=4``
+            the rows of each weight (output channels) go in consecutive groups of 4 that keep or
+            lose a position together, scored by the group's mean ``|w|``: rows that share a pattern,
+            which fastprune's sparse kernels run 2-3x faster than unstructured ones (one input load
+            feeds four rows). A fastprune extension of Han's rule, not in the paper; the group at the
+            threshold may be split so that the count stays exact.
     """
 
     sparsity: float | None = None
@@ -67,8 +73,11 @@ class MagnitudeConfig:
     exclude: tuple[str, ...] | None = None
     threshold_std: float | Mapping[str, float] | None = None
     min_remaining: int = 1
+    block: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"block must be an int >= 1 (output channels pruned together), got {self.block!r}")
         if self.sparsity is None and self.threshold_std is None:
             raise ValueError("magnitude pruning needs sparsity=... or threshold_std=...")
         if self.sparsity is not None and self.threshold_std is not None:

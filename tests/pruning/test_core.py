@@ -317,3 +317,47 @@ def test_sensitivity_scan_leaves_model_alone(tmp_path):
     assert not torch_prune.is_pruned(model)
     assert (tmp_path / "s.png").stat().st_size > 0
     assert "0.weight" in str(res)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_block_pruning_gives_rows_sharing_patterns(scope):
+    model = nn.Sequential(nn.Conv2d(3, 10, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(10 * 6 * 6, 13))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = fastprune.prune(model, "magnitude", sparsity=0.8, scope=scope, block=4)
+    zeros, n = zeros_of(model)
+    assert zeros == round(0.8 * n)  # the count stays exact
+    assert plan.config["block"] == 4
+    for name in ["0", "3"]:
+        w = effective_weight(model.get_submodule(name), "weight").reshape(before[f"{name}.weight"].shape[0], -1)
+        split = 0
+        for g0 in range(0, w.shape[0], 4):
+            pats = (w[g0:g0 + 4] != 0)
+            split += int((pats != pats[0]).any(dim=0).sum())  # positions where the group disagrees
+        assert split <= 1, (name, split)  # at most the group at the threshold is split
+        # kept positions are those whose group mean |w| is largest
+        score = fastprune.importance.magnitude.block_scores(before[f"{name}.weight"].abs(), 4).reshape(w.shape)
+        kept, pruned = score[w != 0], score[w == 0]
+        if scope == "layer":
+            assert kept.min() >= pruned.max() - 1e-7
+    # rows sharing a pattern pack to equal column lists
+    rp, col, _ = fastprune.ops.pack_sparse(effective_weight(model[3], "weight").detach())
+    rows = [col[rp[r]:rp[r + 1]].tolist() for r in range(13)]
+    assert sum(any(rows[r] != rows[g0] for r in range(g0, min(g0 + 4, 13))) for g0 in range(0, 13, 4)) <= 1
+
+
+def test_block_scores_and_bad_block():
+    from fastprune.importance.magnitude import block_scores
+
+    s = torch.arange(10.0).reshape(5, 2)
+    got = block_scores(s, 2)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 2.0], [1.0, 2.0], [5.0, 6.0], [5.0, 6.0], [8.0, 9.0]]))
+    assert block_scores(s, 1) is s
+    with pytest.raises(ValueError, match="block"):
+        fastprune.prune(mlp(), "magnitude", sparsity=0.5, block=0)
+    with pytest.raises(ValueError, match="block"):
+        MagnitudeConfig(sparsity=0.5, block=2.0)
+    # Han's threshold mode compares the group mean
+    model = mlp()
+    fastprune.prune(model, "magnitude", threshold_std={"*": 1.0}, block=5)
+    w = effective_weight(model[0], "weight")
+    assert ((w[0:5] != 0) == (w[0] != 0)).all()

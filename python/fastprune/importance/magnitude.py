@@ -13,12 +13,28 @@ import torch
 
 from fastprune.masks import ParamRef, effective_weight
 
-__all__ = ["magnitude_scores", "threshold_masks", "topk_masks"]
+__all__ = ["block_scores", "magnitude_scores", "threshold_masks", "topk_masks"]
 
 
 def magnitude_scores(refs: Sequence[ParamRef]) -> list[torch.Tensor]:
     """``|w|`` of each parameter as the forward sees it (already-pruned entries score 0)."""
     return [effective_weight(r.module, r.param_name).abs() for r in refs]
+
+
+def block_scores(score: torch.Tensor, block: int) -> torch.Tensor:
+    """Each entry's score replaced by the mean over its group of ``block`` consecutive rows (output
+    channels, dim 0) at the same position (the last group may be shorter), so that a threshold keeps
+    or prunes a group's position as a whole. 1-D scores and ``block=1`` are returned as they are."""
+    if block == 1 or score.dim() < 2 or score.shape[0] == 0:
+        return score
+    rows = score.shape[0]
+    flat = score.reshape(rows, -1)
+    groups = -(-rows // block)
+    padded = torch.cat([flat, flat.new_zeros(groups * block - rows, flat.shape[1])])
+    counts = torch.full((groups, 1), float(block), dtype=flat.dtype, device=flat.device)
+    counts[-1] = rows - (groups - 1) * block
+    means = padded.reshape(groups, block, -1).sum(1) / counts
+    return means.repeat_interleave(block, 0)[:rows].reshape(score.shape)
 
 
 def _protected(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -85,8 +101,10 @@ def _q_for(name: str, module_name: str, q: float | Mapping[str, float]) -> float
     return None
 
 
-def threshold_masks(refs: Sequence[ParamRef], q: float | Mapping[str, float], min_remaining: int) -> dict[str, torch.Tensor]:
-    """Han's rule: prune ``|w| < q * std(W_l)`` in each layer (layers without a q are left as they are)."""
+def threshold_masks(refs: Sequence[ParamRef], q: float | Mapping[str, float], min_remaining: int,
+                    block: int = 1) -> dict[str, torch.Tensor]:
+    """Han's rule: prune ``|w| < q * std(W_l)`` in each layer (layers without a q are left as they are);
+    with ``block > 1`` the group mean of ``|w|`` (:func:`block_scores`) is compared instead."""
     out = {}
     for ref in refs:
         ql = _q_for(ref.name, ref.module_name, q)
@@ -94,7 +112,7 @@ def threshold_masks(refs: Sequence[ParamRef], q: float | Mapping[str, float], mi
             continue
         w = effective_weight(ref.module, ref.param_name)
         thr = ql * float(w.double().std()) if w.numel() > 1 else 0.0
-        keep = w.abs() >= thr
+        keep = block_scores(w.abs(), block) >= thr
         if int(keep.sum()) < min(min_remaining, w.numel()):
             keep = keep | _protected(w.abs().reshape(-1), min(min_remaining, w.numel())).reshape(w.shape)
         out[ref.name] = keep
