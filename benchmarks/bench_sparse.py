@@ -13,6 +13,10 @@ with the geometric mean over the four layers. End to end: the ResNet-50-like mod
 fastprune.models, random weights magnitude-pruned per layer (first conv dense) at 0/80/90/95 %, dense
 eager (with and without BN folded) vs fastprune.sparsify.
 
+Every sparse case runs with two patterns: "unstructured" (plain magnitude pruning) and "4 rows
+share" (magnitude pruning with block=4: groups of 4 output channels keep the same positions; the
+kernels then feed each input load to 4 rows). Same sparsity, same random weights.
+
 Usage: python benchmarks/bench_sparse.py [--quick] [--threads 1 2]
 """
 
@@ -50,12 +54,20 @@ def torch_csr_conv(x: torch.Tensor, w_csr: torch.Tensor, k: int, stride: int, pa
     return out.reshape(n, -1, ho, wo)
 
 
-def magnitude_prune(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+def magnitude_prune(w: torch.Tensor, sparsity: float, block: int = 1) -> torch.Tensor:
+    """Per-layer magnitude pruning; ``block=4``: groups of 4 output channels keep or lose a position
+    together (fastprune's ``MagnitudeConfig(block=4)``: rows that share a pattern)."""
+    from fastprune.importance.magnitude import block_scores
+
     k = int(round(sparsity * w.numel()))
     if k == 0:
         return w
-    thr = w.abs().flatten().kthvalue(k).values
-    return w * (w.abs() > thr)
+    score = block_scores(w.abs(), block)
+    thr = score.flatten().kthvalue(k).values
+    return w * (score > thr)
+
+
+PATTERNS = {"unstructured": 1, "4 rows share": 4}
 
 
 def end_to_end(out: list, batches, min_run_time: float) -> list:
@@ -64,11 +76,11 @@ def end_to_end(out: list, batches, min_run_time: float) -> list:
     from fastprune.models import resnet50
 
     rows = []
-    for s in (0.0, 0.8, 0.9, 0.95):
+    for pattern, s in [("unstructured", 0.0)] + [(p, s) for p in PATTERNS for s in (0.8, 0.9, 0.95)]:
         torch.manual_seed(0)
         model = resnet50().eval()
         if s:
-            fastprune.prune(model, "magnitude", sparsity=s, scope="layer", exclude="conv1")
+            fastprune.prune(model, "magnitude", sparsity=s, scope="layer", exclude="conv1", block=PATTERNS[pattern])
             fastprune.finalize(model)
         for b in batches:
             x = torch.randn(b, 3, 224, 224)
@@ -81,9 +93,9 @@ def end_to_end(out: list, batches, min_run_time: float) -> list:
                 t_fold = time_it(lambda: folded(x), max(min_run_time, 1.0))
                 t_sparse = time_it(lambda: sparse(x), max(min_run_time, 1.0))
             n_sparse = len(fastprune.nn.sparsify_report(sparse))
-            out.append({"batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
+            out.append({"pattern": pattern, "batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
                         "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse})
-            rows.append([b, f"{s:.0%}", f"{1e3 * t_dense:.1f}", f"{1e3 * t_fold:.1f}", f"{1e3 * t_sparse:.1f}",
+            rows.append([pattern if s else "dense", b, f"{s:.0%}", f"{1e3 * t_dense:.1f}", f"{1e3 * t_fold:.1f}", f"{1e3 * t_sparse:.1f}",
                          n_sparse, f"{t_dense / t_sparse:.2f}x", f"{t_fold / t_sparse:.2f}x"])
             print(rows[-1], flush=True)
     return rows
@@ -106,8 +118,8 @@ def main() -> None:
         for name, (o, k) in shapes.items():
             dense_w = torch.randn(o, k) / k ** 0.5
             bias = torch.randn(o)
-            for s in sparsities:
-                w = magnitude_prune(dense_w, s)
+            for pattern, s in [(p, s) for p in PATTERNS for s in sparsities]:
+                w = magnitude_prune(dense_w, s, PATTERNS[pattern])
                 packed = ops.pack_sparse(w)
                 w_csr = w.to_sparse_csr()
                 for b in batches:
@@ -119,18 +131,19 @@ def main() -> None:
                     t_dense = time_it(lambda: F.linear(x, w, bias), args.min_run_time)
                     t_ours = time_it(lambda: ops.sparse_linear(x, *packed, k, bias), args.min_run_time)
                     t_csr = time_it(lambda: (w_csr @ x.t()).t() + bias, args.min_run_time)
-                    rec = {"layer": name, "threads": threads, "batch": b, "sparsity": s, "dense_s": t_dense,
+                    rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
+                           "dense_s": t_dense,
                            "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
                            "torch_csr_speedup": t_dense / t_csr, "col_dtype": str(packed[1].dtype)}
                     out.append(rec)
-                    rows.append([name, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
+                    rows.append([name, pattern, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
                                  f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
                     print(rows[-1], flush=True)
         conv_rows = []
         for name, (c, o, k, side, stride, pad) in ({} if args.quick else CONVS).items():
             dense_w = torch.randn(o, c, k, k) / (c * k * k) ** 0.5
-            for s in sparsities:
-                w = magnitude_prune(dense_w, s)
+            for pattern, s in [(p, s) for p in PATTERNS for s in sparsities]:
+                w = magnitude_prune(dense_w, s, PATTERNS[pattern])
                 packed = ops.pack_sparse(w.flatten(1))
                 w_csr = w.flatten(1).to_sparse_csr()
                 for b in batches:
@@ -142,24 +155,29 @@ def main() -> None:
                     t_dense = time_it(lambda: F.conv2d(x, w, None, stride, pad), args.min_run_time)
                     t_ours = time_it(lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad), args.min_run_time)
                     t_csr = time_it(lambda: torch_csr_conv(x, w_csr, k, stride, pad), args.min_run_time)
-                    rec = {"layer": name, "threads": threads, "batch": b, "sparsity": s, "dense_s": t_dense,
+                    rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
+                           "dense_s": t_dense,
                            "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
                            "torch_csr_speedup": t_dense / t_csr, "col_dtype": str(packed[1].dtype)}
                     out.append(rec)
                     conv_rows.append(rec)
-                    rows.append([name, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
+                    rows.append([name, pattern, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
                                  f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
                     print(rows[-1], flush=True)
     geo = []
-    for threads in args.threads:
-        for b in batches:
-            for s in sparsities:
-                pts = [r for r in out if r["threads"] == threads and r["batch"] == b and r["sparsity"] == s
-                       and r["layer"] in CONVS]
-                if pts:
-                    g = math.exp(sum(math.log(r["speedup"]) for r in pts) / len(pts))
-                    gc = math.exp(sum(math.log(r["torch_csr_speedup"]) for r in pts) / len(pts))
-                    geo.append([threads, b, f"{s:.0%}", f"{g:.2f}x", f"{gc:.2f}x"])
+    geo_recs = []
+    for pattern in PATTERNS:
+        for threads in args.threads:
+            for b in batches:
+                for s in sparsities:
+                    pts = [r for r in out if r["threads"] == threads and r["batch"] == b and r["sparsity"] == s
+                           and r["layer"] in CONVS and r["pattern"] == pattern]
+                    if pts:
+                        g = math.exp(sum(math.log(r["speedup"]) for r in pts) / len(pts))
+                        gc = math.exp(sum(math.log(r["torch_csr_speedup"]) for r in pts) / len(pts))
+                        geo.append([pattern, threads, b, f"{s:.0%}", f"{g:.2f}x", f"{gc:.2f}x"])
+                        geo_recs.append({"pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
+                                         "geomean_speedup": g, "torch_csr_geomean_speedup": gc})
     e2e_rows = []
     if not args.quick and not args.no_e2e:
         torch.set_num_threads(1)
@@ -167,15 +185,15 @@ def main() -> None:
     else:
         out_e2e = []
     md = ("### sparse_linear / sparse_conv2d vs dense F.linear / F.conv2d and torch CSR (ms, medians; speedup = dense / sparse)\n\n"
-          + markdown_table(["layer", "threads", "batch", "sparsity", "dense ms", "fastprune ms", "torch CSR ms",
+          + markdown_table(["layer", "pattern", "threads", "batch", "sparsity", "dense ms", "fastprune ms", "torch CSR ms",
                             "fastprune speedup", "torch CSR speedup"], rows) + "\n")
     if geo:
         md += ("\n### Geometric mean over the four ResNet-50 conv layers\n\n"
-               + markdown_table(["threads", "batch", "sparsity", "fastprune", "torch CSR"], geo) + "\n")
+               + markdown_table(["pattern", "threads", "batch", "sparsity", "fastprune", "torch CSR"], geo) + "\n")
     if e2e_rows:
         md += ("\n### End to end: ResNet-50-like model, random weights magnitude-pruned per layer (first conv dense), "
                "224 x 224, 1 thread\n\n" + markdown_table(
-                   ["batch", "sparsity", "dense ms", "dense, BN folded ms", "sparsify ms", "sparse layers",
+                   ["pattern", "batch", "sparsity", "dense ms", "dense, BN folded ms", "sparsify ms", "sparse layers",
                     "speedup vs dense", "vs BN-folded dense"], e2e_rows) + "\n")
     print()
     print(md)
@@ -183,26 +201,39 @@ def main() -> None:
     if args.threads != [1]:  # the 1-thread run is the record the README quotes; others get their own files
         tag += "_threads_" + "_".join(str(t) for t in args.threads)
     jpath, mpath = write_results(tag, {"machine": machine_info(args.threads[0]), "results": out,
-                                       "end_to_end": out_e2e}, md)
+                                       "conv_geomean": geo_recs, "end_to_end": out_e2e}, md)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in shapes:
+    styles = {"unstructured": "-", "4 rows share": "--"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    name = "linear 4096x4096"
+    for pattern in PATTERNS:
         for b in batches:
             for threads in args.threads:
-                pts = [r for r in out if r["layer"] == name and r["batch"] == b and r["threads"] == threads]
-                lab = f"{name}, batch {b}, {threads} thr"
-                ax.plot([100 * r["sparsity"] for r in pts], [r["speedup"] for r in pts], marker="o", label=f"fastprune: {lab}")
-                ax.plot([100 * r["sparsity"] for r in pts], [r["torch_csr_speedup"] for r in pts], linestyle=":",
-                        marker="x", label=f"torch CSR: {lab}")
-    ax.axhline(1.0, color="gray", linestyle="--")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("speedup over dense F.linear")
-    ax.legend(fontsize=6)
+                pts = [r for r in out if r["layer"] == name and r["batch"] == b and r["threads"] == threads
+                       and r["pattern"] == pattern]
+                lab = f"batch {b}, {threads} thr"
+                ax.plot([100 * r["sparsity"] for r in pts], [r["speedup"] for r in pts], marker="o",
+                        linestyle=styles[pattern], label=f"fastprune, {pattern}: {lab}")
+                if pattern == "unstructured":
+                    ax.plot([100 * r["sparsity"] for r in pts], [r["torch_csr_speedup"] for r in pts], linestyle=":",
+                            marker="x", label=f"torch CSR: {lab}")
+                pts = [r for r in geo_recs if r["batch"] == b and r["threads"] == threads and r["pattern"] == pattern]
+                ax2.plot([100 * r["sparsity"] for r in pts], [r["geomean_speedup"] for r in pts], marker="o",
+                         linestyle=styles[pattern], label=f"fastprune, {pattern}: {lab}")
+                if pattern == "unstructured":
+                    ax2.plot([100 * r["sparsity"] for r in pts], [r["torch_csr_geomean_speedup"] for r in pts],
+                             linestyle=":", marker="x", label=f"torch CSR: {lab}")
+    for a, title in [(ax, "Linear 4096 x 4096 vs F.linear"), (ax2, "ResNet-50 conv layers (geomean) vs F.conv2d")]:
+        a.axhline(1.0, color="gray", linestyle="--")
+        a.set_yscale("log")
+        a.set_xlabel("sparsity (%)")
+        a.set_ylabel("speedup over dense")
+        a.set_title(title, fontsize=9)
+        a.legend(fontsize=6)
     fig.tight_layout()
     png = RESULTS / f"{tag}.png"
     fig.savefig(png, dpi=120)

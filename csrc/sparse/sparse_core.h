@@ -52,6 +52,21 @@ FP_HOST_DEVICE inline Tap decode_tap(int64_t col, int64_t kh, int64_t kw) {
   return Tap{col / (kh * kw), (col / kw) % kh, col % kw};
 }
 
+// Where a conv loop puts row r's results at positions q < q_len (see sparse_conv_impl.h):
+// direct == false: plain stores into the wide buffer (row stride ldo, with the slack of whole
+//   vectors past q_len; the caller applies bias, residual and ReLU while copying out);
+// direct == true: the final output of one sample, (O, q_len) with ldo == q_len (possible when the
+//   wide grid has no junk columns), bias, residual (same layout) and ReLU applied, nothing written
+//   at or past q_len.
+template <typename T>
+struct ConvOut {
+  T* out;
+  int64_t ldo, q_len;
+  const T* bias;
+  const T* residual;
+  bool relu, direct;
+};
+
 // Bias and the optional fused ReLU applied to one output.
 template <typename Acc>
 FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_t r, bool relu) {

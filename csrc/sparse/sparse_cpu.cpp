@@ -300,12 +300,12 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 
 // float32: the per-ISA loop; float64: the portable one.
 void conv_rows_any(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* v, const float* x,
-                   int64_t q_len, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-  sparse_kernels(active_isa()).conv_rows(rp, runs, off, v, x, q_len, r0, r1, out, ldo);
+                   int64_t r0, int64_t r1, const ConvOut<float>& out) {
+  sparse_kernels(active_isa()).conv_rows(rp, runs, off, v, x, r0, r1, out);
 }
 void conv_rows_any(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const double* v, const double* x,
-                   int64_t q_len, int64_t r0, int64_t r1, double* out, int64_t ldo) {
-  scalar::conv_rows_f64(rp, off, v, x, q_len, r0, r1, out, ldo);
+                   int64_t r0, int64_t r1, const ConvOut<double>& out) {
+  scalar::conv_rows_f64(rp, off, v, x, r0, r1, out);
 }
 
 // One sample relaid out for the direct convolution: stride phases (sh * sw planes of (Hph, Wph)) of
@@ -323,8 +323,14 @@ void build_phases(const T* x, const ConvGeometry& g, T* buf) {
     return;
   }
   const int64_t plane = g.plane;
+  // only the phases some tap reads (a 1x1 stride-2 conv reads one of four; the rest stay zero)
+  std::vector<char> used(g.sh * g.sw, 0);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) used[((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw] = 1;
+  }
   for (int64_t pr = 0; pr < g.sh; ++pr) {
     for (int64_t pc = 0; pc < g.sw; ++pc) {
+      if (!used[pr * g.sw + pc]) continue;
       T* dst = buf + (pr * g.sw + pc) * g.C * plane;
       for (int64_t c = 0; c < g.C; ++c) {
         for (int64_t h2 = 0; h2 < g.Hph; ++h2) {
@@ -357,7 +363,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   if (out.numel() == 0) return out;
   // A 1x1, stride-1, unpadded conv on several samples is one product over all N * H * W positions:
   // the samples are laid side by side in each channel's plane (longer runs, fewer partial tiles).
-  const bool merge = g.N > 1 && g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+  // ... unless H * W is a multiple of 16: then each sample's input planes are the phase planes as
+  // they are (no copy: the last vector of a plane ends at its end) and the output is written directly
+  const bool in_place = pointwise && (g.H * g.W) % 16 == 0;
+  const bool merge = g.N > 1 && pointwise && !in_place;
   ConvGeometry gm = g;
   if (merge) {
     gm.N = 1, gm.H = 1, gm.W = g.N * g.H * g.W, gm.Hout = 1, gm.Wout = gm.W, gm.Hph = 1, gm.Wph = gm.W;
@@ -371,6 +381,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const std::vector<int32_t>& off = derived->off;
   const int32_t* runs = derived->runs.data();
   const int64_t q_len = gm.Hout * gm.Wph;
+  // no junk columns (1x1 convs, unpadded, even sizes under stride 2): results go straight into the
+  // output, bias, ReLU and residual applied on the way (one pass over the output, not three)
+  const bool direct = !merge && gm.Wph == g.Wout;
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
@@ -379,7 +392,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const at::Tensor res = residual_in.has_value() ? residual_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
     // ATen's CPU allocator returns 64-byte aligned memory: planes (multiples of 16 floats) stay aligned
-    at::Tensor buf_t = at::empty({gm.buf_len}, input.options()), wide_t = at::empty({g.O * ldo}, input.options());
+    at::Tensor buf_t = at::empty({in_place ? 0 : gm.buf_len}, input.options());
+    at::Tensor wide_t = at::empty({direct ? 0 : g.O * ldo}, input.options());
     scalar_t* buf = buf_t.data_ptr<scalar_t>();
     scalar_t* wide = wide_t.data_ptr<scalar_t>();
     const scalar_t* v = values.const_data_ptr<scalar_t>();
@@ -391,8 +405,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       for (int64_t c = 0; c < g.C; ++c) {
         for (int64_t n = 0; n < g.N; ++n) std::copy(xp + (n * g.C + c) * hw, xp + (n * g.C + c + 1) * hw, buf + c * gm.plane + n * hw);
       }
+      const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, runs, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
+        conv_rows_any(rp, runs, off.data(), v, buf, chunks[c0], chunks[c1], wide_out);
       });
       scalar_t* o = out.data_ptr<scalar_t>();
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
@@ -413,12 +428,25 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       return;
     }
     for (int64_t n = 0; n < g.N; ++n) {
-      build_phases<scalar_t>(x.const_data_ptr<scalar_t>() + n * g.C * g.H * g.W, g, buf);
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, runs, off.data(), v, buf, q_len, chunks[c0], chunks[c1], wide, ldo);
-      });
+      const scalar_t* xn = x.const_data_ptr<scalar_t>() + n * g.C * g.H * g.W;
+      const scalar_t* xin = xn;
+      if (!in_place) {
+        build_phases<scalar_t>(xn, g, buf);
+        xin = buf;
+      }
       scalar_t* o = out.data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout;
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout : nullptr;
+      if (direct) {  // the wide grid is the output grid: the kernel writes the output itself
+        const ConvOut<scalar_t> final_out{o, q_len, q_len, b, rs, relu, true};
+        at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+          conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], final_out);
+        });
+        continue;
+      }
+      const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
+      });
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);

@@ -25,9 +25,9 @@ struct SparseKernels {
                int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy,
                bool* bad);
   // Rows [r0, r1) of the sparse direct convolution on one sample (see sparse_conv_impl.h):
-  // out_wide[r * ldo + q] = sum_k val[k] * xin[off[k] + q], q < q_len (ldo >= q_len rounded up to 128).
-  void (*conv_rows)(const int32_t* row_ptr, const int32_t* runs, const int32_t* off, const float* val, const float* xin, int64_t q_len,
-                    int64_t r0, int64_t r1, float* out_wide, int64_t ldo);
+  // out[r * ldo + q] = sum_k val[k] * xin[off[k] + q] for q < out.q_len, stored as ConvOut says.
+  void (*conv_rows)(const int32_t* row_ptr, const int32_t* runs, const int32_t* off, const float* val,
+                    const float* xin, int64_t r0, int64_t r1, const ConvOut<float>& out);
   const char* name;
 };
 
@@ -40,8 +40,8 @@ const float* padded_copy(const float* x, int64_t K);
 
 namespace scalar {
 extern const SparseKernels kKernels;
-void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val, const double* xin, int64_t q_len,
-                   int64_t r0, int64_t r1, double* out_wide, int64_t ldo);
+void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val, const double* xin, int64_t r0,
+                   int64_t r1, const ConvOut<double>& out);
 }
 namespace avx2 {
 extern const SparseKernels kKernels;

@@ -168,8 +168,8 @@ void spmv(const int32_t* rp, const int32_t* runs, const void* col, bool wide, co
 }
 
 void conv_rows(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* val, const float* xin,
-               int64_t q_len, int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
-  conv_rows_simd<V256>(rp, runs, off, val, xin, q_len, r0, r1, out_wide, ldo);
+               int64_t r0, int64_t r1, const ConvOut<float>& out) {
+  conv_rows_simd<V256>(rp, runs, off, val, xin, r0, r1, out);
 }
 
 const SparseKernels kKernels = {spmv, spmm, conv_rows, "avx2"};

@@ -30,16 +30,16 @@ void spmm(const int32_t* rp, const int32_t* /*runs*/, const void* col, bool wide
 
 }  // namespace
 
-void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const float* val, const float* xin, int64_t q_len, int64_t r0,
-               int64_t r1, float* out_wide, int64_t ldo) {
-  conv_rows_t<float>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const float* val, const float* xin,
+               int64_t r0, int64_t r1, const ConvOut<float>& out) {
+  conv_rows_t<float>(rp, off, val, xin, r0, r1, out);
 }
 
 const SparseKernels kKernels = {spmv, spmm, conv_rows, "scalar"};
 
-void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t q_len,
-                   int64_t r0, int64_t r1, double* out_wide, int64_t ldo) {
-  conv_rows_t<double>(rp, off, val, xin, q_len, r0, r1, out_wide, ldo);
+void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t r0,
+                   int64_t r1, const ConvOut<double>& out) {
+  conv_rows_t<double>(rp, off, val, xin, r0, r1, out);
 }
 
 }  // namespace scalar

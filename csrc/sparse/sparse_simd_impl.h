@@ -87,17 +87,32 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
   }
 }
 
-// The sparse direct convolution (see sparse_conv_impl.h for the layout): out_wide[r * ldo + q] =
-// sum_k val[k] * xin[off[k] + q], in steps of 4 vectors of output positions held in registers, two
-// nonzeros per step into two accumulator sets (8 independent FMA chains); the last partial step
-// computes only the vectors it needs (xin and out_wide have the slack of whole vectors). Rows that
-// share a pattern (runs) go 4 or 2 at a time through conv_group.
+// Stores row r's vector of results at position q as ConvOut says (sparse_core.h).
+template <class V>
+inline void conv_store(const ConvOut<float>& o, int64_t r, int64_t q, typename V::Reg acc) {
+  float* p = o.out + r * o.ldo + q;
+  if (!o.direct) {
+    V::storeu(p, acc);
+    return;
+  }
+  if (o.bias != nullptr) acc = V::add(acc, V::set1(o.bias[r]));
+  const float* res = o.residual != nullptr ? o.residual + r * o.ldo + q : nullptr;
+  if (q + V::kWidth <= o.q_len) {
+    if (res != nullptr) acc = V::add(acc, V::loadu(res));
+    V::storeu(p, o.relu ? V::max0(acc) : acc);
+    return;
+  }
+  const auto m = V::mask(o.q_len - q);  // the last vector: nothing read or written past q_len
+  if (res != nullptr) acc = V::add(acc, V::maskz_load(m, res));
+  V::mask_store(p, m, o.relu ? V::max0(acc) : acc);
+}
+
 // One tile of T vectors of output positions from q0 for G rows r.. sharing one pattern of tap
 // offsets: per nonzero, T input vectors loaded once feed G x T FMAs (the one-row loop below does one
 // FMA per load and is bound by the loads; sharing makes it bound by the FMAs).
 template <class V, int G, int T>
 inline void conv_tile(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q0,
-                      int64_t r, float* out_wide, int64_t ldo) {
+                      int64_t r, const ConvOut<float>& out) {
   constexpr int64_t W = V::kWidth;
   const int64_t k0 = rp[r], len = rp[r + 1] - k0;
   const int32_t* o = off + k0;
@@ -118,7 +133,7 @@ inline void conv_tile(const int32_t* rp, const int32_t* off, const float* val, c
     }
   }
   for (int i = 0; i < G; ++i) {
-    for (int t = 0; t < T; ++t) V::storeu(out_wide + (r + i) * ldo + q0 + t * W, acc[i][t]);
+    for (int t = 0; t < T; ++t) conv_store<V>(out, r + i, q0 + t * W, acc[i][t]);
   }
 }
 
@@ -126,44 +141,49 @@ inline void conv_tile(const int32_t* rp, const int32_t* off, const float* val, c
 // 14x14 planes a whole 64-position tile would waste up to a quarter of the work).
 template <class V, int G>
 inline void conv_tail(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q0,
-                      int64_t q_len, int64_t r, float* out_wide, int64_t ldo) {
-  switch ((q_len - q0 + V::kWidth - 1) / V::kWidth) {
-    case 1: conv_tile<V, G, 1>(rp, off, val, xin, q0, r, out_wide, ldo); break;
-    case 2: conv_tile<V, G, 2>(rp, off, val, xin, q0, r, out_wide, ldo); break;
-    case 3: conv_tile<V, G, 3>(rp, off, val, xin, q0, r, out_wide, ldo); break;
-    default: conv_tile<V, G, 4>(rp, off, val, xin, q0, r, out_wide, ldo); break;
+                      int64_t r, const ConvOut<float>& out) {
+  switch ((out.q_len - q0 + V::kWidth - 1) / V::kWidth) {
+    case 1: conv_tile<V, G, 1>(rp, off, val, xin, q0, r, out); break;
+    case 2: conv_tile<V, G, 2>(rp, off, val, xin, q0, r, out); break;
+    case 3: conv_tile<V, G, 3>(rp, off, val, xin, q0, r, out); break;
+    default: conv_tile<V, G, 4>(rp, off, val, xin, q0, r, out); break;
   }
 }
 
 template <class V, int G>
-inline void conv_group(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t q_len,
-                       int64_t r, float* out_wide, int64_t ldo) {
+inline void conv_group(const int32_t* rp, const int32_t* off, const float* val, const float* xin, int64_t r,
+                       const ConvOut<float>& out) {
   constexpr int64_t step = V::kGroupVecs * V::kWidth;
   int64_t q0 = 0;
-  for (; q0 + step <= q_len; q0 += step) conv_tile<V, G, V::kGroupVecs>(rp, off, val, xin, q0, r, out_wide, ldo);
-  if (q0 < q_len) conv_tail<V, G>(rp, off, val, xin, q0, q_len, r, out_wide, ldo);
+  for (; q0 + step <= out.q_len; q0 += step) conv_tile<V, G, V::kGroupVecs>(rp, off, val, xin, q0, r, out);
+  if (q0 < out.q_len) conv_tail<V, G>(rp, off, val, xin, q0, r, out);
 }
 
+// The sparse direct convolution (see sparse_conv_impl.h for the layout): out[r * ldo + q] =
+// sum_k val[k] * xin[off[k] + q], in steps of 4 vectors of output positions held in registers, two
+// nonzeros per step into two accumulator sets (8 independent FMA chains); the last partial step
+// computes only the vectors it needs (xin has the slack of whole vectors). Rows that share a pattern
+// (runs) go 4 or 2 at a time through conv_group. Results are stored as ConvOut says.
 template <class V>
 void conv_rows_simd(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* val, const float* xin,
-                    int64_t q_len, int64_t r0, int64_t r1, float* out_wide, int64_t ldo) {
+                    int64_t r0, int64_t r1, const ConvOut<float>& out) {
   constexpr int64_t W = V::kWidth;
+  const int64_t q_len = out.q_len;
   const int64_t q_full = q_len / (4 * W) * (4 * W);
   for (int64_t r = r0; r < r1;) {
     const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
     if (run >= 4) {
-      conv_group<V, 4>(rp, off, val, xin, q_len, r, out_wide, ldo);
+      conv_group<V, 4>(rp, off, val, xin, r, out);
       r += 4;
       continue;
     }
     if (run >= 2) {
-      conv_group<V, 2>(rp, off, val, xin, q_len, r, out_wide, ldo);
+      conv_group<V, 2>(rp, off, val, xin, r, out);
       r += 2;
       continue;
     }
+    if (q_full < q_len) conv_tail<V, 1>(rp, off, val, xin, q_full, r, out);
     const int64_t k0 = rp[r], k1 = rp[r + 1];
-    float* orow = out_wide + r * ldo;
-    if (q_full < q_len) conv_tail<V, 1>(rp, off, val, xin, q_full, q_len, r, out_wide, ldo);
     for (int64_t q0 = 0; q0 < q_full; q0 += 4 * W) {
       typename V::Reg a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
       typename V::Reg b0 = V::zero(), b1 = V::zero(), b2 = V::zero(), b3 = V::zero();
@@ -190,10 +210,10 @@ void conv_rows_simd(const int32_t* rp, const int32_t* runs, const int32_t* off, 
         a2 = V::fmadd(v0, V::loadu(s0 + 2 * W), a2);
         a3 = V::fmadd(v0, V::loadu(s0 + 3 * W), a3);
       }
-      V::storeu(orow + q0, V::add(a0, b0));
-      V::storeu(orow + q0 + W, V::add(a1, b1));
-      V::storeu(orow + q0 + 2 * W, V::add(a2, b2));
-      V::storeu(orow + q0 + 3 * W, V::add(a3, b3));
+      conv_store<V>(out, r, q0, V::add(a0, b0));
+      conv_store<V>(out, r, q0 + W, V::add(a1, b1));
+      conv_store<V>(out, r, q0 + 2 * W, V::add(a2, b2));
+      conv_store<V>(out, r, q0 + 3 * W, V::add(a3, b3));
     }
     ++r;
   }

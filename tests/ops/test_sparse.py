@@ -147,7 +147,11 @@ CONV_CASES = [
     (1, 5, 9, 11, 7, 3, 1, 1, 1, 1),
     (3, 6, 10, 7, 4, 3, 2, 1, 1, 2),  # stride 2, grouped, odd sizes
     (2, 8, 8, 8, 8, 3, 1, 2, 2, 8),  # depthwise, dilation 2
-    (1, 4, 6, 6, 6, 1, 1, 0, 1, 1),  # 1x1
+    (1, 4, 6, 6, 6, 1, 1, 0, 1, 1),  # 1x1: results written straight into the output (36: a masked tail)
+    (1, 6, 9, 9, 7, 1, 2, 0, 1, 1),  # 1x1 stride 2, odd sizes: also straight into the output
+    (1, 5, 18, 18, 9, 1, 1, 0, 1, 1),  # 1x1, 324 positions: full tiles then a tail, straight out
+    (2, 5, 8, 6, 9, 1, 1, 0, 1, 1),  # 1x1, H * W = 48: reads the input in place, per sample
+    (1, 6, 4, 4, 4, 1, 1, 0, 1, 2),  # grouped 1x1 read in place
     (3, 4, 5, 7, 6, 1, 1, 0, 1, 1),  # 1x1 on several samples: one product over all positions
     (2, 6, 4, 4, 4, 1, 1, 0, 1, 2),  # grouped 1x1 on several samples
     (2, 3, 13, 9, 5, 5, (2, 1), (2, 0), 1, 1),  # rectangular stride and padding

@@ -1,0 +1,121 @@
+"""sparsify's fusion: separable max pooling, ReLU and residual adds folded into the sparse kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastprune
+from fastprune.nn import SparseConv2d, sparsify
+from fastprune.nn.fuse import SeparableMaxPool2d, fuse_activations
+from tests.structure import zoo
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0)), (5, 3, 2), (1, 1, 0)])
+@pytest.mark.parametrize("shape", [(2, 3, 11, 9), (4, 7, 8), (1, 1, 5, 5)])
+def test_separable_max_pool_equals_torch(k, s, p, shape):
+    x = torch.randn(*shape)
+    x[..., 0, 0] = float("nan")  # NaN propagates as in torch
+    pool = nn.MaxPool2d(k, s, p)
+    assert SeparableMaxPool2d.supports(pool)
+    got = SeparableMaxPool2d.from_pool(pool)(x)
+    torch.testing.assert_close(got, pool(x), equal_nan=True, rtol=0, atol=0)
+    assert got.is_contiguous()
+    # with autograd it is torch's own (its gradient goes to one index per window)
+    xg = x.clone().requires_grad_()
+    torch.testing.assert_close(SeparableMaxPool2d.from_pool(pool)(xg), pool(x), equal_nan=True)
+
+
+def test_separable_max_pool_refuses_what_it_does_not_compute():
+    for pool in [nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                 nn.MaxPool2d(3, 2, 1, return_indices=True)]:
+        assert not SeparableMaxPool2d.supports(pool)
+        with pytest.raises(ValueError, match="keep nn.MaxPool2d"):
+            SeparableMaxPool2d.from_pool(pool)
+    with pytest.raises(RuntimeError):  # too small an input: torch's own error
+        SeparableMaxPool2d(3, 1, 0)(torch.randn(1, 1, 2, 2))
+
+
+def _pruned(name: str, sparsity: float = 0.85):
+    model, x = zoo.build(name)
+    fastprune.prune(model, "magnitude", sparsity=sparsity, scope="layer")
+    fastprune.finalize(model)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "densenet", "unet", "squeeze_excite"])
+def test_fused_sparse_model_equals_dense(name):
+    model, x = _pruned(name)
+    with torch.no_grad():
+        ref = model(x)
+    fused = sparsify(model, min_sparsity=0.5, example_inputs=x)
+    plain = sparsify(model, min_sparsity=0.5, fuse=False)
+    with torch.no_grad():
+        got, got_plain = fused(x), plain(x)
+        got_batch = fused(torch.cat([x, x]))  # shapes were checked at one batch size, hold at another
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 1e-4 * scale
+    assert (got_plain - ref).abs().max() <= 1e-4 * scale
+    assert (got_batch[:len(x)] - ref).abs().max() <= 1e-4 * scale
+
+
+def test_resnet_relus_and_residual_adds_are_fused_and_input_model_kept():
+    model, x = _pruned("resnet", 0.9)
+    keep = copy.deepcopy(model)
+    sp = sparsify(model, min_sparsity=0.5, example_inputs=x, inplace=True)
+    assert isinstance(sp, torch.fx.GraphModule)
+    residual = [n for n in sp.graph.nodes if "residual" in n.kwargs]
+    relu = [m for m in sp.modules() if isinstance(m, SparseConv2d) and m.relu]
+    assert residual and relu
+    assert not any(n.op == "call_module" and isinstance(sp.get_submodule(n.target), nn.ReLU)
+                   and n.args[0].op == "call_module" and isinstance(sp.get_submodule(n.args[0].target), SparseConv2d)
+                   for n in sp.graph.nodes)
+    with torch.no_grad():
+        # inplace=True: the given model got the sparse layers but no fused flag; it still computes the same
+        assert not any(isinstance(m, SparseConv2d) and m.relu for m in model.modules())
+        torch.testing.assert_close(model(x), keep(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sp(x), keep(x), rtol=1e-4, atol=1e-4)
+    # without example inputs no shapes: ReLUs fused, residual adds left to torch
+    sp2 = sparsify(keep, min_sparsity=0.5)
+    assert not [n for n in sp2.graph.nodes if "residual" in n.kwargs]
+
+
+class _Broadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x) + self.shift  # broadcast: not a residual the kernel could take
+        z = self.conv2(y)
+        return F.relu(z) + torch.relu(z).sum()  # conv2's output read twice: no ReLU fusion
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: FX cannot trace it
+            return torch.relu(self.conv(x))
+        return self.conv(x)
+
+
+def test_what_is_not_fused():
+    x = torch.randn(2, 3, 6, 6)
+    for cls in (_Broadcast, _Untraceable):
+        model = cls().eval()
+        fastprune.prune(model, "magnitude", sparsity=0.7, scope="layer")
+        fastprune.finalize(model)
+        sp = sparsify(model, min_sparsity=0.5, fuse=False)
+        out, fused = fuse_activations(sp, (x,))
+        assert fused == [] and out is sp
+        with torch.no_grad():
+            torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
