@@ -24,22 +24,53 @@ FP_HOST_DEVICE inline int64_t col_at(const void* col, bool wide, int64_t k) {
               : static_cast<int64_t>(static_cast<const uint16_t*>(col)[k]);
 }
 
-// Partial dot product of CSR row r with x over the nonzeros k = row_ptr[r] + lane, + nlanes, ...
-// (lane 0 of 1 on the CPU; one lane per thread of a warp on the GPU). Columns >= K read x[K - 1]
-// (and negative ones) and set *bad (the caller reports the packed weight as made for another shape).
-template <typename T, typename Acc>
-FP_HOST_DEVICE inline Acc csr_partial_dot(const int32_t* row_ptr, const void* col, bool wide, const T* val,
-                                          const T* x, int64_t x_stride, int64_t K, int64_t r, int64_t lane,
-                                          int64_t nlanes, bool* bad) {
-  Acc acc = Acc(0);
-  const int64_t k1 = row_ptr[r + 1];
-  for (int64_t k = row_ptr[r] + lane; k < k1; k += nlanes) {
-    int64_t c = col_at(col, wide, k);
-    if (c >= K || c < 0) {
-      *bad = true;
-      c = K - 1;
+// Four consecutive nonzeros (values and columns) from k on, k a multiple of 4. PlainLoad4 reads them
+// one by one (the host; any alignment); the CUDA file adds a float4 / ushort4 / int4 loader.
+struct PlainLoad4 {
+  template <typename T>
+  FP_HOST_DEVICE static void load(const T* val, const void* col, bool wide, int64_t k, T* v, int64_t* c) {
+    for (int i = 0; i < 4; ++i) {
+      v[i] = val[k + i];
+      c[i] = col_at(col, wide, k + i);
     }
-    acc += static_cast<Acc>(val[k]) * static_cast<Acc>(x[c * x_stride]);
+  }
+};
+
+// val * x at column c, the column range-checked (see csr_partial_dot).
+template <typename T, typename Acc>
+FP_HOST_DEVICE inline Acc checked_product(T v, int64_t c, const T* x, int64_t x_stride, int64_t K, bool* bad) {
+  if (c >= K || c < 0) {
+    *bad = true;
+    c = K - 1;
+  }
+  return static_cast<Acc>(v) * static_cast<Acc>(x[c * x_stride]);
+}
+
+// Partial dot product of CSR row r with x (x[c * x_stride]) in steps of 4 consecutive nonzeros
+// (Sputnik's vector loads): lane takes the 4-aligned groups lane, lane + nlanes, ... of the row's
+// body, loaded by Load4 (16-byte loads on the GPU), and its share of the up to 3 nonzeros before and
+// after the body (lane 0 of 1 on the CPU; one lane per thread of a warp on the GPU). Columns >= K
+// read x[K - 1] (and negative ones) and set *bad (the caller reports the packed weight as made for
+// another shape).
+template <typename T, typename Acc, class Load4 = PlainLoad4>
+FP_HOST_DEVICE inline Acc csr_partial_dot(const int32_t* row_ptr, const void* col, bool wide, const T* val,
+                                           const T* x, int64_t x_stride, int64_t K, int64_t r, int64_t lane,
+                                           int64_t nlanes, bool* bad) {
+  const int64_t k0 = row_ptr[r], k1 = row_ptr[r + 1];
+  const int64_t a0 = (k0 + 3) / 4 * 4 < k1 ? (k0 + 3) / 4 * 4 : k1;
+  const int64_t a1 = k1 / 4 * 4 > a0 ? k1 / 4 * 4 : a0;
+  Acc acc = Acc(0);
+  for (int64_t k = k0 + lane; k < a0; k += nlanes) {
+    acc += checked_product<T, Acc>(val[k], col_at(col, wide, k), x, x_stride, K, bad);
+  }
+  for (int64_t k = a1 + lane; k < k1; k += nlanes) {
+    acc += checked_product<T, Acc>(val[k], col_at(col, wide, k), x, x_stride, K, bad);
+  }
+  for (int64_t k = a0 + 4 * lane; k < a1; k += 4 * nlanes) {
+    T v[4];
+    int64_t c[4];
+    Load4::load(val, col, wide, k, v, c);
+    for (int i = 0; i < 4; ++i) acc += checked_product<T, Acc>(v[i], c[i], x, x_stride, K, bad);
   }
   return acc;
 }

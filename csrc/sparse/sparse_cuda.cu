@@ -1,7 +1,7 @@
 // CUDA implementation of the sparse ops: indexing and launches only. The per-row arithmetic
 // (csr_partial_dot, finish_output) comes from sparse_core.h, shared with the CPU loops: one warp
-// per (row, sample), each lane summing a strided share of the row's nonzeros (Sputnik's 1-D row
-// tiling), then a warp reduction. The convolution: one thread per output element, taps decoded
+// per (row, sample), each lane summing a strided share of the row's nonzeros in groups of 4 read
+// with 16-byte loads (Sputnik's 1-D row tiling and vector loads), then a warp reduction. The convolution: one thread per output element, taps decoded
 // with decode_tap. Packing uses ATen (nonzero, cumsum), as the CPU result's layout.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +18,27 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-template <typename T>
+// 16-byte loads of 4 values (float4) and 4 columns (ushort4: 8 bytes; int4) for csr_partial_dot;
+// the launch checks the alignment of val and col (else PlainLoad4).
+struct VectorLoad4 {
+  __device__ static void load(const float* val, const void* col, bool wide, int64_t k, float* v, int64_t* c) {
+    const float4 f = *reinterpret_cast<const float4*>(val + k);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    if (wide) {
+      const int4 i = *reinterpret_cast<const int4*>(static_cast<const int32_t*>(col) + k);
+      c[0] = i.x, c[1] = i.y, c[2] = i.z, c[3] = i.w;
+    } else {
+      const ushort4 u = *reinterpret_cast<const ushort4*>(static_cast<const uint16_t*>(col) + k);
+      c[0] = u.x, c[1] = u.y, c[2] = u.z, c[3] = u.w;
+    }
+  }
+  template <typename T>
+  __device__ static void load(const T* val, const void* col, bool wide, int64_t k, T* v, int64_t* c) {
+    PlainLoad4::load(val, col, wide, k, v, c);  // double: two 16-byte loads would need double2 pairs
+  }
+};
+
+template <typename T, class Load4>
 __global__ void sparse_linear_kernel(const int32_t* __restrict__ row_ptr, const void* __restrict__ col, bool wide,
                                      const T* __restrict__ val, const T* __restrict__ x, int64_t K, int64_t n,
                                      int64_t O, const T* __restrict__ bias, bool relu, T* __restrict__ y,
@@ -30,7 +50,7 @@ __global__ void sparse_linear_kernel(const int32_t* __restrict__ row_ptr, const 
   for (int64_t w = warp; w < total; w += warps) {
     const int64_t r = w % O, j = w / O;
     bool bad = false;
-    T acc = csr_partial_dot<T, T>(row_ptr, col, wide, val, x + j * K, 1, K, r, lane, 32, &bad);
+    T acc = csr_partial_dot<T, T, Load4>(row_ptr, col, wide, val, x + j * K, 1, K, r, lane, 32, &bad);
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if (bad) atomicOr(bad_flag, 1);
     if (lane == 0) y[j * O + r] = finish_output<T>(acc, bias, r, relu);
@@ -55,10 +75,20 @@ at::Tensor sparse_linear_cuda(const at::Tensor& input, const at::Tensor& row_ptr
   const int threads = 32 * kWarpsPerBlock;
   const int blocks = static_cast<int>(std::min<int64_t>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock, 65535));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_linear_cuda", [&] {
-    sparse_linear_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        rp.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == at::kInt, v.const_data_ptr<scalar_t>(),
-        x.const_data_ptr<scalar_t>(), K, n, O, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, relu,
-        out.data_ptr<scalar_t>(), bad.data_ptr<int>());
+    const bool aligned = reinterpret_cast<uintptr_t>(v.const_data_ptr()) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(col.const_data_ptr()) % 16 == 0;
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          rp.const_data_ptr<int32_t>(), col.const_data_ptr(), col.scalar_type() == at::kInt,
+          v.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), K, n, O,
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, relu, out.data_ptr<scalar_t>(),
+          bad.data_ptr<int>());
+    };
+    if (aligned) {
+      launch(sparse_linear_kernel<scalar_t, VectorLoad4>);
+    } else {
+      launch(sparse_linear_kernel<scalar_t, PlainLoad4>);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   TORCH_CHECK(bad.item<int>() == 0, "sparse_linear: col_idx holds a column outside [0, ", K,
