@@ -59,6 +59,23 @@ def test_prune_command_errors_are_clear(user_model):
         main(["prune", "usermodels:make", "--sparsity", "1.5", "-o", "x.pt"])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="block"):
+        main(["prune", "usermodels:make", "--sparsity", "0.5", "--block", "0", "-o", "x.pt"])
+    with pytest.raises(SystemExit, match="--block applies to --method magnitude"):
+        main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "--block", "4",
+              "--input-shape", "2,8", "-o", "x.pt"])
+
+
+def test_prune_command_block(user_model):
+    out = user_model / "blocked.pt"
+    assert main(["prune", "usermodels:make", "--sparsity", "0.75", "--scope", "layer", "--block", "4", "-o",
+                 str(out)]) == 0
+    import usermodels
+
+    model = fastprune.load_pruned(usermodels.make(), torch.load(out, weights_only=True))
+    w = model[0].weight.detach()
+    groups = [(w[g:g + 4] != 0) for g in range(0, w.shape[0], 4)]
+    assert sum(bool((m != m[0]).any()) for m in groups) <= 1  # rows share patterns (one group may straddle)
 
 
 def test_prune_command_structured(user_model, capsys):
@@ -91,5 +108,6 @@ def test_demo_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "magnitude one-shot + retrain" in printed and "iterative" in printed
     assert "50 % channels removed" in printed and "faster" in printed
-    assert "ResNet-50-like, 90 %" in printed and "MLP, magnitude one-shot" in printed
+    assert "ResNet-50-like, 90 %, unstructured" in printed and "4 rows share" in printed
+    assert "MLP, magnitude one-shot" in printed
     assert (tmp_path / "demo_accuracy.png").stat().st_size > 0
