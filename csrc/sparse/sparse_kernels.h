@@ -2,7 +2,9 @@
 // own -m flags); sparse_kernels(isa) returns the table for the ISA chosen at run time.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cpu_features.h"
 #include "sparse/sparse_core.h"
@@ -32,6 +34,25 @@ struct SparseKernels {
 };
 
 const SparseKernels& sparse_kernels(Isa isa);
+
+// Rows [r0, r1) in the steps runs allows: shared(r, std::integral_constant<int, G>{}) for G = 4 or 2
+// rows from r that share a pattern, one(r) for a row on its own.
+template <class Shared, class One>
+inline void for_row_groups(const int32_t* runs, int64_t r0, int64_t r1, Shared shared, One one) {
+  for (int64_t r = r0; r < r1;) {
+    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
+    if (run >= 4) {
+      shared(r, std::integral_constant<int, 4>{});
+      r += 4;
+    } else if (run >= 2) {
+      shared(r, std::integral_constant<int, 2>{});
+      r += 2;
+    } else {
+      one(r);
+      r += 1;
+    }
+  }
+}
 
 // A zero-padded per-thread copy of x (K floats) of kNarrowMaxK entries: with 16-bit columns every
 // index the type can hold is in bounds, so the gather loops need no range checks. Defined in

@@ -91,18 +91,10 @@ template <bool kWide>
 void spmv_rows(const int32_t* rp, const int32_t* runs, const void* col, const float* val, const float* x, int64_t K,
                const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad) {
   Gather8<kWide> gather(K);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
-    if (run >= 4) {
-      spmv_group<kWide, 4>(rp, col, val, x, K, bias, relu, r, y, gather, bad);
-      r += 3;
-      continue;
-    }
-    if (run >= 2) {
-      spmv_group<kWide, 2>(rp, col, val, x, K, bias, relu, r, y, gather, bad);
-      r += 1;
-      continue;
-    }
+  auto shared = [&](int64_t r, auto g) {
+    spmv_group<kWide, decltype(g)::value>(rp, col, val, x, K, bias, relu, r, y, gather, bad);
+  };
+  for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
     int64_t k = rp[r];
     const int64_t k1 = rp[r + 1];
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -130,7 +122,7 @@ void spmv_rows(const int32_t* rp, const int32_t* runs, const void* col, const fl
       acc += val[k] * x[c];
     }
     y[r] = finish_output<float>(acc, bias, r, relu);
-  }
+  });
   if (gather.any_bad()) *bad = true;
 }
 

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "sparse/sparse_core.h"
+#include "sparse/sparse_kernels.h"
 
 namespace fastprune {
 namespace sparse {
@@ -53,18 +54,10 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
     }
     return c;
   };
-  for (int64_t r = r0; r < r1;) {
-    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
-    if (run >= 4) {
-      spmm_group<V, 4>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
-      r += 4;
-      continue;
-    }
-    if (run >= 2) {
-      spmm_group<V, 2>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
-      r += 2;
-      continue;
-    }
+  auto shared = [&](int64_t r, auto g) {
+    spmm_group<V, decltype(g)::value>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
+  };
+  for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
       const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
@@ -83,8 +76,7 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
       if (relu) acc = V::max0(acc);
       V::mask_store(y + r * ldy + j0, m, acc);
     }
-    ++r;
-  }
+  });
 }
 
 // Stores row r's vector of results at position q as ConvOut says (sparse_core.h).
@@ -170,18 +162,8 @@ void conv_rows_simd(const int32_t* rp, const int32_t* runs, const int32_t* off, 
   constexpr int64_t W = V::kWidth;
   const int64_t q_len = out.q_len;
   const int64_t q_full = q_len / (4 * W) * (4 * W);
-  for (int64_t r = r0; r < r1;) {
-    const int64_t run = runs != nullptr ? std::min<int64_t>(runs[r], r1 - r) : 1;
-    if (run >= 4) {
-      conv_group<V, 4>(rp, off, val, xin, r, out);
-      r += 4;
-      continue;
-    }
-    if (run >= 2) {
-      conv_group<V, 2>(rp, off, val, xin, r, out);
-      r += 2;
-      continue;
-    }
+  auto shared = [&](int64_t r, auto g) { conv_group<V, decltype(g)::value>(rp, off, val, xin, r, out); };
+  for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
     if (q_full < q_len) conv_tail<V, 1>(rp, off, val, xin, q_full, r, out);
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     for (int64_t q0 = 0; q0 < q_full; q0 += 4 * W) {
@@ -215,8 +197,7 @@ void conv_rows_simd(const int32_t* rp, const int32_t* runs, const int32_t* off, 
       conv_store<V>(out, r, q0 + 2 * W, V::add(a2, b2));
       conv_store<V>(out, r, q0 + 3 * W, V::add(a3, b3));
     }
-    ++r;
-  }
+  });
 }
 
 }  // namespace sparse
