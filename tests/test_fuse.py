@@ -79,6 +79,8 @@ def test_resnet_relus_and_residual_adds_are_fused_and_input_model_kept():
         assert not any(isinstance(m, SparseConv2d) and m.relu for m in model.modules())
         torch.testing.assert_close(model(x), keep(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(sp(x), keep(x), rtol=1e-4, atol=1e-4)
+    # the same parameter and buffer names as the unfused model
+    assert set(sp.state_dict()) == set(sparsify(keep, min_sparsity=0.5, fuse=False).state_dict())
     # without example inputs no shapes: ReLUs fused, residual adds left to torch
     sp2 = sparsify(keep, min_sparsity=0.5)
     assert not [n for n in sp2.graph.nodes if "residual" in n.kwargs]
