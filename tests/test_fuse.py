@@ -121,3 +121,12 @@ def test_what_is_not_fused():
         assert fused == [] and out is sp
         with torch.no_grad():
             torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_model_compiles_and_traces():
+    model, x = _pruned("resnet")
+    sp = sparsify(model, min_sparsity=0.5, example_inputs=x)
+    with torch.no_grad():
+        want = sp(x)
+        torch.testing.assert_close(torch.compile(sp, backend="aot_eager", fullgraph=True)(x), want)
+        torch.testing.assert_close(torch.jit.trace(sp, x, check_trace=False)(x), want)
