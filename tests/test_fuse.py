@@ -25,6 +25,12 @@ def test_separable_max_pool_equals_torch(k, s, p, shape):
     got = SeparableMaxPool2d.from_pool(pool)(x)
     torch.testing.assert_close(got, pool(x), equal_nan=True, rtol=0, atol=0)
     assert got.is_contiguous()
+    if x.dim() == 4:  # channels-last in, channels-last out, as torch's
+        xc = x.contiguous(memory_format=torch.channels_last)
+        got_cl = SeparableMaxPool2d.from_pool(pool)(xc)
+        torch.testing.assert_close(got_cl, pool(xc), equal_nan=True, rtol=0, atol=0)
+        assert got_cl.is_contiguous(memory_format=torch.channels_last) == pool(xc).is_contiguous(
+            memory_format=torch.channels_last)
     # with autograd it is torch's own (its gradient goes to one index per window)
     xg = x.clone().requires_grad_()
     torch.testing.assert_close(SeparableMaxPool2d.from_pool(pool)(xg), pool(x), equal_nan=True)

@@ -61,6 +61,8 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         out = rows[..., 0:(oh - 1) * sh + 1:sh, :]
         for i in range(1, kh):
             out = torch.maximum(out, rows[..., i:i + (oh - 1) * sh + 1:sh, :])
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return out.contiguous(memory_format=torch.channels_last)  # as torch's pool keeps the format
         return out.contiguous()
 
 
