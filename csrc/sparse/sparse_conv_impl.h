@@ -28,12 +28,13 @@ void conv_rows_t(const int32_t* rp, const int32_t* off, const T* val, const T* x
     const int64_t k0 = rp[r], k1 = rp[r + 1];
     T* orow = o.out + r * o.ldo;
     for (int64_t q0 = 0; q0 < q_len; q0 += kConvTile) {
+      const int64_t n = q_len - q0 < kConvTile ? q_len - q0 : kConvTile;  // nothing read past q_len
       T acc[kConvTile];
       for (int64_t t = 0; t < kConvTile; ++t) acc[t] = T(0);
       for (int64_t k = k0; k < k1; ++k) {
         const T v = val[k];
         const T* src = xin + off[k] + q0;
-        for (int64_t t = 0; t < kConvTile; ++t) acc[t] += v * src[t];
+        for (int64_t t = 0; t < n; ++t) acc[t] += v * src[t];
       }
       if (!o.direct) {
         for (int64_t t = 0; t < kConvTile; ++t) orow[q0 + t] = acc[t];

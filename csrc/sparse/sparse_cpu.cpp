@@ -185,19 +185,19 @@ std::shared_ptr<const Derived> compute_offsets(const int32_t* rp, const at::Tens
 }
 
 // Cache of Derived, keyed by the packed tensors' identity (a weak reference to their TensorImpl plus
-// its version counter: an in-place change or a new tensor misses) and the input geometry (for a
-// linear layer: -1 and K). Inference tensors have no version counter: computed afresh each call.
+// its version counter: an in-place change or a new tensor misses) and the input geometry with its
+// plane length (for a linear layer: -1 and K). Inference tensors have no version counter: computed afresh each call.
 struct OffsetEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> col, rp;
   uint32_t col_version, rp_version;
-  std::array<int64_t, 12> geom;
+  std::array<int64_t, 13> geom;
   std::shared_ptr<const Derived> derived;
 };
 constexpr size_t kOffsetCacheSize = 256;
 
 template <class Compute>
 std::shared_ptr<const Derived> cached_derived(const at::Tensor& col_in, const at::Tensor& rp_in,
-                                              const std::array<int64_t, 12>& geom, Compute compute) {
+                                              const std::array<int64_t, 13>& geom, Compute compute) {
   if (col_in.is_inference() || rp_in.is_inference()) return compute();
   static std::mutex mu;
   static std::deque<OffsetEntry> cache;
@@ -224,7 +224,7 @@ std::shared_ptr<const Derived> cached_derived(const at::Tensor& col_in, const at
 
 std::shared_ptr<const Derived> conv_derived(const at::Tensor& col_in, const at::Tensor& rp_in, const int32_t* rp,
                                             const at::Tensor& col, const ConvGeometry& g) {
-  const std::array<int64_t, 12> geom{g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups};
+  const std::array<int64_t, 13> geom{g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups, g.plane};
   return cached_derived(col_in, rp_in, geom, [&] { return compute_offsets(rp, col, g); });
 }
 
@@ -253,7 +253,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   std::atomic<bool> any_bad{false};
   if (input.scalar_type() == at::kFloat) {
     const auto& kern = sparse_kernels(active_isa());
-    const std::array<int64_t, 12> geom{-1, K, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    const std::array<int64_t, 13> geom{-1, K, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     const auto derived = cached_derived(col_in, row_ptr_in, geom, [&] { return linear_derived(rp, col, O); });
     const int32_t* runs = derived->runs.data();
     const float* v = values.const_data_ptr<float>();
@@ -309,21 +309,13 @@ void conv_rows_any(const int32_t* rp, const int32_t* /*runs*/, const int32_t* of
 }
 
 // One sample relaid out for the direct convolution: stride phases (sh * sw planes of (Hph, Wph)) of
-// the zero-padded input, so that every tap reads a unit-stride run (see sparse_conv_impl.h).
+// the zero-padded input, so that every tap reads a unit-stride run (see sparse_conv_impl.h). Every
+// element of the phases some tap reads is written once (input or zero padding: no memset of the
+// whole buffer first), the unused phases are left alone (a 1x1 stride-2 conv reads one of four:
+// nothing reads the others), and the slack past the last plane is zeroed.
 template <typename T>
 void build_phases(const T* x, const ConvGeometry& g, T* buf) {
-  std::fill(buf, buf + g.buf_len, T(0));
-  if (g.sh == 1 && g.sw == 1) {  // one phase: the zero-padded input, row by row
-    for (int64_t c = 0; c < g.C; ++c) {
-      for (int64_t h = 0; h < g.H; ++h) {
-        std::copy(x + (c * g.H + h) * g.W, x + (c * g.H + h + 1) * g.W,
-                  buf + c * g.plane + (h + g.ph) * g.Wph + g.pw);
-      }
-    }
-    return;
-  }
   const int64_t plane = g.plane;
-  // only the phases some tap reads (a 1x1 stride-2 conv reads one of four; the rest stay zero)
   std::vector<char> used(g.sh * g.sw, 0);
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) used[((i * g.dh) % g.sh) * g.sw + (j * g.dw) % g.sw] = 1;
@@ -331,21 +323,42 @@ void build_phases(const T* x, const ConvGeometry& g, T* buf) {
   for (int64_t pr = 0; pr < g.sh; ++pr) {
     for (int64_t pc = 0; pc < g.sw; ++pc) {
       if (!used[pr * g.sw + pc]) continue;
+      // phase column w2 reads input column w2 * sw + pc - pw: valid for w2 in [w_lo, w_hi)
+      const int64_t w_lo = std::min(g.Wph, std::max<int64_t>(0, (g.pw - pc + g.sw - 1) / g.sw));
+      const int64_t w_hi = std::max(w_lo, std::min(g.Wph, (g.W - 1 + g.pw - pc) / g.sw + 1));
       T* dst = buf + (pr * g.sw + pc) * g.C * plane;
-      for (int64_t c = 0; c < g.C; ++c) {
-        for (int64_t h2 = 0; h2 < g.Hph; ++h2) {
-          const int64_t h = h2 * g.sh + pr - g.ph;
-          if (h < 0 || h >= g.H) continue;
-          const T* src = x + (c * g.H + h) * g.W;
-          T* d = dst + c * plane + h2 * g.Wph;
-          for (int64_t w2 = 0; w2 < g.Wph; ++w2) {
-            const int64_t w = w2 * g.sw + pc - g.pw;
-            if (w >= 0 && w < g.W) d[w2] = src[w];
+      const bool whole = g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;  // a plane is the input's plane
+      at::parallel_for(0, g.C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* dplane = dst + c * plane;
+          if (whole) {
+            std::copy(x + c * g.H * g.W, x + (c + 1) * g.H * g.W, dplane);
+            std::fill(dplane + g.H * g.W, dplane + plane, T(0));
+            continue;
           }
+          for (int64_t h2 = 0; h2 < g.Hph; ++h2) {
+            T* d = dplane + h2 * g.Wph;
+            const int64_t h = h2 * g.sh + pr - g.ph;
+            if (h < 0 || h >= g.H) {
+              std::fill(d, d + g.Wph, T(0));
+              continue;
+            }
+            std::fill(d, d + w_lo, T(0));
+            const T* src = x + (c * g.H + h) * g.W + (w_lo * g.sw + pc - g.pw);
+            if (g.sw == 1) {
+              std::copy(src, src + (w_hi - w_lo), d + w_lo);
+            } else {
+              for (int64_t w2 = w_lo; w2 < w_hi; ++w2) d[w2] = src[(w2 - w_lo) * g.sw];
+            }
+            std::fill(d + w_hi, d + g.Wph, T(0));
+          }
+          std::fill(dplane + g.Hph * g.Wph, dplane + plane, T(0));
         }
-      }
+      });
     }
   }
+  const int64_t end = g.sh * g.sw * g.C * plane;
+  std::fill(buf + end, buf + g.buf_len, T(0));
 }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_in, const at::Tensor& col_in,
@@ -363,11 +376,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   if (out.numel() == 0) return out;
   // A 1x1, stride-1, unpadded conv on several samples is one product over all N * H * W positions:
   // the samples are laid side by side in each channel's plane (longer runs, fewer partial tiles).
+  // Merging pays two copies, so only where a per-sample tail wastes over 10 % (7x7 planes: 15 of 64).
+  // Otherwise, when H * W is a multiple of 16, each sample's input planes are the phase planes as
+  // they are (no copy) and the output is written directly. (Reading unaligned planes in place, with
+  // the tail's loads masked, measured no faster than copying them to aligned ones: split loads.)
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  // ... unless H * W is a multiple of 16: then each sample's input planes are the phase planes as
-  // they are (no copy: the last vector of a plane ends at its end) and the output is written directly
-  const bool in_place = pointwise && (g.H * g.W) % 16 == 0;
-  const bool merge = g.N > 1 && pointwise && !in_place;
+  const int64_t hw = g.H * g.W;
+  const bool merge = g.N > 1 && pointwise && ((hw + 15) / 16 * 16 - hw) * 10 > hw;
+  const bool in_place = pointwise && !merge && hw % 16 == 0;
   ConvGeometry gm = g;
   if (merge) {
     gm.N = 1, gm.H = 1, gm.W = g.N * g.H * g.W, gm.Hout = 1, gm.Wout = gm.W, gm.Hph = 1, gm.Wph = gm.W;
@@ -399,7 +415,6 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     const scalar_t* v = values.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     if (merge) {
-      const int64_t hw = g.H * g.W;
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       std::fill(buf, buf + gm.buf_len, scalar_t(0));
       for (int64_t c = 0; c < g.C; ++c) {
