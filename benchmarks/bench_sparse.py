@@ -4,7 +4,8 @@ torch's own CSR product, in one run.
 Linear 4096 -> 4096 (the issue's memory-bound case) and a ResNet-50 classifier-sized Linear
 (2048 -> 1000), batch 1 and 8, sparsity 0.5 / 0.7 / 0.8 / 0.9 / 0.95 / 0.98, 1 thread (and 2 with
 ``--threads 1 2``): median time of each (torch.utils.benchmark), correctness checked first against
-the dense product, ratios dense / sparse. torch CSR is ``W_csr @ x^T`` (MKL sparse BLAS).
+the dense product, ratios dense / sparse (the functions compared are timed in 3 alternating
+rounds, medians: this VM's speed drifts over seconds). torch CSR is ``W_csr @ x^T`` (MKL sparse BLAS).
 Writes JSON, markdown and a PNG of speedup vs sparsity under benchmarks/results/.
 
 Conv layers of ResNet-50 (3x3 64->64 at 56^2, 3x3 256->256 at 14^2, 1x1 1024->256 at 14^2, 1x1
@@ -33,7 +34,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import RESULTS, machine_info, markdown_table, time_it, write_results  # noqa: E402
+from harness import RESULTS, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
 
 from fastprune import ops  # noqa: E402
 
@@ -89,9 +90,8 @@ def end_to_end(out: list, batches, min_run_time: float) -> list:
             with torch.no_grad():
                 want = model(x)
                 torch.testing.assert_close(sparse(x), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
-                t_dense = time_it(lambda: model(x), max(min_run_time, 1.0))
-                t_fold = time_it(lambda: folded(x), max(min_run_time, 1.0))
-                t_sparse = time_it(lambda: sparse(x), max(min_run_time, 1.0))
+                t_dense, t_fold, t_sparse = time_interleaved([lambda: model(x), lambda: folded(x), lambda: sparse(x)],
+                                                             max(min_run_time, 1.0))
             n_sparse = len(fastprune.nn.sparsify_report(sparse))
             out.append({"pattern": pattern, "batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
                         "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse})
@@ -128,9 +128,9 @@ def main() -> None:
                     got = ops.sparse_linear(x, *packed, k, bias)
                     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close((w_csr @ x.t()).t() + bias, want.float(), rtol=1e-4, atol=1e-4)
-                    t_dense = time_it(lambda: F.linear(x, w, bias), args.min_run_time)
-                    t_ours = time_it(lambda: ops.sparse_linear(x, *packed, k, bias), args.min_run_time)
-                    t_csr = time_it(lambda: (w_csr @ x.t()).t() + bias, args.min_run_time)
+                    t_dense, t_ours, t_csr = time_interleaved(
+                        [lambda: F.linear(x, w, bias), lambda: ops.sparse_linear(x, *packed, k, bias),
+                         lambda: (w_csr @ x.t()).t() + bias], args.min_run_time)
                     rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
                            "dense_s": t_dense,
                            "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
@@ -152,9 +152,10 @@ def main() -> None:
                     got = ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad)
                     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close(torch_csr_conv(x, w_csr, k, stride, pad).double(), want, rtol=1e-4, atol=1e-4)
-                    t_dense = time_it(lambda: F.conv2d(x, w, None, stride, pad), args.min_run_time)
-                    t_ours = time_it(lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad), args.min_run_time)
-                    t_csr = time_it(lambda: torch_csr_conv(x, w_csr, k, stride, pad), args.min_run_time)
+                    t_dense, t_ours, t_csr = time_interleaved(
+                        [lambda: F.conv2d(x, w, None, stride, pad),
+                         lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad),
+                         lambda: torch_csr_conv(x, w_csr, k, stride, pad)], args.min_run_time)
                     rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
                            "dense_s": t_dense,
                            "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,

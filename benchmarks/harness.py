@@ -10,6 +10,7 @@ import os
 import pathlib
 import platform
 import subprocess
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -77,6 +78,17 @@ def time_it(fn: Callable[[], Any], min_run_time: float = 1.0) -> float:
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], min_run_time: float = 1.0, rounds: int = 3) -> list[float]:
+    """Median seconds per call of each of ``fns``, measured in ``rounds`` alternating rounds of
+    ``min_run_time / rounds`` each: on a shared VM whose speed drifts over seconds, the functions
+    compared see the same conditions, so their ratio holds better than with back-to-back runs."""
+    per = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            per[i].append(time_it(fn, min_run_time / rounds))
+    return [statistics.median(p) for p in per]
 
 
 def _rss_kib(field: str) -> int:
