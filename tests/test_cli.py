@@ -95,6 +95,11 @@ def test_bench_command(user_model, capsys):
     assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--min-run-time", "0.05"]) == 0
     out = capsys.readouterr().out
     assert "fastprune.sparsify" in out and "magnitude-pruned per layer to 80%" in out
+    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--block", "4",
+                 "--min-run-time", "0.05"]) == 0
+    assert "fastprune.sparsify" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="block"):
+        main(["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"])
     with pytest.raises(SystemExit, match="input shape"):
         main(["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"])
     (user_model / "scripted.py").write_text(

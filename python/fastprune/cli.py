@@ -1,8 +1,8 @@
 """The ``fastprune`` command.
 
     fastprune demo [--out DIR] [--quick]
-    fastprune prune MODEL --method magnitude --sparsity 0.9 -o OUT [--weights W.pt] [--scope global|layer]
-    fastprune bench MODEL --input-shape 1,3,224,224 [--sparsity 0.9] [--weights W.pt]
+    fastprune prune MODEL --method magnitude --sparsity 0.9 -o OUT [--weights W.pt] [--scope global|layer] [--block 4]
+    fastprune bench MODEL --input-shape 1,3,224,224 [--sparsity 0.9] [--block 4] [--weights W.pt]
 
 MODEL is ``package.module:factory``: an importable function returning the ``nn.Module``.
 """
