@@ -136,3 +136,68 @@ def test_fused_model_compiles_and_traces():
         want = sp(x)
         torch.testing.assert_close(torch.compile(sp, backend="aot_eager", fullgraph=True)(x), want)
         torch.testing.assert_close(torch.jit.trace(sp, x, check_trace=False)(x), want)
+
+
+class _Stem(nn.Module):
+    """A ResNet-like stem: a dense conv whose output only feeds ReLU then max pool, read twice after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 5, 2, 2, bias=False), nn.BatchNorm2d(8)
+        self.relu, self.pool = nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.bn1(self.conv1(x))))
+        return self.a(y) + self.b(y)
+
+
+def test_stem_runs_channels_last_with_the_same_values():
+    model = _Stem()
+    zoo.randomise(model)
+    model.eval()
+    fastprune.prune(model, "magnitude", sparsity=0.8, scope="layer", exclude="conv1")
+    fastprune.finalize(model)
+    x = torch.randn(2, 3, 19, 23)
+    sp = sparsify(model, min_sparsity=0.5, example_inputs=x)
+    assert sp.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # a copy was changed
+    pool = next(n for n in sp.graph.nodes if n.target == "pool")
+    assert [u.target for u in pool.users] == ["contiguous"]
+    with torch.no_grad():
+        want = model(x)
+        got = sp(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        # the layers after the pool get NCHW input
+        seen = []
+        h = sp.a.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        sp(x)
+        h.remove()
+        assert seen == [True]
+
+
+class _ConvPool(nn.Module):
+    def __init__(self, read_twice: bool) -> None:
+        super().__init__()
+        self.conv, self.pool, self.read_twice = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), read_twice
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.pool(torch.relu(y))
+        return out + y.mean() if self.read_twice else out
+
+
+def test_channels_last_only_where_the_pool_alone_reads_the_conv():
+    from fastprune.nn.fuse import channels_last_pools
+
+    x = torch.randn(2, 3, 9, 9)
+    for read_twice, want in [(False, ["conv"]), (True, [])]:
+        model = _ConvPool(read_twice).eval()
+        gm = torch.fx.symbolic_trace(copy.deepcopy(model))
+        assert channels_last_pools(gm) == want
+        assert gm.conv.weight.is_contiguous(memory_format=torch.channels_last) == bool(want)
+        with torch.no_grad():
+            got = gm(x)
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+            assert got.is_contiguous()
+        assert channels_last_pools(gm) == []  # done once

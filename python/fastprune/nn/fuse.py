@@ -4,7 +4,11 @@ not eat the time the sparse kernels save:
 - :class:`SeparableMaxPool2d`: max pooling as two 1-D passes. torch's CPU ``max_pool2d`` on NCHW
   input is slow (ResNet's stem pool, 64 x 112 x 112, batch 1: 6.2 ms against 0.96 ms separable and
   0.32 ms on channels-last input, measured with ``torch.utils.benchmark``, 1 thread, torch 2.13);
-  the values are the same (a max is exact).
+  the values are the same (a max is exact). Channels-last input goes to torch's own (fast) pool.
+- :func:`channels_last_pools`: a dense conv whose output only feeds (a ReLU, then) a max pool
+  computes channels-last (its weight in that memory format), so the pool is torch's fast one; the
+  pool's output is made NCHW-contiguous again for the layers after it. ResNet's stem (7x7 conv,
+  ReLU, 3x3 pool), batch 1: 3.3 ms against 4.2 ms per image (batch 8: 3.8 against 5.0).
 - :func:`fuse_activations`: a ReLU after a sparse layer, and a residual add (then ReLU) after a sparse
   conv, become the kernels' fused ``relu`` / ``residual`` (one pass over the output instead of three).
   Works on the ``torch.fx`` graph; a model FX cannot trace is left as it is.
@@ -22,7 +26,7 @@ from torch import fx, nn
 
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
 
-__all__ = ["SeparableMaxPool2d", "fuse_activations", "swap_max_pools"]
+__all__ = ["SeparableMaxPool2d", "channels_last_pools", "fuse_activations", "swap_max_pools"]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -49,6 +53,8 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or x.dim() not in (3, 4) \
                 or not x.is_floating_point():
             return super().forward(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)  # torch's channels-last pool is the fast one
         (kh, kw), (sh, sw), (ph, pw) = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
         h, w = x.shape[-2:]
         oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
@@ -61,8 +67,6 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         out = rows[..., 0:(oh - 1) * sh + 1:sh, :]
         for i in range(1, kh):
             out = torch.maximum(out, rows[..., i:i + (oh - 1) * sh + 1:sh, :])
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            return out.contiguous(memory_format=torch.channels_last)  # as torch's pool keeps the format
         return out.contiguous()
 
 
@@ -188,3 +192,40 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
     graph.lint()
     gm.recompile()
     return gm, sorted(set(fused))
+
+
+def _is_pool(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(mods.get(node.target), nn.MaxPool2d) and \
+        not mods[node.target].return_indices
+
+
+def channels_last_pools(gm: fx.GraphModule) -> list[str]:
+    """For each dense ``nn.Conv2d`` whose output only feeds a max pool (directly or through one ReLU
+    that nothing else reads): store the conv's weight channels-last, so that torch computes the
+    conv, the ReLU and the pool in that format (the pool is then torch's fast one), and make the
+    pool's output NCHW-contiguous again. Same values. Changes ``gm`` in place (the conv's weight is
+    its own: ``sparsify`` works on a copy unless ``inplace``); returns the convs' names."""
+    mods = dict(gm.named_modules())
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(mods.get(node.target)) is not nn.Conv2d or len(node.users) != 1:
+            continue
+        conv = mods[node.target]
+        if conv.weight.device.type != "cpu" or conv.weight.dim() != 4:
+            continue
+        nxt = next(iter(node.users))
+        if _is_relu(nxt, mods) and len(nxt.users) == 1:
+            nxt = next(iter(nxt.users))
+        if not _is_pool(nxt, mods) or any(u.op == "call_method" and u.target == "contiguous" for u in nxt.users):
+            continue
+        with torch.no_grad():
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        with gm.graph.inserting_after(nxt):
+            back = gm.graph.call_method("contiguous", (nxt,))
+        nxt.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        back.meta = dict(nxt.meta)
+        done.append(node.target)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fastprune._modes import eval_mode
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
@@ -111,7 +111,8 @@ def _time(fn: Any, repeats: int = 5) -> float:
 
 
 def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs: Any = None, *,
-             inplace: bool = False, fold_bn: bool = True, fuse: bool = True) -> nn.Module:
+             inplace: bool = False, fold_bn: bool = True, fuse: bool = True,
+             micro_batch: int | None = None) -> nn.Module:
     """Sparse execution of a pruned model (see the module docstring).
 
     Args:
@@ -125,17 +126,28 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
         fuse: afterwards, fold each ReLU that follows a sparse layer, and each residual add (then
             ReLU) after a sparse conv, into the kernel (the add only with ``example_inputs``, which
             show the shapes match), and compute ``nn.MaxPool2d`` in its separable form (same values;
-            torch's NCHW CPU max pool is ~6x slower): see :mod:`fastprune.nn.fuse`.
+            torch's NCHW CPU max pool is ~6x slower), or channels-last after a dense conv that
+            only feeds it: see :mod:`fastprune.nn.fuse`.
+        micro_batch: run batches this many samples at a time through the whole model
+            (:class:`fastprune.nn.MicroBatch`): sparse layers are memory-bound, and one sample's
+            activations stay in cache. Only for models proven per-sample on their FX graph
+            (ValueError otherwise, before anything is changed).
 
     Returns:
         The sparse model (in eval mode). ``sparsify_report(model)`` lists its sparse layers. When
         anything was fused it is a ``torch.fx.GraphModule`` (same submodules and parameter names);
-        with ``inplace=True`` the input model gets the swapped layers, never a fused flag.
+        with ``inplace=True`` the input model gets the swapped layers, never a fused flag. With
+        ``micro_batch`` it is wrapped in a :class:`fastprune.nn.MicroBatch` (``.module``).
     """
     from fastprune.masks import finalize
 
     if min_sparsity is not None and (isinstance(min_sparsity, bool) or not 0.0 <= float(min_sparsity) <= 1.0):
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    if micro_batch is not None:
+        from fastprune.nn.microbatch import MicroBatch, prove_per_sample
+
+        MicroBatch(nn.Identity(), micro_batch)  # the value check, before any work
+        prove_per_sample(model)  # before the model is changed
     inputs = None
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -183,11 +195,15 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
             parent, attr = _parent(m, name)
             setattr(parent, attr, sparse_cls.from_dense(mod))
     if fuse:
-        from fastprune.nn.fuse import fuse_activations, swap_max_pools
+        from fastprune.nn.fuse import channels_last_pools, fuse_activations, swap_max_pools
 
         swap_max_pools(m)
         m, _ = fuse_activations(m, inputs)
+        if isinstance(m, fx.GraphModule):
+            channels_last_pools(m)
         m.eval()
+    if micro_batch is not None:
+        m = MicroBatch.wrap(m, micro_batch).eval()
     return m
 
 
