@@ -12,7 +12,8 @@ Conv layers of ResNet-50 (3x3 64->64 at 56^2, 3x3 256->256 at 14^2, 1x1 1024->25
 512->2048 at 7^2) through sparse_conv2d against F.conv2d (oneDNN) and torch CSR (unfold + CSR mm),
 with the geometric mean over the four layers. End to end: the ResNet-50-like model of
 fastprune.models, random weights magnitude-pruned per layer (first conv dense) at 0/80/90/95 %, dense
-eager (with and without BN folded) vs fastprune.sparsify.
+eager (with and without BN folded) vs fastprune.sparsify; at batch 8 also the sparse model run one
+sample at a time (``MicroBatch``, ``sparsify(..., micro_batch=1)``).
 
 Every sparse case runs with two patterns: "unstructured" (plain magnitude pruning) and "4 rows
 share" (magnitude pruning with block=4: groups of 4 output channels keep the same positions; the
@@ -87,16 +88,26 @@ def end_to_end(out: list, batches, min_run_time: float) -> list:
             x = torch.randn(b, 3, 224, 224)
             folded = fastprune.sparsify(model, min_sparsity=1.0)  # BN folded, every layer dense
             sparse = fastprune.sparsify(model, example_inputs=x[:1])
+            fns = [lambda: model(x), lambda: folded(x), lambda: sparse(x)]
+            if b > 1:  # the same sparse model run one sample at a time (depth-first)
+                micro = fastprune.nn.MicroBatch.wrap(sparse, 1)
+                fns.append(lambda: micro(x))
             with torch.no_grad():
                 want = model(x)
-                torch.testing.assert_close(sparse(x), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
-                t_dense, t_fold, t_sparse = time_interleaved([lambda: model(x), lambda: folded(x), lambda: sparse(x)],
-                                                             max(min_run_time, 1.0))
+                tol = dict(rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+                torch.testing.assert_close(sparse(x), want, **tol)
+                if b > 1:
+                    torch.testing.assert_close(micro(x), want, **tol)
+                ts = time_interleaved(fns, max(min_run_time, 1.0) * len(fns) / 3)
+            t_dense, t_fold, t_sparse = ts[:3]
+            t_micro = ts[3] if b > 1 else None
             n_sparse = len(fastprune.nn.sparsify_report(sparse))
             out.append({"pattern": pattern, "batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
-                        "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse})
+                        "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse,
+                        "micro_batch_1_s": t_micro, "speedup_micro_batch_1": t_dense / t_micro if t_micro else None})
             rows.append([pattern if s else "dense", b, f"{s:.0%}", f"{1e3 * t_dense:.1f}", f"{1e3 * t_fold:.1f}", f"{1e3 * t_sparse:.1f}",
-                         n_sparse, f"{t_dense / t_sparse:.2f}x", f"{t_fold / t_sparse:.2f}x"])
+                         n_sparse, f"{t_dense / t_sparse:.2f}x", f"{t_fold / t_sparse:.2f}x",
+                         f"{1e3 * t_micro:.1f} ({t_dense / t_micro:.2f}x)" if t_micro else "-"])
             print(rows[-1], flush=True)
     return rows
 
@@ -195,7 +206,7 @@ def main() -> None:
         md += ("\n### End to end: ResNet-50-like model, random weights magnitude-pruned per layer (first conv dense), "
                "224 x 224, 1 thread\n\n" + markdown_table(
                    ["pattern", "batch", "sparsity", "dense ms", "dense, BN folded ms", "sparsify ms", "sparse layers",
-                    "speedup vs dense", "vs BN-folded dense"], e2e_rows) + "\n")
+                    "speedup vs dense", "vs BN-folded dense", "micro_batch=1 ms (vs dense)"], e2e_rows) + "\n")
     print()
     print(md)
     tag = "sparse_quick" if args.quick else "sparse"

@@ -100,6 +100,10 @@ def test_bench_command(user_model, capsys):
     assert "fastprune.sparsify" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="block"):
         main(["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"])
+    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "2", "--min-run-time", "0.05"]) == 0
+    assert "run 2 sample(s) at a time" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="positive int"):
+        main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"])
     with pytest.raises(SystemExit, match="input shape"):
         main(["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"])
     (user_model / "scripted.py").write_text(

@@ -291,7 +291,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             want = model(x)
     except Exception as e:  # noqa: BLE001
         raise SystemExit(f"fastprune: the model does not run on input shape {tuple(x.shape)}: {e}") from e
-    sparse = sparsify(model, example_inputs=x)
+    try:
+        sparse = sparsify(model, example_inputs=x[:1] if args.micro_batch else x, micro_batch=args.micro_batch)
+    except ValueError as e:
+        raise SystemExit(f"fastprune: {e}") from e
     from torch.utils import benchmark
 
     def t(fn) -> float:
@@ -307,7 +310,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ("fastprune.sparsify", f"{zeros / total:.1%}", str(len(sparsify_report(sparse))), f"{1e3 * t_sparse:.2f}",
              f"{t_dense / t_sparse:.2f}x")]
     print(f"input {tuple(x.shape)}, {args.threads} thread(s)" + (f", magnitude-pruned per layer to {args.sparsity:.0%}"
-                                                               if pruned_here else ", weights already sparse"))
+                                                               if pruned_here else ", weights already sparse")
+          + (f", sparse model run {args.micro_batch} sample(s) at a time" if args.micro_batch else ""))
     print(_table(rows))
     print(f"max |sparse - dense| / max |dense| = {diff:.2e}")
     return 0
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--block", type=int, default=1,
                    help="with dense weights: magnitude-prune groups of this many output channels together")
     b.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
+    b.add_argument("--micro-batch", type=int, default=None,
+                   help="run the sparse model this many samples at a time (models proven per-sample only)")
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--min-run-time", type=float, default=1.0)
     b.set_defaults(func=cmd_bench)

@@ -1,7 +1,8 @@
 """Modules: attention whose heads can be pruned, sparse (CSR) Linear and Conv2d, and sparsify()."""
 
 from fastprune.nn.attention import MultiheadSelfAttention, swap_attention
+from fastprune.nn.microbatch import MicroBatch
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
 from fastprune.nn.sparsify import sparsify, sparsify_report
 
-__all__ = ["MultiheadSelfAttention", "SparseConv2d", "SparseLinear", "sparsify", "sparsify_report", "swap_attention"]
+__all__ = ["MicroBatch", "MultiheadSelfAttention", "SparseConv2d", "SparseLinear", "sparsify", "sparsify_report", "swap_attention"]
