@@ -9,15 +9,18 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <array>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "sparse/sparse.h"
 #include "sparse/sparse_core.h"
+#include "sparse/sparse_jit.h"
 #include "sparse/sparse_kernels.h"
 
 namespace fastprune {
@@ -100,6 +103,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cpu(const at::Tensor&
   return {row_ptr, col, values};
 }
 
+// When the generated code runs (see the comment at its use), and how many blocks ahead its code and
+// values are prefetched. Measured on Zen 4 (ResNet-50 layers at 90 %, bench_sparse.py and the
+// ResNet-50-like model end to end).
+constexpr int64_t kJitMinPositions = 128;
+constexpr int64_t kJitMinRowNnz = 16;
+constexpr int64_t kJitPrefetchBlocks = 2;
+
 // Row ranges of about equal nonzero count (at least one row each), for parallel_for.
 std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts) {
   std::vector<int64_t> b{0};
@@ -119,6 +129,15 @@ std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts
 // runs per row, how many rows from it on share its pattern (sparse_kernels.h).
 struct Derived {
   std::vector<int32_t> off, runs;
+  // generated code for these offsets (sparse_jit.h), per set of jit::Flags, made at the first
+  // float32 call that uses it
+  mutable std::array<std::once_flag, 8> jit_once;
+  mutable std::array<std::unique_ptr<jit::ConvCode>, 8> jit;
+  const jit::ConvCode* jit_code(const int32_t* rp, int64_t rows, int flags) const {
+    std::call_once(jit_once[flags], [&] { jit[flags] = jit::ConvCode::build(rp, off.data(), rows, flags, kJitMaxBytes); });
+    return jit[flags].get();
+  }
+  static constexpr int64_t kJitMaxBytes = int64_t(64) << 20;
 };
 
 // runs[r] from same(r) = "row r + 1 has row r's pattern" (rows of equal length only are compared).
@@ -298,6 +317,63 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   return out.reshape(out_shape);
 }
 
+constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlock * 16;
+
+// All rows through the generated code (plain: no bias, residual or ReLU; full: the flags of o), each
+// block of rows, 16 positions of the wide grid at a time. A direct output (the final output, row
+// stride q_len) gets bias, residual and ReLU from the code; its last partial tile goes through a
+// scratch tile (nothing is read or written past q_len). Otherwise o.out is the wide buffer (the
+// caller finishes it).
+template <typename T>
+void run_jit(const jit::ConvCode* plain, const jit::ConvCode* full, const int32_t* rp, const T* v, const T* x,
+             int64_t O, const ConvOut<T>& o) {
+  if constexpr (std::is_same_v<T, float>) {
+    const auto& kern = sparse_kernels(Isa::kAvx512);
+    const int64_t rpb = plain->rows_per_block();
+    const jit::ConvCode* main = full != nullptr ? full : plain;
+    at::parallel_for(0, plain->blocks(), 1, [&](int64_t b0, int64_t b1) {
+      alignas(64) float scratch[kJitScratch];
+      alignas(64) float scratch_res[kJitScratch] = {};
+      // the code and the values of the next blocks are asked for ahead (both are cold at each call
+      // in a whole model, and the code reads a block's values out of order)
+      auto prefetch = [&](int64_t b) {
+        if (b >= main->blocks()) return;
+        main->prefetch(b);
+        const int64_t r0 = main->row_begin(b), r1 = std::min<int64_t>(O, r0 + rpb);
+        const char* p = reinterpret_cast<const char*>(v + rp[r0]);
+        for (int64_t i = 0; i < (rp[r1] - rp[r0]) * int64_t(sizeof(T)); i += 64) __builtin_prefetch(p + i, 0, 2);
+      };
+      prefetch(b0);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) prefetch(b + d);  // (past b1: harmless)
+        const int64_t rb = plain->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
+        const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
+        const jit::TileFn fn = main->fn(b);
+        int64_t q0 = 0;
+        for (; q0 + 16 <= o.q_len; q0 += 16) {
+          const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
+          fn(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, bias, res);
+        }
+        if (q0 < o.q_len) {
+          const int64_t n = o.q_len - q0;
+          if (!o.direct) {
+            plain->fn(b)(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, nullptr, nullptr);
+          } else {  // through scratch tiles (row stride 16), with the same code as the full tiles
+            const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
+            if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
+            fn(scratch, x + q0, v, 16 * 4, bias, res != nullptr ? scratch_res : nullptr);
+            if (full == nullptr) {
+              kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, bias, res, o.ldo, o.relu);
+            } else {
+              kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
 // float32: the per-ISA loop; float64: the portable one.
 void conv_rows_any(const int32_t* rp, const int32_t* runs, const int32_t* off, const float* v, const float* x,
                    int64_t r0, int64_t r1, const ConvOut<float>& out) {
@@ -399,7 +475,19 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const int64_t q_len = gm.Hout * gm.Wph;
   // no junk columns (1x1 convs, unpadded, even sizes under stride 2): results go straight into the
   // output, bias, ReLU and residual applied on the way (one pass over the output, not three)
+  // float32 on AVX-512: the generated code (rows of a block share each input load), into the wide
+  // buffer; otherwise the vector loops
   const bool direct = !merge && gm.Wph == g.Wout;
+  // Only with enough positions per sample (the code is fetched once per call and reused once per 16
+  // positions: on 7x7 planes fetching it costs more than the loads it saves) and enough nonzeros per
+  // row (each row's result costs a store, and its bias / residual / ReLU, per 16 positions: with 6
+  // nonzeros a row, as in ResNet's 1x1 64 -> 256 convs, that traffic outweighs the loads saved).
+  const bool use_jit = input.scalar_type() == at::kFloat && jit::enabled() &&
+                       (jit::forced() || (q_len >= kJitMinPositions && rp[g.O] >= kJitMinRowNnz * g.O));
+  const jit::ConvCode* code = use_jit ? derived->jit_code(rp, g.O, 0) : nullptr;
+  const int flags = (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |
+                    (relu ? jit::kRelu : 0);
+  const jit::ConvCode* code_full = code != nullptr && direct && flags != 0 ? derived->jit_code(rp, g.O, flags) : nullptr;
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
@@ -421,9 +509,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
         for (int64_t n = 0; n < g.N; ++n) std::copy(xp + (n * g.C + c) * hw, xp + (n * g.C + c + 1) * hw, buf + c * gm.plane + n * hw);
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, runs, off.data(), v, buf, chunks[c0], chunks[c1], wide_out);
-      });
+      if (code != nullptr) {
+        run_jit<scalar_t>(code, nullptr, rp, v, buf, g.O, wide_out);
+      } else {
+        at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+          conv_rows_any(rp, runs, off.data(), v, buf, chunks[c0], chunks[c1], wide_out);
+        });
+      }
       scalar_t* o = out.data_ptr<scalar_t>();
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
@@ -453,15 +545,23 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() + n * g.O * g.Hout * g.Wout : nullptr;
       if (direct) {  // the wide grid is the output grid: the kernel writes the output itself
         const ConvOut<scalar_t> final_out{o, q_len, q_len, b, rs, relu, true};
+        if (code != nullptr) {
+          run_jit<scalar_t>(code, code_full, rp, v, xin, g.O, final_out);
+          continue;
+        }
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
           conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], final_out);
         });
         continue;
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
-      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-        conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
-      });
+      if (code != nullptr) {
+        run_jit<scalar_t>(code, nullptr, rp, v, xin, g.O, wide_out);
+      } else {
+        at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+          conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
+        });
+      }
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);

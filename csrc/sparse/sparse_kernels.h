@@ -30,6 +30,10 @@ struct SparseKernels {
   // out[r * ldo + q] = sum_k val[k] * xin[off[k] + q] for q < out.q_len, stored as ConvOut says.
   void (*conv_rows)(const int32_t* row_ptr, const int32_t* runs, const int32_t* off, const float* val,
                     const float* xin, int64_t r0, int64_t r1, const ConvOut<float>& out);
+  // Rows [0, rows) x positions [0, n) of one tile (n <= 16) of the generated code's output (sparse_jit.h):
+  // out[i * ldo + t] = act(src[i * lds + t] + bias[i] + res[i * ldr + t]); bias and res nullable; src may be out.
+  void (*tile_finish)(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n,
+                      const float* bias, const float* res, int64_t ldr, bool relu);
   const char* name;
 };
 

@@ -167,7 +167,12 @@ void conv_rows(const int32_t* rp, const int32_t* runs, const int32_t* off, const
   conv_rows_simd<V256>(rp, runs, off, val, xin, r0, r1, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, "avx2"};
+void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n, const float* bias,
+                 const float* res, int64_t ldr, bool relu) {
+  tile_finish_t<V256>(src, lds, out, ldo, rows, n, bias, res, ldr, relu);
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, "avx2"};
 
 }  // namespace avx2
 }  // namespace sparse

@@ -28,6 +28,16 @@ void spmm(const int32_t* rp, const int32_t* /*runs*/, const void* col, bool wide
   }
 }
 
+void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n, const float* bias,
+                 const float* res, int64_t ldr, bool relu) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float y = src[i * lds + t] + (res != nullptr ? res[i * ldr + t] : 0.0f);
+      out[i * ldo + t] = finish_output<float>(y, bias, i, relu);
+    }
+  }
+}
+
 }  // namespace
 
 void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const float* val, const float* xin,
@@ -35,7 +45,7 @@ void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, c
   conv_rows_t<float>(rp, off, val, xin, r0, r1, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, "scalar"};
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, "scalar"};
 
 void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out) {

@@ -79,6 +79,21 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
   });
 }
 
+// SparseKernels::tile_finish, vectorised.
+template <class V>
+void tile_finish_t(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n, const float* bias,
+                   const float* res, int64_t ldr, bool relu) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
+      const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
+      typename V::Reg a = V::maskz_load(m, src + i * lds + j0);
+      if (bias != nullptr) a = V::add(a, V::set1(bias[i]));
+      if (res != nullptr) a = V::add(a, V::maskz_load(m, res + i * ldr + j0));
+      V::mask_store(out + i * ldo + j0, m, relu ? V::max0(a) : a);
+    }
+  }
+}
+
 // Stores row r's vector of results at position q as ConvOut says (sparse_core.h).
 template <class V>
 inline void conv_store(const ConvOut<float>& o, int64_t r, int64_t q, typename V::Reg acc) {

@@ -230,7 +230,7 @@ def test_sparse_conv2d_opcheck_gradients_and_compile():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x32), f(x32))
 
 
-def test_conv_offset_cache_follows_in_place_changes_and_geometry():
+def test_conv_offset_cache_follows_in_place_changes_and_geometry(isa):
     import torch.nn.functional as F
 
     weight = _sparse_weight(4, 3 * 9, 0.5).reshape(4, 3, 3, 3)
@@ -308,3 +308,50 @@ def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
     want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape, b.double(), s, p, d, g, True)
     got = ops.sparse_conv2d(x, rp, col, val, weight.shape, b, s, p, d, g, True)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+# Generated code (csrc/sparse/sparse_jit.cpp): blocks of up to 28 rows whose accumulators stay in
+# registers. FASTPRUNE_JIT=always runs it for every float32 conv (on a CPU without AVX-512 these
+# cases run the vector loops instead, and still must match).
+@pytest.mark.parametrize("case", [
+    (1, 6, 12, 13, 61, 3, 1, 1, 1, 1),  # three blocks of rows (28, 28, 5), a partial last tile
+    (2, 300, 30, 30, 33, 1, 1, 0, 1, 1),  # offsets past 2^16 floats (32-bit displacements)
+    (1, 40, 20, 20, 70, 3, 2, 1, 1, 1),  # stride 2, over 2^14 nonzeros (value displacements)
+    (1, 4, 16, 16, 30, 1, 1, 0, 1, 1),  # 1x1 in place, 256 positions: straight into the output
+    (2, 8, 9, 9, 29, 3, 1, 1, 1, 1),  # 29 rows: a block of one row
+])
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_generated_code_matches_reference(monkeypatch, case, density):
+    monkeypatch.setenv("FASTPRUNE_ISA", "avx512")
+    weight, x, s, p, d, g = _conv_case(case, torch.float32, density=density)
+    rp, col, val = ops.pack_sparse(weight.flatten(1))
+    b = torch.randn(weight.shape[0])
+    for bias, relu, with_res in [(None, False, False), (b, False, False), (None, True, False), (b, True, True),
+                                 (None, False, True)]:
+        want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape,
+                                       None if bias is None else bias.double(), s, p, d, g, relu)
+        res = torch.randn(want.shape) if with_res else None
+        if res is not None:
+            want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape,
+                                           None if bias is None else bias.double(), s, p, d, g, relu, res.double())
+        for mode in ("always", "0", "1"):
+            monkeypatch.setenv("FASTPRUNE_JIT", mode)
+            got = ops.sparse_conv2d(x, rp, col, val, weight.shape, bias, s, p, d, g, relu, res)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_generated_code_reads_the_values_at_each_call_and_bad_settings_are_errors(monkeypatch):
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("FASTPRUNE_ISA", "avx512")
+    monkeypatch.setenv("FASTPRUNE_JIT", "always")
+    weight = _sparse_weight(40, 5 * 9, 0.3).reshape(40, 5, 3, 3)
+    rp, col, val = ops.pack_sparse(weight.flatten(1))
+    x = torch.randn(1, 5, 10, 10)
+    y = ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
+    val.mul_(-2.0)  # same pattern, new values: the cached code reads them through its pointer
+    torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1), -2.0 * y)
+    torch.testing.assert_close(y, F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FASTPRUNE_JIT", "yes")
+    with pytest.raises(RuntimeError, match="FASTPRUNE_JIT must be 0, 1 or always"):
+        ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)

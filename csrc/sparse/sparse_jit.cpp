@@ -1,0 +1,215 @@
+// The code generator of sparse_jit.h: a small EVEX encoder for the four instructions the block
+// functions use, and executable memory from mmap (written, then made read+execute: never both).
+#include "sparse/sparse_jit.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+#include "common/cpu_features.h"
+
+#if defined(__x86_64__) && defined(__linux__) && defined(FP_HAVE_X86_KERNELS)
+#define FP_JIT_SUPPORTED 1
+#include <sys/mman.h>
+#endif
+
+namespace fastprune {
+namespace sparse {
+namespace jit {
+namespace {
+
+// System V arguments: out = rdi, x = rsi, val = rdx, row stride in bytes = rcx, bias = r8, residual = r9
+constexpr int kRdx = 2, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9;
+constexpr int kZero = 31;  // zmm31 = 0 for the ReLU
+
+struct Emitter {
+  std::vector<uint8_t>& c;
+
+  void u8(uint8_t b) { c.push_back(b); }
+  void u32(uint32_t v) {
+    for (int i = 0; i < 4; ++i) c.push_back(static_cast<uint8_t>(v >> (8 * i)));
+  }
+  // The 4-byte EVEX prefix of a 512-bit instruction: reg = ModRM.reg (0..31), vvvv = the second
+  // source (-1: none), rm = a register in ModRM.rm (0..31) or -1 for a [base + disp32] operand.
+  // base: the memory operand's base register when rm < 0 (r8 and r9 set EVEX.B).
+  void evex(int mm, int pp, int reg, int vvvv, int rm, bool broadcast, int base = 0) {
+    const int v = vvvv < 0 ? 0 : vvvv;
+    const int b3 = rm >= 0 ? (rm >> 3) & 1 : (base >> 3) & 1, x4 = rm >= 0 ? (rm >> 4) & 1 : 0;
+    u8(0x62);
+    u8(static_cast<uint8_t>((!((reg >> 3) & 1) << 7) | (!x4 << 6) | (!b3 << 5) | (!((reg >> 4) & 1) << 4) | mm));
+    u8(static_cast<uint8_t>(((~v & 15) << 3) | 0x4 | pp));  // W0
+    u8(static_cast<uint8_t>((2 << 5) | (broadcast ? 0x10 : 0) | (!((v >> 4) & 1) << 3)));  // L'L = 512 bits
+  }
+  void mem(int reg, int base, int64_t disp) {
+    u8(static_cast<uint8_t>(0x80 | ((reg & 7) << 3) | (base & 7)));  // mod 10: [base + disp32]
+    u32(static_cast<uint32_t>(static_cast<int32_t>(disp)));
+  }
+  // vmovups zmm(reg), [rsi + disp]
+  void load(int reg, int64_t disp) {
+    evex(1, 0, reg, -1, -1, false);
+    u8(0x10);
+    mem(reg, kRsi, disp);
+  }
+  // vmovups [rdi + disp], zmm(reg)
+  void store(int reg, int64_t disp) {
+    evex(1, 0, reg, -1, -1, false);
+    u8(0x11);
+    mem(reg, kRdi, disp);
+  }
+  // vfmadd231ps zmm(acc), zmm(x), dword [rdx + disp]{1to16}
+  void fma_bcast(int acc, int x, int64_t disp) {
+    evex(2, 1, acc, x, -1, true);
+    u8(0xB8);
+    mem(acc, kRdx, disp);
+  }
+  // vpxord zmm(r), zmm(r), zmm(r)
+  void zero(int r) {
+    evex(1, 1, r, r, r, false);
+    u8(0xEF);
+    u8(static_cast<uint8_t>(0xC0 | ((r & 7) << 3) | (r & 7)));
+  }
+  // vaddps zmm(a), zmm(a), [base + disp] (broadcast: one float to all lanes)
+  void add_mem(int a, int base, int64_t disp, bool broadcast) {
+    evex(1, 0, a, a, -1, broadcast, base);
+    u8(0x58);
+    mem(a, base, disp);
+  }
+  // vmaxps zmm(a), zmm(a), zmm31
+  void relu(int a) {
+    evex(1, 0, a, a, kZero, false);
+    u8(0x5F);
+    u8(static_cast<uint8_t>(0xC0 | ((a & 7) << 3) | (kZero & 7)));
+  }
+  // add rdi, rcx / add r9, rcx: the next row of out / of the residual
+  void next_row() {
+    u8(0x48), u8(0x01), u8(0xCF);
+  }
+  void next_residual_row() {
+    u8(0x49), u8(0x01), u8(0xC9);
+  }
+  void ret() {
+    u8(0xC5), u8(0xF8), u8(0x77);  // vzeroupper
+    u8(0xC3);
+  }
+};
+
+constexpr int64_t kMaxDisp = (int64_t(1) << 31) - 64;
+
+}  // namespace
+
+std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r0, int64_t r1, int flags) {
+  std::vector<uint8_t> code;
+  Emitter e{code};
+  // the block's nonzeros by tap offset (then row): one load per distinct offset
+  struct Nz {
+    int32_t off;
+    int32_t row;
+    int64_t k;
+  };
+  std::vector<Nz> nz;
+  nz.reserve(rp[r1] - rp[r0]);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t k = rp[r]; k < rp[r + 1]; ++k) nz.push_back({off[k], static_cast<int32_t>(r - r0), k});
+  }
+  std::stable_sort(nz.begin(), nz.end(), [](const Nz& a, const Nz& b) { return a.off < b.off; });
+  for (int64_t r = r0; r < r1; ++r) e.zero(static_cast<int>(r - r0));
+  if (flags & kRelu) e.zero(kZero);
+  const int first_input = static_cast<int>(r1 - r0);  // input vectors in zmm(rows)..30, in turn
+  int x = first_input;
+  for (size_t i = 0; i < nz.size();) {
+    const int32_t o = nz[i].off;
+    x = x + 1 < kZero ? x + 1 : first_input;
+    e.load(x, int64_t(o) * 4);
+    for (; i < nz.size() && nz[i].off == o; ++i) e.fma_bcast(nz[i].row, x, nz[i].k * 4);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int a = static_cast<int>(r - r0);
+    if (flags & kBias) e.add_mem(a, kR8, int64_t(a) * 4, true);
+    if (flags & kResidual) {
+      if (r > r0) e.next_residual_row();
+      e.add_mem(a, kR9, 0, false);
+    }
+    if (flags & kRelu) e.relu(a);
+    if (r > r0) e.next_row();
+    e.store(a, 0);
+  }
+  e.ret();
+  return code;
+}
+
+bool enabled() {
+  const char* env = std::getenv("FASTPRUNE_JIT");
+  TORCH_CHECK(env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0 ||
+                  std::strcmp(env, "always") == 0,
+              "FASTPRUNE_JIT must be 0, 1 or always; got '", env, "'");
+#if defined(FP_JIT_SUPPORTED)
+  return active_isa() == Isa::kAvx512 && (env == nullptr || std::strcmp(env, "0") != 0);
+#else
+  return false;
+#endif
+}
+
+bool forced() {
+  const char* env = std::getenv("FASTPRUNE_JIT");
+  return env != nullptr && std::strcmp(env, "always") == 0;
+}
+
+void ConvCode::prefetch(int64_t b) const {
+  if (b < 0 || b >= blocks()) return;
+  const uint8_t* p = static_cast<const uint8_t*>(mem_) + entry_[b];
+  const size_t n = (b + 1 < blocks() ? entry_[b + 1] : size_) - entry_[b];
+  for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 2);
+}
+
+ConvCode::~ConvCode() {
+#if defined(FP_JIT_SUPPORTED)
+  if (mem_ != nullptr) munmap(mem_, size_);
+#endif
+}
+
+std::unique_ptr<ConvCode> ConvCode::build(const int32_t* rp, const int32_t* off, int64_t rows, int flags,
+                                          int64_t max_bytes) {
+#if defined(FP_JIT_SUPPORTED)
+  if (!enabled() || rows <= 0) return nullptr;
+  const int64_t nnz = rp[rows];
+  // every displacement must fit 31 bits: value indices and offsets
+  if (nnz * 4 > kMaxDisp) return nullptr;
+  for (int64_t k = 0; k < nnz; ++k) {
+    if (off[k] < 0 || int64_t(off[k]) * 4 > kMaxDisp) return nullptr;
+  }
+  // about 10 bytes per nonzero and per distinct offset: refuse before generating what is too big
+  if (nnz * 20 > max_bytes) return nullptr;
+  std::vector<uint8_t> all;
+  std::vector<size_t> entry;
+  const int rpb = kRowsPerBlock;
+  for (int64_t r0 = 0; r0 < rows; r0 += rpb) {
+    const int64_t r1 = std::min<int64_t>(rows, r0 + rpb);
+    entry.push_back(all.size());
+    const std::vector<uint8_t> b = block_code(rp, off, r0, r1, flags);
+    all.insert(all.end(), b.begin(), b.end());
+    if (static_cast<int64_t>(all.size()) > max_bytes) return nullptr;
+  }
+  void* mem = mmap(nullptr, all.size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return nullptr;
+  std::memcpy(mem, all.data(), all.size());
+  if (mprotect(mem, all.size(), PROT_READ | PROT_EXEC) != 0) {
+    munmap(mem, all.size());
+    return nullptr;
+  }
+  std::unique_ptr<ConvCode> code(new ConvCode());
+  code->mem_ = mem;
+  code->size_ = all.size();
+  code->entry_ = std::move(entry);
+  for (size_t p : code->entry_) code->fns_.push_back(reinterpret_cast<TileFn>(static_cast<uint8_t*>(mem) + p));
+  return code;
+#else
+  (void)rp, (void)off, (void)rows, (void)flags, (void)max_bytes;
+  return nullptr;
+#endif
+}
+
+}  // namespace jit
+}  // namespace sparse
+}  // namespace fastprune
