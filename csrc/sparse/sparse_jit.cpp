@@ -64,6 +64,12 @@ struct Emitter {
     u8(0xB8);
     mem(acc, kRdx, disp);
   }
+  // vmulps zmm(acc), zmm(x), dword [rdx + disp]{1to16}: a row's first product (no zeroing needed)
+  void mul_bcast(int acc, int x, int64_t disp) {
+    evex(1, 0, acc, x, -1, true);
+    u8(0x59);
+    mem(acc, kRdx, disp);
+  }
   // vpxord zmm(r), zmm(r), zmm(r)
   void zero(int r) {
     evex(1, 1, r, r, r, false);
@@ -114,15 +120,25 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) nz.push_back({off[k], static_cast<int32_t>(r - r0), k});
   }
   std::stable_sort(nz.begin(), nz.end(), [](const Nz& a, const Nz& b) { return a.off < b.off; });
-  for (int64_t r = r0; r < r1; ++r) e.zero(static_cast<int>(r - r0));
   if (flags & kRelu) e.zero(kZero);
+  std::vector<char> started(r1 - r0, 0);  // a row's first product sets its accumulator
   const int first_input = static_cast<int>(r1 - r0);  // input vectors in zmm(rows)..30, in turn
   int x = first_input;
   for (size_t i = 0; i < nz.size();) {
     const int32_t o = nz[i].off;
     x = x + 1 < kZero ? x + 1 : first_input;
     e.load(x, int64_t(o) * 4);
-    for (; i < nz.size() && nz[i].off == o; ++i) e.fma_bcast(nz[i].row, x, nz[i].k * 4);
+    for (; i < nz.size() && nz[i].off == o; ++i) {
+      if (started[nz[i].row]) {
+        e.fma_bcast(nz[i].row, x, nz[i].k * 4);
+      } else {
+        e.mul_bcast(nz[i].row, x, nz[i].k * 4);
+        started[nz[i].row] = 1;
+      }
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    if (!started[r - r0]) e.zero(static_cast<int>(r - r0));  // an empty row
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int a = static_cast<int>(r - r0);
