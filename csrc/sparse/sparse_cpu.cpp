@@ -496,7 +496,10 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   // positions: on 7x7 planes fetching it costs more than the loads it saves) and enough nonzeros per
   // row (each row's result costs a store, and its bias / residual / ReLU, per 16 positions: with 6
   // nonzeros a row, as in ResNet's 1x1 64 -> 256 convs, that traffic outweighs the loads saved).
-  const bool use_jit = input.scalar_type() == at::kFloat && jit::enabled() &&
+  // Not for inference tensors: their derived data is not cached (no version counter), and code made
+  // afresh at every call would cost more than it saves.
+  const bool cached = !col_in.is_inference() && !row_ptr_in.is_inference();
+  const bool use_jit = input.scalar_type() == at::kFloat && cached && jit::enabled() &&
                        (jit::forced() || (q_len >= kJitMinPositions && rp[g.O] >= kJitMinRowNnz * g.O));
   const jit::ConvCode* code = use_jit ? derived->jit_code(rp, g.O, 0) : nullptr;
   const int flags = (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |

@@ -352,6 +352,10 @@ def test_generated_code_reads_the_values_at_each_call_and_bad_settings_are_error
     val.mul_(-2.0)  # same pattern, new values: the cached code reads them through its pointer
     torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1), -2.0 * y)
     torch.testing.assert_close(y, F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # inference tensors: no cache, so the vector loops (still right)
+        packed_inf = ops.pack_sparse(weight.flatten(1))
+        torch.testing.assert_close(ops.sparse_conv2d(x, *packed_inf, weight.shape, None, 1, 1),
+                                   F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
     monkeypatch.setenv("FASTPRUNE_JIT", "yes")
     with pytest.raises(RuntimeError, match="FASTPRUNE_JIT must be 0, 1 or always"):
         ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
