@@ -319,36 +319,33 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 
 constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlock * 16;
 
-// All rows through the generated code (plain: no bias, residual or ReLU; full: the flags of o), each
-// block of rows, 16 positions of the wide grid at a time. A direct output (the final output, row
-// stride q_len) gets bias, residual and ReLU from the code; its last partial tile goes through a
-// scratch tile (nothing is read or written past q_len). Otherwise o.out is the wide buffer (the
-// caller finishes it).
+// All rows through the generated code, each block of rows, 16 positions of the wide grid at a time.
+// A direct output (the final output, row stride q_len): code made with o's bias / residual / ReLU
+// flags, the last partial tile through scratch tiles (nothing is read or written past q_len).
+// Otherwise o.out is the wide buffer and the code has no flags (the caller finishes the output).
 template <typename T>
-void run_jit(const jit::ConvCode* plain, const jit::ConvCode* full, const int32_t* rp, const T* v, const T* x,
-             int64_t O, const ConvOut<T>& o) {
+void run_jit(const jit::ConvCode* code, const int32_t* rp, const T* v, const T* x, int64_t O, const ConvOut<T>& o) {
   if constexpr (std::is_same_v<T, float>) {
     const auto& kern = sparse_kernels(Isa::kAvx512);
-    const int64_t rpb = plain->rows_per_block();
-    const jit::ConvCode* main = full != nullptr ? full : plain;
-    at::parallel_for(0, plain->blocks(), 1, [&](int64_t b0, int64_t b1) {
+    const int64_t rpb = code->rows_per_block();
+    at::parallel_for(0, code->blocks(), 1, [&](int64_t b0, int64_t b1) {
       alignas(64) float scratch[kJitScratch];
       alignas(64) float scratch_res[kJitScratch] = {};
       // the code and the values of the next blocks are asked for ahead (both are cold at each call
       // in a whole model, and the code reads a block's values out of order)
       auto prefetch = [&](int64_t b) {
-        if (b >= main->blocks()) return;
-        main->prefetch(b);
-        const int64_t r0 = main->row_begin(b), r1 = std::min<int64_t>(O, r0 + rpb);
+        if (b >= code->blocks()) return;
+        code->prefetch(b);
+        const int64_t r0 = code->row_begin(b), r1 = std::min<int64_t>(O, r0 + rpb);
         const char* p = reinterpret_cast<const char*>(v + rp[r0]);
         for (int64_t i = 0; i < (rp[r1] - rp[r0]) * int64_t(sizeof(T)); i += 64) __builtin_prefetch(p + i, 0, 2);
       };
       prefetch(b0);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) prefetch(b + d);  // (past b1: harmless)
-        const int64_t rb = plain->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
+        const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
         const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
-        const jit::TileFn fn = main->fn(b);
+        const jit::TileFn fn = code->fn(b);
         int64_t q0 = 0;
         for (; q0 + 16 <= o.q_len; q0 += 16) {
           const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
@@ -356,17 +353,13 @@ void run_jit(const jit::ConvCode* plain, const jit::ConvCode* full, const int32_
         }
         if (q0 < o.q_len) {
           const int64_t n = o.q_len - q0;
-          if (!o.direct) {
-            plain->fn(b)(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, nullptr, nullptr);
-          } else {  // through scratch tiles (row stride 16), with the same code as the full tiles
+          if (!o.direct) {  // the wide buffer has the slack of whole tiles
+            fn(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, nullptr, nullptr);
+          } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
             const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
             if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
             fn(scratch, x + q0, v, 16 * 4, bias, res != nullptr ? scratch_res : nullptr);
-            if (full == nullptr) {
-              kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, bias, res, o.ldo, o.relu);
-            } else {
-              kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
-            }
+            kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
           }
         }
       }
@@ -501,13 +494,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const bool cached = !col_in.is_inference() && !row_ptr_in.is_inference();
   const bool use_jit = input.scalar_type() == at::kFloat && cached && jit::enabled() &&
                        (jit::forced() || (q_len >= kJitMinPositions && rp[g.O] >= kJitMinRowNnz * g.O));
-  const jit::ConvCode* code = use_jit ? derived->jit_code(rp, g.O, 0) : nullptr;
-  const int flags = (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |
-                    (relu ? jit::kRelu : 0);
-  const jit::ConvCode* code_full = code != nullptr && direct && flags != 0 ? derived->jit_code(rp, g.O, flags) : nullptr;
+  const int flags = direct ? (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |
+                                  (relu ? jit::kRelu : 0)
+                           : 0;
+  const jit::ConvCode* code = use_jit ? derived->jit_code(rp, g.O, flags) : nullptr;
   if (code != nullptr) {  // the first blocks' code travels while the input is laid out
-    const jit::ConvCode* first = code_full != nullptr ? code_full : code;
-    for (int64_t b = 0; b < std::min<int64_t>(first->blocks(), 2 * at::get_num_threads()); ++b) first->prefetch(b);
+    for (int64_t b = 0; b < std::min<int64_t>(code->blocks(), 2 * at::get_num_threads()); ++b) code->prefetch(b);
   }
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
@@ -531,7 +523,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
       if (code != nullptr) {
-        run_jit<scalar_t>(code, nullptr, rp, v, buf, g.O, wide_out);
+        run_jit<scalar_t>(code, rp, v, buf, g.O, wide_out);
       } else {
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
           conv_rows_any(rp, runs, off.data(), v, buf, chunks[c0], chunks[c1], wide_out);
@@ -562,7 +554,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       if (direct) {  // the wide grid is the output grid: the kernel writes the output itself
         const ConvOut<scalar_t> final_out{o, q_len, q_len, b, rs, relu, true};
         if (code != nullptr) {
-          run_jit<scalar_t>(code, code_full, rp, v, xin, g.O, final_out);
+          run_jit<scalar_t>(code, rp, v, xin, g.O, final_out);
           continue;
         }
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -572,7 +564,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
       if (code != nullptr) {
-        run_jit<scalar_t>(code, nullptr, rp, v, xin, g.O, wide_out);
+        run_jit<scalar_t>(code, rp, v, xin, g.O, wide_out);
       } else {
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
           conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
