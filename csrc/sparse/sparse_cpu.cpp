@@ -377,20 +377,6 @@ void conv_rows_any(const int32_t* rp, const int32_t* /*runs*/, const int32_t* of
   scalar::conv_rows_f64(rp, off, v, x, r0, r1, out);
 }
 
-// out[t] = act(src[t] + bias[0] + res[t]) for t < n (bias, res nullable): one run of a row's results
-// copied out of the wide buffer; float32 through the vector path of the kernel table.
-template <typename T>
-void finish_run(const T* src, T* out, int64_t n, const T* bias, const T* res, bool relu) {
-  if constexpr (std::is_same_v<T, float>) {
-    sparse_kernels(active_isa()).tile_finish(src, 0, out, 0, 1, n, bias, res, 0, relu);
-  } else {
-    for (int64_t t = 0; t < n; ++t) {
-      const T y = src[t] + (res != nullptr ? res[t] : T(0));
-      out[t] = finish_output<T>(y, bias, 0, relu);
-    }
-  }
-}
-
 // One sample relaid out for the direct convolution: stride phases (sh * sw planes of (Hph, Wph)) of
 // the zero-padded input, so that every tap reads a unit-stride run (see sparse_conv_impl.h). Every
 // element of the phases some tap reads is written once (input or zero padding: no memset of the
@@ -533,10 +519,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       const scalar_t* rs = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);
           for (int64_t n = 0; n < g.N; ++n) {
+            const scalar_t* src = wide + r * ldo + n * hw;
             const int64_t base = (n * g.O + r) * hw;
-            finish_run<scalar_t>(wide + r * ldo + n * hw, o + base, hw, b != nullptr ? b + r : nullptr,
-                                 rs != nullptr ? rs + base : nullptr, relu);
+            for (int64_t p = 0; p < hw; ++p) {
+              scalar_t y = src[p] + bb;
+              if (rs != nullptr) y += rs[base + p];
+              o[base + p] = (relu && y < scalar_t(0)) ? scalar_t(0) : y;
+            }
           }
         }
       });
@@ -572,10 +563,15 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       }
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);
           for (int64_t oh = 0; oh < g.Hout; ++oh) {
+            const scalar_t* src = wide + r * ldo + oh * g.Wph;
             const int64_t base = (r * g.Hout + oh) * g.Wout;
-            finish_run<scalar_t>(wide + r * ldo + oh * g.Wph, o + base, g.Wout, b != nullptr ? b + r : nullptr,
-                                 rs != nullptr ? rs + base : nullptr, relu);
+            for (int64_t ow = 0; ow < g.Wout; ++ow) {
+              scalar_t y = src[ow] + bb;
+              if (rs != nullptr) y += rs[base + ow];
+              o[base + ow] = (relu && y < scalar_t(0)) ? scalar_t(0) : y;
+            }
           }
         }
       });

@@ -32,7 +32,6 @@ struct SparseKernels {
                     const float* xin, int64_t r0, int64_t r1, const ConvOut<float>& out);
   // Rows [0, rows) x positions [0, n) of one tile (n <= 16) of the generated code's output (sparse_jit.h):
   // out[i * ldo + t] = act(src[i * lds + t] + bias[i] + res[i * ldr + t]); bias and res nullable; src may be out.
-  // (Also the copy of a row's results out of the wide buffer: rows = 1, n any length.)
   void (*tile_finish)(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n,
                       const float* bias, const float* res, int64_t ldr, bool relu);
   const char* name;
