@@ -338,7 +338,11 @@ void run_jit(const jit::ConvCode* code, const int32_t* rp, const T* v, const T* 
         code->prefetch(b);
         const int64_t r0 = code->row_begin(b), r1 = std::min<int64_t>(O, r0 + rpb);
         const char* p = reinterpret_cast<const char*>(v + rp[r0]);
+#if defined(__GNUC__)
         for (int64_t i = 0; i < (rp[r1] - rp[r0]) * int64_t(sizeof(T)); i += 64) __builtin_prefetch(p + i, 0, 2);
+#else
+        (void)p;
+#endif
       };
       prefetch(b0);
       for (int64_t b = b0; b < b1; ++b) {

@@ -173,10 +173,14 @@ bool forced() {
 }
 
 void ConvCode::prefetch(int64_t b) const {
+#if defined(FP_JIT_SUPPORTED)
   if (b < 0 || b >= blocks()) return;
   const uint8_t* p = static_cast<const uint8_t*>(mem_) + entry_[b];
   const size_t n = (b + 1 < blocks() ? entry_[b + 1] : size_) - entry_[b];
   for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i, 0, 2);
+#else
+  (void)b;
+#endif
 }
 
 ConvCode::~ConvCode() {
