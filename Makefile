@@ -50,6 +50,8 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/quality_magnitude.py
 	$(PY) benchmarks/quality_woodfisher.py
 	$(PY) benchmarks/bench_structured.py
+	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_sparse_jit.py
 
 clean:
 	rm -rf build $(VENV)
