@@ -96,6 +96,12 @@ def per_sample_ops(gm: fx.GraphModule) -> list[str]:
     return bad
 
 
+def check_size(size: object) -> None:
+    """ValueError unless ``size`` is a positive int (the chunk size)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"micro_batch must be a positive int, got {size!r}")
+
+
 def prove_per_sample(module: nn.Module) -> None:
     """ValueError unless ``module`` (in eval mode) provably treats samples independently: its FX
     graph (sparse layers and pools as leaves) holds per-sample operations only."""
@@ -120,8 +126,7 @@ class MicroBatch(nn.Module):
 
     def __init__(self, module: nn.Module, size: int) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"micro_batch must be a positive int, got {size!r}")
+        check_size(size)
         self.module = module
         self.size = size
 

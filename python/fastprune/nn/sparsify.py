@@ -145,10 +145,10 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
     if min_sparsity is not None and (isinstance(min_sparsity, bool) or not 0.0 <= float(min_sparsity) <= 1.0):
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if micro_batch is not None:
-        from fastprune.nn.microbatch import MicroBatch, prove_per_sample
+        from fastprune.nn.microbatch import check_size, prove_per_sample
 
-        MicroBatch(nn.Identity(), micro_batch)  # the value check, before any work
-        prove_per_sample(model)  # before the model is changed
+        check_size(micro_batch)
+        prove_per_sample(model)  # before the model is changed (folding and fusion keep it per-sample)
     inputs = None
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -204,7 +204,9 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
             channels_last_pools(m)
         m.eval()
     if micro_batch is not None:
-        m = MicroBatch.wrap(m, micro_batch).eval()
+        from fastprune.nn.microbatch import MicroBatch
+
+        m = MicroBatch(m, micro_batch).eval()
     return m
 
 
