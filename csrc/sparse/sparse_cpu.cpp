@@ -15,6 +15,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -129,13 +130,32 @@ std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts
 // runs per row, how many rows from it on share its pattern (sparse_kernels.h).
 struct Derived {
   std::vector<int32_t> off, runs;
-  // generated code for these offsets (sparse_jit.h), per set of jit::Flags, made at the first
-  // float32 call that uses it
-  mutable std::array<std::once_flag, 8> jit_once;
-  mutable std::array<std::unique_ptr<jit::ConvCode>, 8> jit;
-  const jit::ConvCode* jit_code(const int32_t* rp, int64_t rows, int flags) const {
-    std::call_once(jit_once[flags], [&] { jit[flags] = jit::ConvCode::build(rp, off.data(), rows, flags, kJitMaxBytes); });
-    return jit[flags].get();
+  // generated code for these offsets, per set of jit::Flags (sparse_jit.h). The code carries a copy
+  // of the values, so a slot also names the values it was made from: made at the first float32 call
+  // that uses it, and again when the values change (another tensor, other storage, or an in-place
+  // change: its version counter). Callers hold the code they run (a concurrent call may replace it).
+  struct JitSlot {
+    bool made = false;  // (code may be null: none can be made here)
+    std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> values;
+    uint32_t version = 0;
+    const void* data = nullptr;
+    std::shared_ptr<const jit::ConvCode> code;
+  };
+  mutable std::mutex jit_mu;
+  mutable std::array<JitSlot, 8> jit;
+  std::shared_ptr<const jit::ConvCode> jit_code(const int32_t* rp, int64_t rows, int flags, const at::Tensor& values_in,
+                                                const float* v) const {
+    const uint32_t version = values_in.unsafeGetTensorImpl()->version_counter().current_version();
+    std::lock_guard<std::mutex> lock(jit_mu);
+    JitSlot& s = jit[flags];
+    if (!s.made || s.version != version || s.data != v || s.values->lock().get() != values_in.unsafeGetTensorImpl()) {
+      s.code = jit::ConvCode::build(rp, off.data(), v, rows, flags, kJitMaxBytes);
+      s.made = true;
+      s.values.emplace(values_in.getIntrusivePtr());
+      s.version = version;
+      s.data = v;
+    }
+    return s.code;
   }
   static constexpr int64_t kJitMaxBytes = int64_t(64) << 20;
 };
@@ -324,26 +344,16 @@ constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlock * 16;
 // flags, the last partial tile through scratch tiles (nothing is read or written past q_len).
 // Otherwise o.out is the wide buffer and the code has no flags (the caller finishes the output).
 template <typename T>
-void run_jit(const jit::ConvCode* code, const int32_t* rp, const T* v, const T* x, int64_t O, const ConvOut<T>& o) {
+void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>& o) {
   if constexpr (std::is_same_v<T, float>) {
     const auto& kern = sparse_kernels(Isa::kAvx512);
     const int64_t rpb = code->rows_per_block();
     at::parallel_for(0, code->blocks(), 1, [&](int64_t b0, int64_t b1) {
       alignas(64) float scratch[kJitScratch];
       alignas(64) float scratch_res[kJitScratch] = {};
-      // the code and the values of the next blocks are asked for ahead (both are cold at each call
-      // in a whole model, and the code reads a block's values out of order)
-      auto prefetch = [&](int64_t b) {
-        if (b >= code->blocks()) return;
-        code->prefetch(b);
-        const int64_t r0 = code->row_begin(b), r1 = std::min<int64_t>(O, r0 + rpb);
-        const char* p = reinterpret_cast<const char*>(v + rp[r0]);
-#if defined(__GNUC__)
-        for (int64_t i = 0; i < (rp[r1] - rp[r0]) * int64_t(sizeof(T)); i += 64) __builtin_prefetch(p + i, 0, 2);
-#else
-        (void)p;
-#endif
-      };
+      // the code (with its values) of the next blocks is asked for ahead: it is cold at each call in a
+      // whole model
+      auto prefetch = [&](int64_t b) { code->prefetch(b); };
       prefetch(b0);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) prefetch(b + d);  // (past b1: harmless)
@@ -353,16 +363,16 @@ void run_jit(const jit::ConvCode* code, const int32_t* rp, const T* v, const T* 
         int64_t q0 = 0;
         for (; q0 + 16 <= o.q_len; q0 += 16) {
           const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-          fn(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, bias, res);
+          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res);
         }
         if (q0 < o.q_len) {
           const int64_t n = o.q_len - q0;
           if (!o.direct) {  // the wide buffer has the slack of whole tiles
-            fn(o.out + rb * o.ldo + q0, x + q0, v, o.ldo * 4, nullptr, nullptr);
+            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr);
           } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
             const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
             if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
-            fn(scratch, x + q0, v, 16 * 4, bias, res != nullptr ? scratch_res : nullptr);
+            fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr);
             kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
           }
         }
@@ -479,15 +489,18 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   // positions: on 7x7 planes fetching it costs more than the loads it saves) and enough nonzeros per
   // row (each row's result costs a store, and its bias / residual / ReLU, per 16 positions: with 6
   // nonzeros a row, as in ResNet's 1x1 64 -> 256 convs, that traffic outweighs the loads saved).
-  // Not for inference tensors: their derived data is not cached (no version counter), and code made
-  // afresh at every call would cost more than it saves.
-  const bool cached = !col_in.is_inference() && !row_ptr_in.is_inference();
+  // Not for inference tensors: their derived data is not cached (no version counter, so no change
+  // of the values the code holds could be seen), and code made afresh at every call would cost more
+  // than it saves.
+  const bool cached = !col_in.is_inference() && !row_ptr_in.is_inference() && !values_in.is_inference();
   const bool use_jit = input.scalar_type() == at::kFloat && cached && jit::enabled() &&
                        (jit::forced() || (q_len >= kJitMinPositions && rp[g.O] >= kJitMinRowNnz * g.O));
   const int flags = direct ? (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |
                                   (relu ? jit::kRelu : 0)
                            : 0;
-  const jit::ConvCode* code = use_jit ? derived->jit_code(rp, g.O, flags) : nullptr;
+  const std::shared_ptr<const jit::ConvCode> code_held =
+      use_jit ? derived->jit_code(rp, g.O, flags, values_in, values.const_data_ptr<float>()) : nullptr;
+  const jit::ConvCode* code = code_held.get();
   if (code != nullptr) {  // the first blocks' code travels while the input is laid out
     for (int64_t b = 0; b < std::min<int64_t>(code->blocks(), 2 * at::get_num_threads()); ++b) code->prefetch(b);
   }
@@ -513,7 +526,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
       if (code != nullptr) {
-        run_jit<scalar_t>(code, rp, v, buf, g.O, wide_out);
+        run_jit<scalar_t>(code, buf, g.O, wide_out);
       } else {
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
           conv_rows_any(rp, runs, off.data(), v, buf, chunks[c0], chunks[c1], wide_out);
@@ -549,7 +562,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       if (direct) {  // the wide grid is the output grid: the kernel writes the output itself
         const ConvOut<scalar_t> final_out{o, q_len, q_len, b, rs, relu, true};
         if (code != nullptr) {
-          run_jit<scalar_t>(code, rp, v, xin, g.O, final_out);
+          run_jit<scalar_t>(code, xin, g.O, final_out);
           continue;
         }
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -559,7 +572,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       }
       const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
       if (code != nullptr) {
-        run_jit<scalar_t>(code, rp, v, xin, g.O, wide_out);
+        run_jit<scalar_t>(code, xin, g.O, wide_out);
       } else {
         at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
           conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);

@@ -1,4 +1,4 @@
-// The code generator of sparse_jit.h: a small EVEX encoder for the four instructions the block
+// The code generator of sparse_jit.h: a small EVEX encoder for the few instructions the block
 // functions use, and executable memory from mmap (written, then made read+execute: never both).
 #include "sparse/sparse_jit.h"
 
@@ -20,9 +20,13 @@ namespace sparse {
 namespace jit {
 namespace {
 
-// System V arguments: out = rdi, x = rsi, val = rdx, row stride in bytes = rcx, bias = r8, residual = r9
-constexpr int kRdx = 2, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9;
+// System V arguments: out = rdi, x = rsi, row stride in bytes = rdx, bias = rcx, residual = r8.
+// r9 (free) points into the block's values, which follow its code (lea r9, [rip + ...]).
+constexpr int kRcx = 1, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9;
 constexpr int kZero = 31;  // zmm31 = 0 for the ReLU
+// r9 points 128 values past the next value: every value within reach of a signed 8-bit (times 4)
+// displacement until r9 moves on by 256 values
+constexpr int64_t kValueReach = 128;
 
 struct Emitter {
   std::vector<uint8_t>& c;
@@ -32,7 +36,7 @@ struct Emitter {
     for (int i = 0; i < 4; ++i) c.push_back(static_cast<uint8_t>(v >> (8 * i)));
   }
   // The 4-byte EVEX prefix of a 512-bit instruction: reg = ModRM.reg (0..31), vvvv = the second
-  // source (-1: none), rm = a register in ModRM.rm (0..31) or -1 for a [base + disp32] operand.
+  // source (-1: none), rm = a register in ModRM.rm (0..31) or -1 for a [base + disp] operand.
   // base: the memory operand's base register when rm < 0 (r8 and r9 set EVEX.B).
   void evex(int mm, int pp, int reg, int vvvv, int rm, bool broadcast, int base = 0) {
     const int v = vvvv < 0 ? 0 : vvvv;
@@ -42,7 +46,15 @@ struct Emitter {
     u8(static_cast<uint8_t>(((~v & 15) << 3) | 0x4 | pp));  // W0
     u8(static_cast<uint8_t>((2 << 5) | (broadcast ? 0x10 : 0) | (!((v >> 4) & 1) << 3)));  // L'L = 512 bits
   }
-  void mem(int reg, int base, int64_t disp) {
+  // ModRM (+ displacement) of [base + disp]: EVEX's compressed 8-bit displacement (disp / n, n the
+  // memory operand's size: 64 for a vector, 4 for a broadcast float) when it fits, else 32 bits.
+  // (No base is rsp / r12, which would need a SIB byte.)
+  void mem(int reg, int base, int64_t disp, int64_t n) {
+    if (disp % n == 0 && disp / n >= -128 && disp / n <= 127) {
+      u8(static_cast<uint8_t>(0x40 | ((reg & 7) << 3) | (base & 7)));  // mod 01: [base + disp8 * n]
+      u8(static_cast<uint8_t>(static_cast<int8_t>(disp / n)));
+      return;
+    }
     u8(static_cast<uint8_t>(0x80 | ((reg & 7) << 3) | (base & 7)));  // mod 10: [base + disp32]
     u32(static_cast<uint32_t>(static_cast<int32_t>(disp)));
   }
@@ -50,25 +62,25 @@ struct Emitter {
   void load(int reg, int64_t disp) {
     evex(1, 0, reg, -1, -1, false);
     u8(0x10);
-    mem(reg, kRsi, disp);
+    mem(reg, kRsi, disp, 64);
   }
   // vmovups [rdi + disp], zmm(reg)
   void store(int reg, int64_t disp) {
     evex(1, 0, reg, -1, -1, false);
     u8(0x11);
-    mem(reg, kRdi, disp);
+    mem(reg, kRdi, disp, 64);
   }
-  // vfmadd231ps zmm(acc), zmm(x), dword [rdx + disp]{1to16}
+  // vfmadd231ps zmm(acc), zmm(x), dword [r9 + disp]{1to16}
   void fma_bcast(int acc, int x, int64_t disp) {
-    evex(2, 1, acc, x, -1, true);
+    evex(2, 1, acc, x, -1, true, kR9);
     u8(0xB8);
-    mem(acc, kRdx, disp);
+    mem(acc, kR9, disp, 4);
   }
-  // vmulps zmm(acc), zmm(x), dword [rdx + disp]{1to16}: a row's first product (no zeroing needed)
+  // vmulps zmm(acc), zmm(x), dword [r9 + disp]{1to16}: a row's first product (no zeroing needed)
   void mul_bcast(int acc, int x, int64_t disp) {
-    evex(1, 0, acc, x, -1, true);
+    evex(1, 0, acc, x, -1, true, kR9);
     u8(0x59);
-    mem(acc, kRdx, disp);
+    mem(acc, kR9, disp, 4);
   }
   // vpxord zmm(r), zmm(r), zmm(r)
   void zero(int r) {
@@ -80,7 +92,7 @@ struct Emitter {
   void add_mem(int a, int base, int64_t disp, bool broadcast) {
     evex(1, 0, a, a, -1, broadcast, base);
     u8(0x58);
-    mem(a, base, disp);
+    mem(a, base, disp, broadcast ? 4 : 64);
   }
   // vmaxps zmm(a), zmm(a), zmm31
   void relu(int a) {
@@ -88,12 +100,24 @@ struct Emitter {
     u8(0x5F);
     u8(static_cast<uint8_t>(0xC0 | ((a & 7) << 3) | (kZero & 7)));
   }
-  // add rdi, rcx / add r9, rcx: the next row of out / of the residual
+  // add rdi, rdx / add r8, rdx: the next row of out / of the residual
   void next_row() {
-    u8(0x48), u8(0x01), u8(0xCF);
+    u8(0x48), u8(0x01), u8(0xD7);
   }
   void next_residual_row() {
-    u8(0x49), u8(0x01), u8(0xC9);
+    u8(0x49), u8(0x01), u8(0xD0);
+  }
+  // lea r9, [rip + disp32]; returns where disp32 is, to be patched once the values' place is known
+  size_t lea_r9_rip() {
+    u8(0x4C), u8(0x8D), u8(0x0D);
+    const size_t at = c.size();
+    u32(0);
+    return at;
+  }
+  // add r9, imm32
+  void add_r9(int32_t imm) {
+    u8(0x49), u8(0x81), u8(0xC1);
+    u32(static_cast<uint32_t>(imm));
   }
   void ret() {
     u8(0xC5), u8(0xF8), u8(0x77);  // vzeroupper
@@ -105,7 +129,8 @@ constexpr int64_t kMaxDisp = (int64_t(1) << 31) - 64;
 
 }  // namespace
 
-std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r0, int64_t r1, int flags) {
+std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const float* val, int64_t r0, int64_t r1,
+                                int flags, size_t at) {
   std::vector<uint8_t> code;
   Emitter e{code};
   // the block's nonzeros by tap offset (then row): one load per distinct offset
@@ -120,7 +145,11 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) nz.push_back({off[k], static_cast<int32_t>(r - r0), k});
   }
   std::stable_sort(nz.begin(), nz.end(), [](const Nz& a, const Nz& b) { return a.off < b.off; });
+  const size_t lea_disp = e.lea_r9_rip();
   if (flags & kRelu) e.zero(kZero);
+  std::vector<float> vals;  // in the order the code reads them
+  vals.reserve(nz.size());
+  int64_t centre = kValueReach;  // the value index r9 points at
   std::vector<char> started(r1 - r0, 0);  // a row's first product sets its accumulator
   const int first_input = static_cast<int>(r1 - r0);  // input vectors in zmm(rows)..30, in turn
   int x = first_input;
@@ -129,10 +158,16 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r
     x = x + 1 < kZero ? x + 1 : first_input;
     e.load(x, int64_t(o) * 4);
     for (; i < nz.size() && nz[i].off == o; ++i) {
+      const int64_t j = static_cast<int64_t>(vals.size());
+      if (j - centre >= kValueReach) {
+        e.add_r9(static_cast<int32_t>(8 * kValueReach));
+        centre += 2 * kValueReach;
+      }
+      vals.push_back(val[nz[i].k]);
       if (started[nz[i].row]) {
-        e.fma_bcast(nz[i].row, x, nz[i].k * 4);
+        e.fma_bcast(nz[i].row, x, (j - centre) * 4);
       } else {
-        e.mul_bcast(nz[i].row, x, nz[i].k * 4);
+        e.mul_bcast(nz[i].row, x, (j - centre) * 4);
         started[nz[i].row] = 1;
       }
     }
@@ -142,16 +177,24 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, int64_t r
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int a = static_cast<int>(r - r0);
-    if (flags & kBias) e.add_mem(a, kR8, int64_t(a) * 4, true);
+    if (flags & kBias) e.add_mem(a, kRcx, int64_t(a) * 4, true);
     if (flags & kResidual) {
       if (r > r0) e.next_residual_row();
-      e.add_mem(a, kR9, 0, false);
+      e.add_mem(a, kR8, 0, false);
     }
     if (flags & kRelu) e.relu(a);
     if (r > r0) e.next_row();
     e.store(a, 0);
   }
   e.ret();
+  // the values, on the next 64-byte boundary of the mapping (at: where this block starts in it)
+  while ((at + code.size()) % 64 != 0) e.u8(0xCC);  // int3: never reached
+  const int64_t target = static_cast<int64_t>(code.size()) + kValueReach * 4;
+  const int64_t rel = target - static_cast<int64_t>(lea_disp + 4);
+  for (int i = 0; i < 4; ++i) code[lea_disp + i] = static_cast<uint8_t>(static_cast<uint32_t>(rel) >> (8 * i));
+  const size_t vb = code.size();
+  code.resize(vb + vals.size() * sizeof(float));
+  if (!vals.empty()) std::memcpy(code.data() + vb, vals.data(), vals.size() * sizeof(float));
   return code;
 }
 
@@ -189,25 +232,24 @@ ConvCode::~ConvCode() {
 #endif
 }
 
-std::unique_ptr<ConvCode> ConvCode::build(const int32_t* rp, const int32_t* off, int64_t rows, int flags,
-                                          int64_t max_bytes) {
+std::unique_ptr<ConvCode> ConvCode::build(const int32_t* rp, const int32_t* off, const float* val, int64_t rows,
+                                          int flags, int64_t max_bytes) {
 #if defined(FP_JIT_SUPPORTED)
   if (!enabled() || rows <= 0) return nullptr;
   const int64_t nnz = rp[rows];
-  // every displacement must fit 31 bits: value indices and offsets
-  if (nnz * 4 > kMaxDisp) return nullptr;
+  // every input offset must fit a 31-bit displacement
   for (int64_t k = 0; k < nnz; ++k) {
     if (off[k] < 0 || int64_t(off[k]) * 4 > kMaxDisp) return nullptr;
   }
-  // about 10 bytes per nonzero and per distinct offset: refuse before generating what is too big
-  if (nnz * 20 > max_bytes) return nullptr;
+  // at least 11 bytes per nonzero (7 of FMA, 4 of value): refuse before generating what is too big
+  if (nnz * 11 > max_bytes) return nullptr;
   std::vector<uint8_t> all;
   std::vector<size_t> entry;
   const int rpb = kRowsPerBlock;
   for (int64_t r0 = 0; r0 < rows; r0 += rpb) {
     const int64_t r1 = std::min<int64_t>(rows, r0 + rpb);
     entry.push_back(all.size());
-    const std::vector<uint8_t> b = block_code(rp, off, r0, r1, flags);
+    const std::vector<uint8_t> b = block_code(rp, off, val, r0, r1, flags, all.size());
     all.insert(all.end(), b.begin(), b.end());
     if (static_cast<int64_t>(all.size()) > max_bytes) return nullptr;
   }
@@ -225,7 +267,7 @@ std::unique_ptr<ConvCode> ConvCode::build(const int32_t* rp, const int32_t* off,
   for (size_t p : code->entry_) code->fns_.push_back(reinterpret_cast<TileFn>(static_cast<uint8_t*>(mem) + p));
   return code;
 #else
-  (void)rp, (void)off, (void)rows, (void)flags, (void)max_bytes;
+  (void)rp, (void)off, (void)val, (void)rows, (void)flags, (void)max_bytes;
   return nullptr;
 #endif
 }

@@ -4,10 +4,16 @@
 // (rows rarely share a column), so they are bound by vector loads, not FMAs. Generated code holds
 // the accumulators of a block of rows in registers and walks the union of the block's tap offsets:
 // each input vector is loaded once and feeds the FMA of every row of the block that has that tap,
-// its weight a broadcast memory operand (the offsets and value indices are the instructions'
-// displacements, so no index is loaded either).
+// its weight a broadcast memory operand (the offsets are the loads' displacements, so no index is
+// loaded either).
 //
-// One function per block of up to kRowsPerBlock rows: f(out, x, val, ldo_bytes, bias, res) computes
+// A block's weights are copied, in the order its code reads them, right after its code: each FMA
+// then takes a 1-byte displacement (7-byte instructions instead of 10) and a block is one contiguous
+// stretch of memory (code and values arrive together when a layer's code is cold, as it is at each
+// call in a whole model). So the code depends on the values: it is made again when they change
+// (sparse_cpu.cpp keys it on the values tensor and its version).
+//
+// One function per block of up to kRowsPerBlock rows: f(out, x, ldo_bytes, bias, res) computes
 // positions [0, 16) of those rows: out[i * ldo + t] = act(sum_k val[k] * x[off[k] + t] + bias[i] +
 // res[i * ldo + t]) for the block's i-th row (the caller passes x advanced by q0, and out, bias and
 // res at the block's first row and q0; ldo_bytes = 4 * ldo). Which of bias, residual and ReLU the
@@ -22,8 +28,7 @@ namespace fastprune {
 namespace sparse {
 namespace jit {
 
-using TileFn = void (*)(float* out, const float* x, const float* val, int64_t ldo_bytes, const float* bias,
-                        const float* res);
+using TileFn = void (*)(float* out, const float* x, int64_t ldo_bytes, const float* bias, const float* res);
 enum Flags { kBias = 1, kResidual = 2, kRelu = 4 };
 
 // Generated code of every block of rows of one packed weight and input geometry (an executable
@@ -36,14 +41,14 @@ class ConvCode {
 
   // nullptr when code cannot be generated here (not x86-64 Linux, no AVX-512F, executable memory
   // refused, displacements past 31 bits, or more than max_bytes of code).
-  static std::unique_ptr<ConvCode> build(const int32_t* row_ptr, const int32_t* off, int64_t rows, int flags,
-                                         int64_t max_bytes);
+  static std::unique_ptr<ConvCode> build(const int32_t* row_ptr, const int32_t* off, const float* values,
+                                         int64_t rows, int flags, int64_t max_bytes);
   int64_t blocks() const { return static_cast<int64_t>(entry_.size()); }
   TileFn fn(int64_t b) const { return fns_[b]; }
   int64_t row_begin(int64_t b) const { return b * kRowsPerBlock; }
   int rows_per_block() const { return kRowsPerBlock; }
-  // Asks for block b's code to be brought into L2 (software prefetch: a layer's code is cold at each
-  // call of a whole model, and instruction fetch waits on every miss).
+  // Asks for block b's code and values to be brought into L2 (software prefetch: a layer's code is
+  // cold at each call of a whole model, and instruction fetch waits on every miss).
   void prefetch(int64_t b) const;
   size_t bytes() const { return size_; }
 
@@ -60,9 +65,10 @@ class ConvCode {
   std::vector<TileFn> fns_;
 };
 
-// The bytes that would be generated for one block, for tests (the encoder checked against a
-// disassembler): rows [r0, r1) of the weight.
-std::vector<uint8_t> block_code(const int32_t* row_ptr, const int32_t* off, int64_t r0, int64_t r1, int flags);
+// One block's bytes: the code of rows [r0, r1) of the weight, padding to a 64-byte boundary of the
+// mapping (the block starts at byte `at` of it), then the values in the order the code reads them.
+std::vector<uint8_t> block_code(const int32_t* row_ptr, const int32_t* off, const float* values, int64_t r0,
+                                int64_t r1, int flags, size_t at);
 
 // Whether this process can run generated code (x86-64 Linux, AVX-512 the active ISA) and
 // FASTPRUNE_JIT is not 0. FASTPRUNE_JIT=always: for every float32 conv, whatever its size (tests);

@@ -340,7 +340,7 @@ def test_generated_code_matches_reference(monkeypatch, case, density):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_generated_code_reads_the_values_at_each_call_and_bad_settings_are_errors(monkeypatch):
+def test_generated_code_follows_changed_values_and_bad_settings_are_errors(monkeypatch):
     import torch.nn.functional as F
 
     monkeypatch.setenv("FASTPRUNE_ISA", "avx512")
@@ -349,8 +349,12 @@ def test_generated_code_reads_the_values_at_each_call_and_bad_settings_are_error
     rp, col, val = ops.pack_sparse(weight.flatten(1))
     x = torch.randn(1, 5, 10, 10)
     y = ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
-    val.mul_(-2.0)  # same pattern, new values: the cached code reads them through its pointer
+    # the code holds a copy of the values: an in-place change (version counter) or new storage under
+    # the same tensor (.data =) makes it again
+    val.mul_(-2.0)
     torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1), -2.0 * y)
+    val.data = val * 0.5
+    torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1), -y)
     torch.testing.assert_close(y, F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # inference tensors: no cache, so the vector loops (still right)
         packed_inf = ops.pack_sparse(weight.flatten(1))
