@@ -142,7 +142,7 @@ struct Derived {
     std::shared_ptr<const jit::ConvCode> code;
   };
   mutable std::mutex jit_mu;
-  mutable std::array<JitSlot, 8> jit;
+  mutable std::array<JitSlot, jit::kFlagSets> jit;
   std::shared_ptr<const jit::ConvCode> jit_code(const int32_t* rp, int64_t rows, int flags, const at::Tensor& values_in,
                                                 const float* v) const {
     const uint32_t version = values_in.unsafeGetTensorImpl()->version_counter().current_version();
@@ -339,12 +339,42 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 
 constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlock * 16;
 
+// A tile of 16 positions of the wide grid whose output columns are not contiguous (kCompress):
+// where it starts in the grid (q0) and in an output plane (out), and its lane masks (sparse_jit.h).
+struct JitTile {
+  int64_t q0, out;
+  uint64_t masks;
+};
+
+// The tiles of a grid of Hout rows of Wph positions, of which the first Wout of each row are outputs
+// (tiles with no output left out).
+std::vector<JitTile> jit_tiles(int64_t Hout, int64_t Wph, int64_t Wout) {
+  std::vector<JitTile> tiles;
+  const int64_t q_len = Hout * Wph;
+  for (int64_t q0 = 0; q0 < q_len; q0 += 16) {
+    uint64_t keep = 0;
+    int64_t out = -1, n = 0;
+    for (int64_t t = 0; t < 16 && q0 + t < q_len; ++t) {
+      const int64_t q = q0 + t;
+      if (q % Wph >= Wout) continue;
+      keep |= uint64_t(1) << t;
+      if (out < 0) out = q / Wph * Wout + q % Wph;
+      ++n;
+    }
+    if (n > 0) tiles.push_back({q0, out, keep | (((uint64_t(1) << n) - 1) << 16)});
+  }
+  return tiles;
+}
+
 // All rows through the generated code, each block of rows, 16 positions of the wide grid at a time.
-// A direct output (the final output, row stride q_len): code made with o's bias / residual / ReLU
-// flags, the last partial tile through scratch tiles (nothing is read or written past q_len).
-// Otherwise o.out is the wide buffer and the code has no flags (the caller finishes the output).
+// tiles (code made with kCompress): the final output (o.ldo its plane), only the listed tiles, each
+// writing its outputs where they go. Otherwise a direct output (the final output, row stride q_len):
+// code made with o's bias / residual / ReLU flags, the last partial tile through scratch tiles
+// (nothing is read or written past q_len); or o.out is the wide buffer and the code has no flags
+// (the caller finishes the output).
 template <typename T>
-void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>& o) {
+void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>& o,
+             const std::vector<JitTile>* tiles = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     const auto& kern = sparse_kernels(Isa::kAvx512);
     const int64_t rpb = code->rows_per_block();
@@ -360,19 +390,26 @@ void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>&
         const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
         const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
         const jit::TileFn fn = code->fn(b);
+        if (tiles != nullptr) {
+          for (const JitTile& t : *tiles) {
+            const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
+            fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
+          }
+          continue;
+        }
         int64_t q0 = 0;
         for (; q0 + 16 <= o.q_len; q0 += 16) {
           const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res);
+          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
         }
         if (q0 < o.q_len) {
           const int64_t n = o.q_len - q0;
           if (!o.direct) {  // the wide buffer has the slack of whole tiles
-            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr);
+            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
           } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
             const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
             if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
-            fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr);
+            fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
             kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
           }
         }
@@ -481,10 +518,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const int32_t* runs = derived->runs.data();
   const int64_t q_len = gm.Hout * gm.Wph;
   // no junk columns (1x1 convs, unpadded, even sizes under stride 2): results go straight into the
-  // output, bias, ReLU and residual applied on the way (one pass over the output, not three)
-  // float32 on AVX-512: the generated code (rows of a block share each input load), into the wide
-  // buffer; otherwise the vector loops
+  // output, bias, ReLU and residual applied on the way (one pass over the output, not three).
+  // Otherwise the vector loops write a wide buffer that is then copied out, and the generated code
+  // (float32 on AVX-512: rows of a block share each input load) packs each tile's output lanes
+  // together and stores them where they go (compress: the same single pass, no wide buffer).
   const bool direct = !merge && gm.Wph == g.Wout;
+  const bool compress = !merge && !direct;
   // Only with enough positions per sample (the code is fetched once per call and reused once per 16
   // positions: on 7x7 planes fetching it costs more than the loads it saves) and enough nonzeros per
   // row (each row's result costs a store, and its bias / residual / ReLU, per 16 positions: with 6
@@ -495,9 +534,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const bool cached = !col_in.is_inference() && !row_ptr_in.is_inference() && !values_in.is_inference();
   const bool use_jit = input.scalar_type() == at::kFloat && cached && jit::enabled() &&
                        (jit::forced() || (q_len >= kJitMinPositions && rp[g.O] >= kJitMinRowNnz * g.O));
-  const int flags = direct ? (bias_in.has_value() ? jit::kBias : 0) | (residual_in.has_value() ? jit::kResidual : 0) |
-                                  (relu ? jit::kRelu : 0)
-                           : 0;
+  const int flags = merge ? 0  // (merged samples: the wide buffer, copied out per sample)
+                         : (compress ? jit::kCompress : 0) | (bias_in.has_value() ? jit::kBias : 0) |
+                               (residual_in.has_value() ? jit::kResidual : 0) | (relu ? jit::kRelu : 0);
   const std::shared_ptr<const jit::ConvCode> code_held =
       use_jit ? derived->jit_code(rp, g.O, flags, values_in, values.const_data_ptr<float>()) : nullptr;
   const jit::ConvCode* code = code_held.get();
@@ -505,6 +544,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     for (int64_t b = 0; b < std::min<int64_t>(code->blocks(), 2 * at::get_num_threads()); ++b) code->prefetch(b);
   }
   const int64_t ldo = (q_len + 127) / 128 * 128;  // whole tiles of up to 128 positions
+  const std::vector<JitTile> tiles =
+      compress && code != nullptr ? jit_tiles(g.Hout, gm.Wph, g.Wout) : std::vector<JitTile>();
   const auto chunks = balanced_chunks(rp, g.O, std::max<int64_t>(1, at::get_num_threads() * 4));
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   const at::Tensor x = input.contiguous();
@@ -513,7 +554,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d", [&] {
     // ATen's CPU allocator returns 64-byte aligned memory: planes (multiples of 16 floats) stay aligned
     at::Tensor buf_t = at::empty({in_place ? 0 : gm.buf_len}, input.options());
-    at::Tensor wide_t = at::empty({direct ? 0 : g.O * ldo}, input.options());
+    at::Tensor wide_t = at::empty({direct || (compress && code != nullptr) ? 0 : g.O * ldo}, input.options());
     scalar_t* buf = buf_t.data_ptr<scalar_t>();
     scalar_t* wide = wide_t.data_ptr<scalar_t>();
     const scalar_t* v = values.const_data_ptr<scalar_t>();
@@ -570,14 +611,14 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
         });
         continue;
       }
-      const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
-      if (code != nullptr) {
-        run_jit<scalar_t>(code, xin, g.O, wide_out);
-      } else {
-        at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-          conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
-        });
+      if (code != nullptr) {  // (compress)
+        run_jit<scalar_t>(code, xin, g.O, ConvOut<scalar_t>{o, g.Hout * g.Wout, q_len, b, rs, relu, true}, &tiles);
+        continue;
       }
+      const ConvOut<scalar_t> wide_out{wide, ldo, q_len, nullptr, nullptr, false, false};
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        conv_rows_any(rp, runs, off.data(), v, xin, chunks[c0], chunks[c1], wide_out);
+      });
       at::parallel_for(0, g.O, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t bb = b != nullptr ? b[r] : scalar_t(0);

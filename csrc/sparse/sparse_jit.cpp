@@ -20,12 +20,14 @@ namespace sparse {
 namespace jit {
 namespace {
 
-// System V arguments: out = rdi, x = rsi, row stride in bytes = rdx, bias = rcx, residual = r8.
-// r9 (free) points into the block's values, which follow its code (lea r9, [rip + ...]).
-constexpr int kRcx = 1, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9;
+// System V arguments: out = rdi, x = rsi, row stride in bytes = rdx, bias = rcx, residual = r8,
+// lane masks = r9. r10 (free) points into the block's values, which follow its code
+// (lea r10, [rip + ...]).
+constexpr int kRcx = 1, kRsi = 6, kRdi = 7, kR8 = 8, kR10 = 10;
+constexpr int kKeep = 1, kFirst = 2;  // k1: the lanes kept (kCompress), k2: as many lanes from lane 0
 constexpr int kZero = 31;  // zmm31 = 0 for the ReLU
-// r9 points 128 values past the next value: every value within reach of a signed 8-bit (times 4)
-// displacement until r9 moves on by 256 values
+// r10 points 128 values past the next value: every value within reach of a signed 8-bit (times 4)
+// displacement until r10 moves on by 256 values
 constexpr int64_t kValueReach = 128;
 
 struct Emitter {
@@ -37,14 +39,16 @@ struct Emitter {
   }
   // The 4-byte EVEX prefix of a 512-bit instruction: reg = ModRM.reg (0..31), vvvv = the second
   // source (-1: none), rm = a register in ModRM.rm (0..31) or -1 for a [base + disp] operand.
-  // base: the memory operand's base register when rm < 0 (r8 and r9 set EVEX.B).
-  void evex(int mm, int pp, int reg, int vvvv, int rm, bool broadcast, int base = 0) {
+  // base: the memory operand's base register when rm < 0 (r8..r15 set EVEX.B). k: the opmask
+  // (0: none), zeroing: masked-off lanes become 0 (else they keep the destination's).
+  void evex(int mm, int pp, int reg, int vvvv, int rm, bool broadcast, int base = 0, int k = 0, bool zeroing = false) {
     const int v = vvvv < 0 ? 0 : vvvv;
     const int b3 = rm >= 0 ? (rm >> 3) & 1 : (base >> 3) & 1, x4 = rm >= 0 ? (rm >> 4) & 1 : 0;
     u8(0x62);
     u8(static_cast<uint8_t>((!((reg >> 3) & 1) << 7) | (!x4 << 6) | (!b3 << 5) | (!((reg >> 4) & 1) << 4) | mm));
     u8(static_cast<uint8_t>(((~v & 15) << 3) | 0x4 | pp));  // W0
-    u8(static_cast<uint8_t>((2 << 5) | (broadcast ? 0x10 : 0) | (!((v >> 4) & 1) << 3)));  // L'L = 512 bits
+    u8(static_cast<uint8_t>((zeroing ? 0x80 : 0) | (2 << 5) | (broadcast ? 0x10 : 0) | (!((v >> 4) & 1) << 3) |
+                            k));  // L'L = 512 bits
   }
   // ModRM (+ displacement) of [base + disp]: EVEX's compressed 8-bit displacement (disp / n, n the
   // memory operand's size: 64 for a vector, 4 for a broadcast float) when it fits, else 32 bits.
@@ -64,23 +68,23 @@ struct Emitter {
     u8(0x10);
     mem(reg, kRsi, disp, 64);
   }
-  // vmovups [rdi + disp], zmm(reg)
-  void store(int reg, int64_t disp) {
-    evex(1, 0, reg, -1, -1, false);
+  // vmovups [rdi + disp]{k}, zmm(reg) (k = 0: every lane)
+  void store(int reg, int64_t disp, int k) {
+    evex(1, 0, reg, -1, -1, false, 0, k);
     u8(0x11);
     mem(reg, kRdi, disp, 64);
   }
-  // vfmadd231ps zmm(acc), zmm(x), dword [r9 + disp]{1to16}
+  // vfmadd231ps zmm(acc), zmm(x), dword [r10 + disp]{1to16}
   void fma_bcast(int acc, int x, int64_t disp) {
-    evex(2, 1, acc, x, -1, true, kR9);
+    evex(2, 1, acc, x, -1, true, kR10);
     u8(0xB8);
-    mem(acc, kR9, disp, 4);
+    mem(acc, kR10, disp, 4);
   }
-  // vmulps zmm(acc), zmm(x), dword [r9 + disp]{1to16}: a row's first product (no zeroing needed)
+  // vmulps zmm(acc), zmm(x), dword [r10 + disp]{1to16}: a row's first product (no zeroing needed)
   void mul_bcast(int acc, int x, int64_t disp) {
-    evex(1, 0, acc, x, -1, true, kR9);
+    evex(1, 0, acc, x, -1, true, kR10);
     u8(0x59);
-    mem(acc, kR9, disp, 4);
+    mem(acc, kR10, disp, 4);
   }
   // vpxord zmm(r), zmm(r), zmm(r)
   void zero(int r) {
@@ -88,11 +92,24 @@ struct Emitter {
     u8(0xEF);
     u8(static_cast<uint8_t>(0xC0 | ((r & 7) << 3) | (r & 7)));
   }
-  // vaddps zmm(a), zmm(a), [base + disp] (broadcast: one float to all lanes)
-  void add_mem(int a, int base, int64_t disp, bool broadcast) {
-    evex(1, 0, a, a, -1, broadcast, base);
+  // vaddps zmm(a){k}, zmm(a), [base + disp] (broadcast: one float to all lanes; k = 0: every lane;
+  // a masked-off lane's memory is not read)
+  void add_mem(int a, int base, int64_t disp, bool broadcast, int k = 0) {
+    evex(1, 0, a, a, -1, broadcast, base, k);
     u8(0x58);
     mem(a, base, disp, broadcast ? 4 : 64);
+  }
+  // vcompressps zmm(a){k1}{z}, zmm(a): the kept lanes moved down to lanes 0.., the rest 0
+  void compress(int a) {
+    evex(2, 1, a, -1, a, false, 0, kKeep, true);
+    u8(0x8A);
+    u8(static_cast<uint8_t>(0xC0 | ((a & 7) << 3) | (a & 7)));
+  }
+  // kmovw k1, r9d; shr r9d, 16; kmovw k2, r9d: the two lane masks from the masks argument
+  void load_masks() {
+    u8(0xC4), u8(0xC1), u8(0x78), u8(0x92), u8(0xC9);
+    u8(0x41), u8(0xC1), u8(0xE9), u8(0x10);
+    u8(0xC4), u8(0xC1), u8(0x78), u8(0x92), u8(0xD1);
   }
   // vmaxps zmm(a), zmm(a), zmm31
   void relu(int a) {
@@ -107,16 +124,16 @@ struct Emitter {
   void next_residual_row() {
     u8(0x49), u8(0x01), u8(0xD0);
   }
-  // lea r9, [rip + disp32]; returns where disp32 is, to be patched once the values' place is known
-  size_t lea_r9_rip() {
-    u8(0x4C), u8(0x8D), u8(0x0D);
+  // lea r10, [rip + disp32]; returns where disp32 is, to be patched once the values' place is known
+  size_t lea_r10_rip() {
+    u8(0x4C), u8(0x8D), u8(0x15);
     const size_t at = c.size();
     u32(0);
     return at;
   }
-  // add r9, imm32
-  void add_r9(int32_t imm) {
-    u8(0x49), u8(0x81), u8(0xC1);
+  // add r10, imm32
+  void add_r10(int32_t imm) {
+    u8(0x49), u8(0x81), u8(0xC2);
     u32(static_cast<uint32_t>(imm));
   }
   void ret() {
@@ -145,11 +162,12 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
     for (int64_t k = rp[r]; k < rp[r + 1]; ++k) nz.push_back({off[k], static_cast<int32_t>(r - r0), k});
   }
   std::stable_sort(nz.begin(), nz.end(), [](const Nz& a, const Nz& b) { return a.off < b.off; });
-  const size_t lea_disp = e.lea_r9_rip();
+  const size_t lea_disp = e.lea_r10_rip();
   if (flags & kRelu) e.zero(kZero);
+  if (flags & kCompress) e.load_masks();
   std::vector<float> vals;  // in the order the code reads them
   vals.reserve(nz.size());
-  int64_t centre = kValueReach;  // the value index r9 points at
+  int64_t centre = kValueReach;  // the value index r10 points at
   std::vector<char> started(r1 - r0, 0);  // a row's first product sets its accumulator
   const int first_input = static_cast<int>(r1 - r0);  // input vectors in zmm(rows)..30, in turn
   int x = first_input;
@@ -160,7 +178,7 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
     for (; i < nz.size() && nz[i].off == o; ++i) {
       const int64_t j = static_cast<int64_t>(vals.size());
       if (j - centre >= kValueReach) {
-        e.add_r9(static_cast<int32_t>(8 * kValueReach));
+        e.add_r10(static_cast<int32_t>(8 * kValueReach));
         centre += 2 * kValueReach;
       }
       vals.push_back(val[nz[i].k]);
@@ -175,16 +193,19 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
   for (int64_t r = r0; r < r1; ++r) {
     if (!started[r - r0]) e.zero(static_cast<int>(r - r0));  // an empty row
   }
+  // kCompress: the kept lanes are packed down before the residual (read under k2, as stored)
+  const int k = (flags & kCompress) ? kFirst : 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int a = static_cast<int>(r - r0);
     if (flags & kBias) e.add_mem(a, kRcx, int64_t(a) * 4, true);
+    if (flags & kCompress) e.compress(a);
     if (flags & kResidual) {
       if (r > r0) e.next_residual_row();
-      e.add_mem(a, kR8, 0, false);
+      e.add_mem(a, kR8, 0, false, k);
     }
     if (flags & kRelu) e.relu(a);
     if (r > r0) e.next_row();
-    e.store(a, 0);
+    e.store(a, 0, k);
   }
   e.ret();
   // the values, on the next 64-byte boundary of the mapping (at: where this block starts in it)

@@ -13,11 +13,16 @@
 // call in a whole model). So the code depends on the values: it is made again when they change
 // (sparse_cpu.cpp keys it on the values tensor and its version).
 //
-// One function per block of up to kRowsPerBlock rows: f(out, x, ldo_bytes, bias, res) computes
-// positions [0, 16) of those rows: out[i * ldo + t] = act(sum_k val[k] * x[off[k] + t] + bias[i] +
-// res[i * ldo + t]) for the block's i-th row (the caller passes x advanced by q0, and out, bias and
-// res at the block's first row and q0; ldo_bytes = 4 * ldo). Which of bias, residual and ReLU the
-// code applies is fixed when it is generated (flags). The caller loops over the positions.
+// One function per block of up to kRowsPerBlock rows: f(out, x, ldo_bytes, bias, res, masks)
+// computes positions [0, 16) of those rows: out[i * ldo + t] = act(sum_k val[k] * x[off[k] + t] +
+// bias[i] + res[i * ldo + t]) for the block's i-th row (the caller passes x advanced by q0, and out,
+// bias and res at the block's first row and q0; ldo_bytes = 4 * ldo). Which of bias, residual and
+// ReLU the code applies is fixed when it is generated (flags). The caller loops over the positions.
+//
+// kCompress, for a padded or strided conv whose grid of positions has columns the output has not
+// (and a last tile past the end): masks = keep | (first << 16), keep the lanes that are outputs,
+// first = (1 << popcount(keep)) - 1. The kept lanes are packed down and only they are stored (and
+// their residual read), at out / res placed at the tile's first output; nothing else is touched.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +33,10 @@ namespace fastprune {
 namespace sparse {
 namespace jit {
 
-using TileFn = void (*)(float* out, const float* x, int64_t ldo_bytes, const float* bias, const float* res);
-enum Flags { kBias = 1, kResidual = 2, kRelu = 4 };
+using TileFn = void (*)(float* out, const float* x, int64_t ldo_bytes, const float* bias, const float* res,
+                        uint64_t masks);
+enum Flags { kBias = 1, kResidual = 2, kRelu = 4, kCompress = 8 };
+constexpr int kFlagSets = 16;
 
 // Generated code of every block of rows of one packed weight and input geometry (an executable
 // mapping, freed with the object).
