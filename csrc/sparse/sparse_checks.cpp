@@ -79,10 +79,11 @@ ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tenso
   g.Wout = (Wp - ew) / g.sw + 1;
   g.Hph = (Hp + g.sh - 1) / g.sh;
   g.Wph = (Wp + g.sw - 1) / g.sw;
-  // the largest read is plane base + (C-1) plane + the deepest tap + the last (rounded-up) tile
+  // the largest read is plane base + (C-1) plane + the deepest tap + the last (rounded-up) tile,
+  // and up to 16 floats more (the generated code loads the aligned chunk after an offset's)
   const int64_t q_pad = (g.Hout * g.Wph + 127) / 128 * 128;
   g.plane = (g.Hph * g.Wph + 15) / 16 * 16;
-  g.buf_len = g.sh * g.sw * g.C * g.plane + q_pad + g.Wph + 64;
+  g.buf_len = g.sh * g.sw * g.C * g.plane + q_pad + g.Wph + 64 + 16;
   TORCH_CHECK(g.buf_len < (int64_t(1) << 31), "sparse_conv2d: input too large for 32-bit offsets");
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.O, g.Hout, g.Wout}) &&

@@ -5,7 +5,8 @@
 // the accumulators of a block of rows in registers and walks the union of the block's tap offsets:
 // each input vector is loaded once and feeds the FMA of every row of the block that has that tap,
 // its weight a broadcast memory operand (the offsets are the loads' displacements, so no index is
-// loaded either).
+// loaded either). Input vectors are made from aligned loads (valignd of two chunks) shared by
+// nearby offsets, not loaded misaligned.
 //
 // A block's weights are copied, in the order its code reads them, right after its code: each FMA
 // then takes a 1-byte displacement (7-byte instructions instead of 10) and a block is one contiguous
@@ -59,8 +60,8 @@ class ConvCode {
   void prefetch(int64_t b) const;
   size_t bytes() const { return size_; }
 
-  // rows per block: their accumulators are zmm0..27; the input vectors rotate through zmm28..30,
-  // zmm31 is the ReLU's zero. (Fewer rows per block load more input vectors per FMA: 16 and 24
+  // rows per block: their accumulators are zmm0..27; zmm28..30 hold aligned chunks of the input,
+  // zmm31 an input vector shifted out of two of them (then the ReLU's zero). (Fewer rows per block load more input vectors per FMA: 16 and 24
   // measured slower end to end.)
   static constexpr int kRowsPerBlock = 28;
 
