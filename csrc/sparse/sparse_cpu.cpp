@@ -337,7 +337,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   return out.reshape(out_shape);
 }
 
-constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlock * 16;
+constexpr int64_t kJitScratch = jit::ConvCode::kRowsPerBlockAligned * 16;
 
 // A tile of 16 positions of the wide grid whose output columns are not contiguous (kCompress):
 // where it starts in the grid (q0) and in an output plane (out), and its lane masks (sparse_jit.h).

@@ -53,28 +53,32 @@ class ConvCode {
                                          int64_t rows, int flags, int64_t max_bytes);
   int64_t blocks() const { return static_cast<int64_t>(entry_.size()); }
   TileFn fn(int64_t b) const { return fns_[b]; }
-  int64_t row_begin(int64_t b) const { return b * kRowsPerBlock; }
-  int rows_per_block() const { return kRowsPerBlock; }
+  int64_t row_begin(int64_t b) const { return b * rows_per_block_; }
+  int rows_per_block() const { return rows_per_block_; }
   // Asks for block b's code and values to be brought into L2 (software prefetch: a layer's code is
   // cold at each call of a whole model, and instruction fetch waits on every miss).
   void prefetch(int64_t b) const;
   size_t bytes() const { return size_; }
 
-  // rows per block: their accumulators are zmm0..27; zmm28..30 hold aligned chunks of the input,
-  // zmm31 an input vector shifted out of two of them (then the ReLU's zero). (Fewer rows per block load more input vectors per FMA: 16 and 24
-  // measured slower end to end.)
-  static constexpr int kRowsPerBlock = 28;
+  // Rows per block, their accumulators zmm0 on. Where some tap offset is off a 16-float boundary (a
+  // kxk conv), 28: zmm28..30 hold aligned chunks of the input, zmm31 an input vector shifted out of
+  // two of them. Where every one is on one (a 1x1 conv), 31: zmm31 is the input vector. zmm31 then
+  // holds the ReLU's zero. (Fewer rows per block load more input vectors per FMA: 16 and 24 rows
+  // measured slower end to end, 31 faster than 28 for 1x1 convs.)
+  static constexpr int kRowsPerBlock = 28, kRowsPerBlockAligned = 31;
 
  private:
   ConvCode() = default;
   void* mem_ = nullptr;
   size_t size_ = 0;
+  int rows_per_block_ = kRowsPerBlock;
   std::vector<size_t> entry_;
   std::vector<TileFn> fns_;
 };
 
 // One block's bytes: the code of rows [r0, r1) of the weight, padding to a 64-byte boundary of the
 // mapping (the block starts at byte `at` of it), then the values in the order the code reads them.
+// (Up to kRowsPerBlockAligned rows where every offset is a multiple of 16, else kRowsPerBlock.)
 std::vector<uint8_t> block_code(const int32_t* row_ptr, const int32_t* off, const float* values, int64_t r0,
                                 int64_t r1, int flags, size_t at);
 

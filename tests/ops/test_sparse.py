@@ -310,15 +310,17 @@ def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
-# Generated code (csrc/sparse/sparse_jit.cpp): blocks of up to 28 rows whose accumulators stay in
-# registers. FASTPRUNE_JIT=always runs it for every float32 conv (on a CPU without AVX-512 these
-# cases run the vector loops instead, and still must match).
+# Generated code (csrc/sparse/sparse_jit.cpp): blocks of up to 28 rows (31 for 1x1 convs) whose
+# accumulators stay in registers. FASTPRUNE_JIT=always runs it for every float32 conv (on a CPU
+# without AVX-512 these cases run the vector loops instead, and still must match).
 @pytest.mark.parametrize("case", [
     (1, 6, 12, 13, 61, 3, 1, 1, 1, 1),  # three blocks of rows (28, 28, 5), a partial last tile
     (2, 300, 30, 30, 33, 1, 1, 0, 1, 1),  # offsets past 2^16 floats (32-bit displacements)
     (1, 40, 20, 20, 70, 3, 2, 1, 1, 1),  # stride 2, over 2^14 nonzeros (value displacements)
     (1, 4, 16, 16, 30, 1, 1, 0, 1, 1),  # 1x1 in place, 256 positions: straight into the output
     (2, 8, 9, 9, 29, 3, 1, 1, 1, 1),  # 29 rows: a block of one row
+    (1, 5, 8, 8, 63, 1, 1, 0, 1, 1),  # 1x1, every offset aligned: blocks of 31 rows (31, 31, 1)
+    (2, 7, 5, 6, 33, 1, 1, 0, 1, 1),  # 1x1 on 30-position planes (padded to 32), a partial tile
 ])
 @pytest.mark.parametrize("density", [0.1, 0.6])
 def test_generated_code_matches_reference(monkeypatch, case, density):
