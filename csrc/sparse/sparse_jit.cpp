@@ -25,8 +25,9 @@ namespace {
 // (lea r10, [rip + ...]).
 constexpr int kRcx = 1, kRsi = 6, kRdi = 7, kR8 = 8, kR10 = 10;
 constexpr int kKeep = 1, kFirst = 2;  // k1: the lanes kept (kCompress), k2: as many lanes from lane 0
-constexpr int kFirstChunk = 28, kShifted = 31;  // input vectors (accumulators: zmm0..27)
-constexpr int kZero = 31;  // zmm31 = 0 for the ReLU, after the products
+// the input vector (loaded, or shifted out of two chunks of the input in zmm28..30), then the
+// ReLU's zero (sparse_jit.h, ConvCode::kRowsPerBlock)
+constexpr int kFirstChunk = 28, kInput = 31, kZero = 31;
 // r10 points 128 values past the next value: every value within reach of a signed 8-bit (times 4)
 // displacement until r10 moves on by 256 values
 constexpr int64_t kValueReach = 128;
@@ -176,13 +177,12 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
   vals.reserve(nz.size());
   int64_t centre = kValueReach;  // the value index r10 points at
   std::vector<char> started(r1 - r0, 0);  // a row's first product sets its accumulator
-  // The input vector at offset o: the 16-float chunks of the input (aligned: x + q0 is, and planes
-  // are multiples of 16 floats) are loaded into zmm28..30, a small cache (the least recently used
-  // replaced), and an offset inside a chunk is made from two of them (valignd into zmm31). A
-  // misaligned load spans two cache lines; the taps (c, ky, 0..2) of a 3x3 conv share their chunks:
-  // 3x3 convs 8-22 % faster than with one misaligned load per offset (1x1 convs: every offset is on
-  // a chunk boundary, one aligned load as before).
-  // (Every offset a multiple of 16: each its own chunk, loaded straight into zmm31.)
+  // The input vector at offset o. Every offset a multiple of 16 (a 1x1 conv): one aligned load.
+  // Otherwise the 16-float chunks of the input (aligned: x + q0 is, and planes are multiples of 16
+  // floats) are loaded into zmm28..30, a small cache (the least recently used replaced), and an
+  // offset inside a chunk is shifted out of two of them (valignd). A misaligned load spans two
+  // cache lines, and the taps (c, ky, 0..2) of a 3x3 conv share their chunks: 3x3 convs 8-22 %
+  // faster than with one misaligned load per offset.
   const bool aligned = std::all_of(nz.begin(), nz.end(), [](const Nz& z) { return z.off % 16 == 0; });
   TORCH_CHECK(aligned || r1 - r0 <= ConvCode::kRowsPerBlock, "sparse_jit: too many rows for a block");
   int64_t chunk[3] = {-1, -1, -1}, used[3] = {0, 0, 0}, clock = 0;
@@ -203,12 +203,16 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
   };
   for (size_t i = 0; i < nz.size();) {
     const int32_t o = nz[i].off;
-    const int64_t k = o / 16, shift = o % 16;
-    if (aligned) e.load(kShifted, int64_t(o) * 4);
-    int x = aligned ? kShifted : chunk_reg(k, k + 1);
-    if (shift != 0) {
-      e.align(kShifted, chunk_reg(k + 1, k), x, static_cast<int>(shift));
-      x = kShifted;
+    int x = kInput;
+    if (aligned) {
+      e.load(x, int64_t(o) * 4);
+    } else {
+      const int64_t k = o / 16, shift = o % 16;
+      x = chunk_reg(k, k + 1);
+      if (shift != 0) {
+        e.align(kInput, chunk_reg(k + 1, k), x, static_cast<int>(shift));
+        x = kInput;
+      }
     }
     for (; i < nz.size() && nz[i].off == o; ++i) {
       const int64_t j = static_cast<int64_t>(vals.size());
