@@ -6,9 +6,10 @@ Sparse layers are bound by memory traffic, not arithmetic: at batch 8 a ResNet-5
 layer's weights (and generated code) are then fetched once per chunk instead of once per batch.
 Which wins depends on the model and the sparsity, so ``sparsify`` only does it when asked
 (``micro_batch=``). Measured on the ResNet-50-like model, batch 8, 1 thread
-(``benchmarks/bench_sparse.py``): at 95 % chunks of 1 were faster than the whole batch in two runs
-(163 vs 187 ms, 191 vs 201 ms), at 90 % slower (209-215 vs 198-204 ms); before the conv kernels
-generated code, chunks of 1 were faster at 90 % too (235 vs 258 ms).
+(``benchmarks/bench_sparse.py``): with the vector loops chunks of 1 were faster at 90 % (235 vs
+258 ms); with the first generated conv code faster at 95 % (163 vs 187, 191 vs 201 ms) and slower at
+90 % (209-215 vs 198-204 ms); with the current code (smaller, values beside it) slower at both
+(198 vs 189 ms at 90 %, 158 vs 153 ms at 95 %).
 
 Only models whose every operation treats samples independently can be split: :func:`per_sample_ops`
 proves it on the ``torch.fx`` graph (a conservative list of per-sample modules, functions and
