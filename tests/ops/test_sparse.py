@@ -365,3 +365,44 @@ def test_generated_code_follows_changed_values_and_bad_settings_are_errors(monke
     monkeypatch.setenv("FASTPRUNE_JIT", "yes")
     with pytest.raises(RuntimeError, match="FASTPRUNE_JIT must be 0, 1 or always"):
         ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np, torch, torch.nn.functional as F
+from fastprune import ops
+
+# a residual whose last float ends where an inaccessible page begins: a read past it faults
+page = mmap.PAGESIZE
+o, hout, wout = 30, 9, 9  # 9 x 11 grid positions per plane: the last tile is partial
+n_floats = o * hout * wout
+pages = (n_floats * 4 + page - 1) // page + 1
+buf = mmap.mmap(-1, pages * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(base + (pages - 1) * page, page, 0) == 0
+arr = np.frombuffer(buf, dtype=np.float32, count=n_floats, offset=(pages - 1) * page - n_floats * 4)
+torch.manual_seed(0)
+res = torch.from_numpy(arr).view(1, o, hout, wout)
+res.copy_(torch.randn(1, o, hout, wout))
+w = torch.randn(o, 4, 3, 3) * (torch.rand(o, 4, 3, 3) < 0.3)
+x = torch.randn(1, 4, 9, 9)
+b = torch.randn(o)
+got = ops.sparse_conv2d(x, *ops.pack_sparse(w.flatten(1)), list(w.shape), b, 1, 1, 1, 1, True, res)
+torch.testing.assert_close(got, F.relu(F.conv2d(x, w, b, 1, 1) + res), rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+def test_generated_code_reads_no_residual_past_its_end():
+    # A padded conv's generated code packs each tile's output lanes together and reads the residual
+    # under a mask: nothing past the tensor. A residual that ends at an inaccessible page proves it
+    # (a read past it would kill the process: run in a child).
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTPRUNE_ISA="avx512", FASTPRUNE_JIT="always")
+    proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
