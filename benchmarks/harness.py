@@ -74,9 +74,11 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def time_it(fn: Callable[[], Any], min_run_time: float = 1.0) -> float:
     """Median seconds per call, torch.utils.benchmark's blocked_autorange."""
+    import torch
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # (Timer runs with 1 thread unless told: time with the threads the caller set)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 

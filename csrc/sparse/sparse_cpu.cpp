@@ -377,36 +377,42 @@ void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>&
              const std::vector<JitTile>* tiles = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
     const auto& kern = sparse_kernels(Isa::kAvx512);
-    const int64_t rpb = code->rows_per_block();
-    at::parallel_for(0, code->blocks(), 1, [&](int64_t b0, int64_t b1) {
+    const int64_t rpb = code->rows_per_block(), nb = code->blocks();
+    const int64_t ntiles = tiles != nullptr ? static_cast<int64_t>(tiles->size()) : (o.q_len + 15) / 16;
+    // work items: (block, range of tiles). With few blocks per thread (a 64-row layer has 3) the
+    // tiles are split too, so that every thread has work (each runs its blocks' code on its tiles)
+    const int64_t threads = at::get_num_threads();
+    const int64_t parts = nb >= 4 * threads ? 1 : std::min(ntiles, (4 * threads + nb - 1) / nb);
+    at::parallel_for(0, nb * parts, 1, [&](int64_t w0, int64_t w1) {
       alignas(64) float scratch[kJitScratch];
       alignas(64) float scratch_res[kJitScratch] = {};
       // the code (with its values) of the next blocks is asked for ahead: it is cold at each call in a
       // whole model (spreading the requests over the tiles of the block before measured no better)
-      code->prefetch(b0);
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) code->prefetch(b + d);  // (past b1: harmless)
+      code->prefetch(w0 / parts);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / parts, i0 = ntiles * (w % parts) / parts, i1 = ntiles * (w % parts + 1) / parts;
+        if (w == w0 || w % parts == 0) {
+          for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) code->prefetch(b + d);  // (past the end: harmless)
+        }
         const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
         const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
         const jit::TileFn fn = code->fn(b);
         if (tiles != nullptr) {
-          for (const JitTile& t : *tiles) {
+          for (int64_t i = i0; i < i1; ++i) {
+            const JitTile& t = (*tiles)[i];
             const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
             fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
           }
           continue;
         }
-        int64_t q0 = 0;
-        for (; q0 + 16 <= o.q_len; q0 += 16) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
           const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
-        }
-        if (q0 < o.q_len) {
-          const int64_t n = o.q_len - q0;
-          if (!o.direct) {  // the wide buffer has the slack of whole tiles
+          if (n == 16) {
+            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
+          } else if (!o.direct) {  // the wide buffer has the slack of whole tiles
             fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
           } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
-            const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
             if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
             fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
             kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);

@@ -1,0 +1,29 @@
+"""The built extension: its parallel loops really run in parallel, under torch's OpenMP runtime."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fastprune  # noqa: F401  (loads the extension)
+from fastprune import ops
+
+
+def test_extension_links_openmp_and_shares_torchs_runtime():
+    # at::parallel_for is an inline OpenMP loop in torch's headers: an extension built without
+    # -fopenmp runs it serially. Built with it, its libgomp.so.1 must be the copy torch loaded (one
+    # runtime: torch.set_num_threads then governs fastprune's loops too).
+    import fastprune._C as ext
+
+    if shutil.which("ldd") is None:
+        pytest.skip("no ldd")
+    needed = subprocess.run(["ldd", ext.__file__], capture_output=True, text=True).stdout
+    assert "libgomp" in needed, needed
+    w = torch.randn(8, 4, 3, 3)
+    ops.sparse_conv2d(torch.randn(1, 4, 9, 9), *ops.pack_sparse(w.flatten(1)), list(w.shape), None, 1, 1)
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
