@@ -131,8 +131,8 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
         micro_batch: run batches this many samples at a time through the whole model
             (:class:`fastprune.nn.MicroBatch`): one sample's activations stay in cache, but the
             weights are fetched once per chunk (on ResNet-50 batch 8 now slower at 90 % and 95 %;
-            it depends on the model: measure). Only for models proven per-sample on their FX graph (ValueError otherwise,
-            before anything is changed).
+            it depends on the model: measure). Only for models proven per-sample on their FX
+            graph (ValueError otherwise, before anything is changed).
 
     Returns:
         The sparse model (in eval mode). ``sparsify_report(model)`` lists its sparse layers. When
