@@ -27,7 +27,7 @@ from harness import machine_info, markdown_table, peak_extra_bytes, write_result
 
 from fastprune import reference  # noqa: E402
 from fastprune.fisher import FisherInverse  # noqa: E402
-from fastprune.importance.magnitude import topk_masks  # noqa: E402
+from fastprune.select import topk_masks  # noqa: E402
 from fastprune.importance.woodfisher import FisherStats, obs_updates, per_sample_gradients  # noqa: E402
 from fastprune.masks import add_to_weights, apply_masks, effective_weight, select_parameters  # noqa: E402
 

@@ -1,59 +1,81 @@
 """fastprune: fast neural-network pruning for PyTorch.
 
 Native kernels (C++, CUDA) registered as ``torch.ops.fastprune.*``, typed wrappers in
-:mod:`fastprune.ops`, their plain-PyTorch twins in :mod:`fastprune.reference`; pruning methods
-behind one call, :func:`fastprune.prune`, returning a :class:`fastprune.Plan`.
+:mod:`fastprune.ops`, their plain-PyTorch twins in :mod:`fastprune.reference`. Pruning flows one
+way: model + data -> scores (:mod:`fastprune.importance`) -> selection (:mod:`fastprune.select`)
+-> plan (:class:`fastprune.Plan`) -> :func:`fastprune.apply` (masks or compaction) -> sparse or
+compact model (:func:`fastprune.sparsify`) -> benchmark. Each method is one module of
+:mod:`fastprune.methods`, reached through :func:`fastprune.prune`; :mod:`fastprune.pruner` drives
+pruning during training.
 """
 
-from fastprune import data, models, nn, ops, reference, schedules, structure, train
-from fastprune.api import Pruner, prune
-from fastprune.config import (
+from fastprune import data, importance, methods, models, nn, ops, reference, schedules, select, structure, train
+from fastprune.apply import apply
+from fastprune.api import prune
+from fastprune.checkpoint import load_pruned
+from fastprune.dropout import rescale_dropout
+from fastprune.fisher import FisherInverse
+from fastprune.masks import finalize
+from fastprune.methods import (
+    BNScaleConfig,
     ChannelConfig,
     FisherDiagConfig,
+    L1FilterConfig,
+    L2FilterConfig,
     MagnitudeConfig,
+    MethodResult,
+    RandomChannelConfig,
     WoodFisherConfig,
     method_names,
     register_method,
 )
-from fastprune.dropout import rescale_dropout
-from fastprune.fisher import FisherInverse
-from fastprune.masks import finalize, load_pruned
-from fastprune.plan import Plan
-from fastprune.report import SparsityReport, sparsity_report
 from fastprune.nn.sparsify import sparsify
+from fastprune.plan import Plan
+from fastprune.pruner import BasePruner, Pruner
+from fastprune.report import SparsityReport, sparsity_report
 from fastprune.sensitivity import sensitivity
 from fastprune.structure import compact, count, find_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNScaleConfig",
+    "BasePruner",
     "ChannelConfig",
-    "compact",
-    "count",
-    "find_groups",
-    "nn",
-    "sparsify",
-    "structure",
     "FisherDiagConfig",
     "FisherInverse",
+    "L1FilterConfig",
+    "L2FilterConfig",
     "MagnitudeConfig",
+    "MethodResult",
     "Plan",
     "Pruner",
+    "RandomChannelConfig",
     "SparsityReport",
     "WoodFisherConfig",
     "__version__",
+    "apply",
+    "compact",
+    "count",
     "data",
     "finalize",
+    "find_groups",
+    "importance",
     "load_pruned",
     "method_names",
+    "methods",
     "models",
+    "nn",
     "ops",
     "prune",
     "reference",
     "register_method",
     "rescale_dropout",
     "schedules",
+    "select",
     "sensitivity",
+    "sparsify",
     "sparsity_report",
+    "structure",
     "train",
 ]

@@ -1,6 +1,7 @@
 """The ``fastprune`` command.
 
     fastprune demo [--out DIR] [--quick]
+    fastprune methods
     fastprune prune MODEL --method magnitude --sparsity 0.9 -o OUT [--weights W.pt] [--scope global|layer] [--block 4]
     fastprune bench MODEL --input-shape 1,3,224,224 [--sparsity 0.9] [--block 4] [--weights W.pt]
 
@@ -10,6 +11,7 @@ MODEL is ``package.module:factory``: an importable function returning the ``nn.M
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -18,6 +20,14 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils import benchmark
+
+import fastprune
+from fastprune import recipes
+from fastprune.methods import ChannelConfig, spec_for
+from fastprune.methods.registry import table
+from fastprune.nn import sparsify, sparsify_report
+from fastprune.train import evaluate, fit
 
 __all__ = ["main"]
 
@@ -47,8 +57,6 @@ def _load_factory(spec: str) -> nn.Module:
 
 def _load_model(spec: str, weights: str | None) -> nn.Module:
     """The factory's model, with a (possibly pruned) state_dict loaded when given (weights_only)."""
-    import fastprune
-
     model = _load_factory(spec)
     if weights:
         try:
@@ -68,10 +76,6 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import fastprune
-    from fastprune import recipes
-    from fastprune.train import evaluate
-
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     args.no_progress = args.no_progress or not sys.stderr.isatty()
@@ -129,9 +133,6 @@ def _median_time(fn, repeats: int = 15) -> float:
 
 def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bool) -> list[tuple[str, ...]]:
     """Sparse execution (fastprune.sparsify) of the pruned digits MLPs and of a ResNet-50-like model."""
-    import fastprune
-    from fastprune.nn import sparsify, sparsify_report
-
     side = 112 if quick else 224
     print(f"sparse execution: the pruned MLPs with every pruned layer sparse (one image, and the 360-image test set), "
           f"and a ResNet-50-like model (random weights, magnitude-pruned per layer to 90 %, first conv dense, "
@@ -165,12 +166,6 @@ def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bo
 def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[tuple[str, ...]]:
     """L1-filter channel pruning of the digits CNN at 50 %: compact model, short fine-tune,
     parameters, MACs and batch latency before and after (median of repeated runs, same process)."""
-    import copy
-
-    import fastprune
-    from fastprune import recipes
-    from fastprune.train import evaluate, fit
-
     print("digits CNN (conv-BN-ReLU stem, residual block, strided conv, pooling, Linear): "
           "L1-filter channel pruning at 50 %, compacted, then fine-tuned")
     dense = recipes.train_dense(fastprune.models.small_cnn, data, epochs=epochs, progress=progress).eval()
@@ -205,10 +200,10 @@ def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[t
 
 
 def _plot_demo(path: str, dense_acc: float, curves: dict[str, list[tuple[float, float]]]) -> None:
-    import matplotlib
+    import matplotlib  # optional (the demo extra), and slow to import: only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(100 * dense_acc, color="gray", linestyle="--", label="dense")
@@ -224,15 +219,14 @@ def _plot_demo(path: str, dense_acc: float, curves: dict[str, list[tuple[float, 
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import fastprune
-    from fastprune.config import get_method
-
     args.scope_given = args.scope is not None
     args.scope = args.scope or "global"
 
     model = _load_model(args.model, args.weights)
     kwargs = {"sparsity": args.sparsity, "scope": args.scope}
-    structured = args.method in fastprune.method_names() and get_method(args.method).config_cls is fastprune.ChannelConfig
+    if args.method not in fastprune.method_names():
+        raise SystemExit(f"fastprune: unknown method {args.method!r}; known methods: {', '.join(fastprune.method_names())}")
+    structured = issubclass(spec_for(args.method).config_cls, ChannelConfig)
     if structured:
         if not args.input_shape:
             raise SystemExit(f"fastprune: method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)")
@@ -267,9 +261,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Dense vs sparsify() latency of a user's model on random inputs of --input-shape."""
-    import fastprune
-    from fastprune.nn import sparsify, sparsify_report
-
     torch.set_num_threads(args.threads)
     model = _load_model(args.model, args.weights).eval()
     fastprune.finalize(model)
@@ -295,8 +286,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sparse = sparsify(model, example_inputs=x[:1] if args.micro_batch else x, micro_batch=args.micro_batch)
     except ValueError as e:
         raise SystemExit(f"fastprune: {e}") from e
-    from torch.utils import benchmark
-
     def t(fn) -> float:
         return float(benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time).median)
 
@@ -317,6 +306,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """The registered methods (fastprune.methods), one line each."""
+    print(table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastprune", description="Prune neural networks fast.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -326,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not a terminal)")
     d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("methods", help="list the pruning methods (name, config class, description)")
+    m.set_defaults(func=cmd_methods)
     q = sub.add_parser("prune", help="prune a model given as package.module:factory")
     q.add_argument("model", help="package.module:factory returning the nn.Module")
     q.add_argument("--method", default="magnitude")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -111,27 +111,24 @@ class Plan:
 
     # -- replay
     def apply(self, model: nn.Module) -> nn.Module:
-        """Install this plan's masks on ``model`` (same architecture). Validates every name and
-        shape before changing anything. A structured plan masks its channels and, in compact mode,
-        removes them (the shapes come out as in the original call). Returns ``model``."""
-        from fastprune.masks import apply_masks, select_parameters
-
-        if self.groups:
-            from fastprune.structure.pruning import apply_channel_plan
-
-            apply_channel_plan(model, self)
-            return model
-
-        refs = {r.name: r for r in select_parameters(model, include=list(self.masks) or None)} if self.masks else {}
-        for name, mask in self.masks.items():
-            ref = refs.get(name)
-            if ref is None:
-                raise ValueError(f"plan prunes {name}, which the model does not have")
-            shape = tuple(getattr(ref.module, ref.param_name + "_orig", getattr(ref.module, ref.param_name)).shape)
-            if tuple(mask.shape) != shape:
-                raise ValueError(f"plan's mask for {name} has shape {tuple(mask.shape)}, the model's is {shape}")
-        apply_masks(list(refs.values()), self.masks)
+        """Apply this plan to ``model`` (same architecture) with :func:`fastprune.apply`: validates
+        every name and shape before changing anything; a structured plan masks its channels and, in
+        compact mode, removes them (the shapes come out as in the original call). Returns ``model``."""
+        if _applier is None:  # pragma: no cover - fastprune/__init__ imports fastprune.apply
+            raise RuntimeError("import fastprune first: Plan.apply runs fastprune.apply")
+        _applier(model, self)
         return model
+
+
+# fastprune.apply.apply, handed over by that module when it is imported (this module imports
+# nothing from the package, so that a plan is plain data at the bottom of the dependency graph)
+_applier: Callable[[nn.Module, Plan], Any] | None = None
+
+
+def set_applier(fn: Callable[[nn.Module, Plan], Any]) -> None:
+    """Called once by :mod:`fastprune.apply`."""
+    global _applier
+    _applier = fn
 
 
 def _jsonable(x: Any) -> Any:

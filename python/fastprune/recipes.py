@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from fastprune import schedules
-from fastprune.api import Pruner, prune
+from fastprune.api import prune
 from fastprune.data.digits import Digits
+from fastprune.pruner import Pruner
 from fastprune.report import sparsity_report
 from fastprune.train import evaluate, fit
 

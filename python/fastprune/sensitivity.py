@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fastprune.api import prune
 from fastprune.masks import select_parameters
 
 __all__ = ["SensitivityResult", "sensitivity"]
@@ -33,10 +34,10 @@ class SensitivityResult:
 
     def plot(self, path: str, ylabel: str = "accuracy") -> str:
         """Write a PNG of metric vs sparsity, one line per layer; returns ``path``."""
-        import matplotlib
+        import matplotlib  # optional (the demo extra), and slow to import: only for the plot
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after choosing the Agg backend
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, vals in self.scores.items():
@@ -62,8 +63,6 @@ def sensitivity(
     """Prune each layer alone (magnitude, per-layer target) on a copy of ``model`` at each
     sparsity and record ``eval_fn(copy)``. ``model`` itself is never modified. ``layers``: module
     names or patterns (default: every prunable layer). ``plot``: a PNG path to write."""
-    from fastprune.api import prune
-
     if not sparsities:
         raise ValueError("sparsities must not be empty")
     refs = select_parameters(model, include=layers)

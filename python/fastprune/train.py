@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -12,7 +13,17 @@ from tqdm.auto import tqdm
 
 from fastprune._modes import eval_mode
 
-__all__ = ["FitHistory", "evaluate", "fit"]
+__all__ = ["Callback", "FitHistory", "evaluate", "fit"]
+
+
+class Callback(Protocol):
+    """What :func:`fit` calls on each of its ``callbacks`` (a :class:`fastprune.pruner.BasePruner`)."""
+
+    def on_start(self) -> None: ...
+
+    def on_step(self, step: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int) -> None: ...
 
 
 @dataclass
@@ -42,13 +53,25 @@ def fit(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "fit",
+    callbacks: Sequence[Callback] = (),
 ) -> FitHistory:
     """Train ``model`` in place. ``l2`` is weight decay on every parameter (decoupled for
     ``optimizer="adamw"``); ``l1`` adds ``l1 * sum |w|`` over weight matrices to the loss. Pruned
     weights (torch prune masks) stay exactly zero in the forward throughout. A non-finite loss
-    stops training with a ``FloatingPointError``."""
+    stops training with a ``FloatingPointError``.
+
+    ``callbacks`` (pruners, :mod:`fastprune.pruner`): ``on_start()`` before the optimizer is built
+    (a pruner that changes shapes there is seen by it), ``on_step(step)`` after every optimizer
+    step, ``on_epoch_end(epoch)`` after every epoch. ``finalize()`` is the caller's, after the
+    last ``fit``. A callback that changes parameter shapes after the start (removing channels
+    for real) must be finalized between ``fit`` calls: the optimizer holds the old tensors."""
     if epochs < 0 or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"epochs must be >= 0 and lr > 0, got epochs={epochs}, lr={lr}")
+    for cb in callbacks:
+        if not all(callable(getattr(cb, h, None)) for h in ("on_start", "on_step", "on_epoch_end")):
+            raise TypeError(f"callback {cb!r} lacks on_start / on_step / on_epoch_end (see fastprune.pruner)")
+    for cb in callbacks:
+        cb.on_start()
     loss_fn = loss_fn or nn.functional.cross_entropy
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
@@ -62,7 +85,8 @@ def fit(
     history = FitHistory()
     model.train()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    step = 0
+    for epoch in bar:
         total, count = 0.0, 0
         for x, y in loader:
             opt.zero_grad(set_to_none=True)
@@ -73,10 +97,15 @@ def fit(
                 raise FloatingPointError(f"training loss became {loss.item()}; lower lr")
             loss.backward()
             opt.step()
+            for cb in callbacks:
+                cb.on_step(step)
+            step += 1
             total += float(loss.detach()) * len(y)
             count += len(y)
         history.losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{history.losses[-1]:.4f}")
+        for cb in callbacks:
+            cb.on_epoch_end(epoch)
     model.eval()
     return history
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fastprune
-from fastprune.importance.channels import group_scores, select_channels
+from fastprune.importance.channels import group_scores
+from fastprune.select import select_channels
 from fastprune.structure import compact, find_groups
 from tests.structure import zoo
 
@@ -234,7 +235,7 @@ def test_conv_transpose_output_channels_are_dim_1() -> None:
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_zero_analysis_agrees_with_a_measured_forward(name: str) -> None:
     """Where the static zero analysis says a consumer reads exact zeros, a real forward agrees."""
-    from fastprune.importance.channels import group_scores, select_channels
+
     from fastprune.structure.surgery import _capture_inputs, mask_channels
     from fastprune.structure.zeros import zero_consumers
 

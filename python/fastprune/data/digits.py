@@ -37,8 +37,8 @@ class Digits:
 def digits(seed: int = 0, test_fraction: float = 0.2, batch_size: int = 64) -> Digits:
     """Load the digits with a fixed stratified split (``seed`` fixes the split and shuffling)."""
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        from sklearn.datasets import load_digits  # optional (the demo extra): only to load the data
+        from sklearn.model_selection import train_test_split  # (same)
     except ImportError as e:  # pragma: no cover - exercised only without the demo extra
         raise ImportError("fastprune.data.digits needs scikit-learn: pip install 'fastprune[demo]'") from e
     if not 0.0 < test_fraction < 1.0:

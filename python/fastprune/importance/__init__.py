@@ -1,5 +1,32 @@
-"""Importance criteria: score tensors, one per prunable parameter (or channel)."""
+"""Importance criteria: scores, one per weight (unstructured) or per channel of a group (structured).
 
-from fastprune.importance.magnitude import magnitude_scores
+Weight criteria return one score tensor per parameter (:func:`magnitude_scores`; the Fisher
+statistics of :mod:`fastprune.importance.woodfisher`). Channel criteria are callables
+``(model, groups, data=None) -> {group id: scores}`` (:mod:`fastprune.importance.channels`);
+those that read data observe batches first (:class:`ActivationCriterion`).
+"""
 
-__all__ = ["magnitude_scores"]
+from fastprune.importance.channels import (
+    ActivationCriterion,
+    BNScale,
+    Criterion,
+    FilterNorm,
+    RandomScores,
+    group_scores,
+    make_criterion,
+    scatter_to_group,
+)
+from fastprune.importance.magnitude import block_scores, magnitude_scores
+
+__all__ = [
+    "ActivationCriterion",
+    "BNScale",
+    "Criterion",
+    "FilterNorm",
+    "RandomScores",
+    "block_scores",
+    "group_scores",
+    "magnitude_scores",
+    "make_criterion",
+    "scatter_to_group",
+]

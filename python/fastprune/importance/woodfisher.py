@@ -13,10 +13,9 @@ single-weight updates, default) or the exact joint update within a block
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -206,20 +205,3 @@ def obs_updates(
     if stats.blocks == "global":
         return list(torch.split(outs[0], [_numel(r) for r in stats.refs]))
     return outs
-
-
-def check_loader(data: Any) -> None:
-    if data is None:
-        raise ValueError("WoodFisher needs data=: an iterable of (inputs, targets) batches")
-    if not hasattr(data, "__iter__"):
-        raise TypeError(f"data must be an iterable of (inputs, targets) batches, got {type(data).__name__}")
-
-
-def check_positive_int(x: Any, name: str) -> None:
-    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
-
-
-def check_damp(x: Any) -> None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise ValueError(f"damp must be finite and > 0, got {x!r}")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastprune.structure.handlers import HeadSpec, register_attention
+
 __all__ = ["MultiheadSelfAttention", "swap_attention"]
 
 
@@ -126,3 +128,7 @@ def swap_attention(model: nn.Module) -> nn.Module:
         else:
             swap_attention(child)
     return model
+
+
+# its heads are prunable: the structure engine learns the projections' names
+register_attention(MultiheadSelfAttention, HeadSpec("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim"))

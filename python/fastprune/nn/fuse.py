@@ -23,10 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.structure.trace import LeafTracer
 
-__all__ = ["SeparableMaxPool2d", "channels_last_pools", "fuse_activations", "swap_max_pools"]
+__all__ = ["SeparableMaxPool2d", "channels_last_pools", "fuse_activations", "graph_tracer", "swap_max_pools"]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -73,20 +75,18 @@ class SeparableMaxPool2d(nn.MaxPool2d):
 def swap_max_pools(model: nn.Module) -> list[str]:
     """Replace every supported ``nn.MaxPool2d`` in ``model`` by :class:`SeparableMaxPool2d`; returns
     the names replaced."""
-    from fastprune.nn.sparsify import _parent
-
     done = []
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.MaxPool2d and SeparableMaxPool2d.supports(mod):
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, SeparableMaxPool2d.from_pool(mod))
+            model.set_submodule(name, SeparableMaxPool2d.from_pool(mod))
             done.append(name)
     return done
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (SparseConv2d, SparseLinear, SeparableMaxPool2d)) or super().is_leaf_module(m, qualname)
+def graph_tracer() -> LeafTracer:
+    """The tracer of sparsify's graph passes: torch's layers, the sparse layers and the separable
+    pool are leaves."""
+    return LeafTracer(lambda m: isinstance(m, (SparseConv2d, SparseLinear, SeparableMaxPool2d)), torch_leaves=True)
 
 
 _RELU_FUNCS = {torch.relu, torch.relu_, F.relu}
@@ -119,7 +119,7 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
     ``model`` itself (also when FX cannot trace it).
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = graph_tracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable models run unfused
         return model, []
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
@@ -133,8 +133,6 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     if example_inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*example_inputs)

@@ -26,6 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fastprune._modes import eval_mode
+from fastprune.nn.fuse import graph_tracer
+from fastprune.nn.sparse import SparseConv2d, SparseLinear
+
 __all__ = ["MicroBatch", "per_sample_ops", "prove_per_sample"]
 
 _MODULES = (
@@ -51,8 +55,6 @@ def _dim_at_least_1(node: fx.Node, pos: int, name: str, default: int) -> bool:
 
 
 def _module_ok(mod: nn.Module) -> bool:
-    from fastprune.nn.sparse import SparseConv2d, SparseLinear
-
     if isinstance(mod, (SparseConv2d, SparseLinear, *_MODULES)):
         return not isinstance(mod, (nn.Dropout, nn.Dropout2d)) or not mod.training
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):  # eval with running statistics: per sample
@@ -106,11 +108,8 @@ def check_size(size: object) -> None:
 def prove_per_sample(module: nn.Module) -> None:
     """ValueError unless ``module`` (in eval mode) provably treats samples independently: its FX
     graph (sparse layers and pools as leaves) holds per-sample operations only."""
-    from fastprune._modes import eval_mode
-    from fastprune.nn.fuse import _Tracer
-
     try:
-        gm = module if isinstance(module, fx.GraphModule) else fx.GraphModule(module, _Tracer().trace(module))
+        gm = module if isinstance(module, fx.GraphModule) else fx.GraphModule(module, graph_tracer().trace(module))
     except Exception as e:  # noqa: BLE001 - say why
         raise ValueError(f"micro_batch needs a model torch.fx can trace ({type(e).__name__}: {e})") from e
     with eval_mode(module):

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from fastprune import ops
+from fastprune.masks import effective_weight
 
 __all__ = ["SparseConv2d", "SparseLinear"]
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
-    from fastprune.masks import effective_weight
-
     return effective_weight(module, "weight")
 
 

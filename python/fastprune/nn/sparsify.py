@@ -16,9 +16,15 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import prune as torch_prune
 
 from fastprune._modes import eval_mode
+from fastprune.masks import finalize
+from fastprune.nn.fuse import channels_last_pools, fuse_activations, swap_max_pools
+from fastprune.nn.microbatch import MicroBatch, check_size, prove_per_sample
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.structure import handlers as H
+from fastprune.structure.trace import Ref, structure_tracer, trace
 
 __all__ = ["sparsify", "sparsify_report"]
 
@@ -28,18 +34,10 @@ __all__ = ["sparsify", "sparsify_report"]
 DEFAULT_MIN_SPARSITY = {"linear": 0.7, "conv": 0.6}
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
 def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
     """Fold every eval BatchNorm2d that directly follows a Conv2d (whose output nothing else reads)."""
-    from fastprune.structure import handlers as H
-    from fastprune.structure.trace import Ref, _Tracer, trace
-
     try:
-        g = _Tracer(H.is_handled).trace(model)
+        g = structure_tracer(H.is_handled).trace(model)
         nodes = list(g.nodes)
         users = {n: list(n.users) for n in nodes}
         pairs = []
@@ -82,8 +80,7 @@ def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
             b = shift if conv.bias is None else conv.bias * scale + shift
             conv.weight = nn.Parameter(w)
             conv.bias = nn.Parameter(b)
-        parent, attr = _parent(model, bn_name)
-        setattr(parent, attr, nn.Identity())
+        model.set_submodule(bn_name, nn.Identity())
         folded.append(bn_name)
     return folded
 
@@ -91,8 +88,6 @@ def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
 def _detach_masked_weights(model: nn.Module) -> None:
     """A forward with autograd on leaves ``weight = weight_orig * mask`` as a non-leaf tensor on every
     torch-pruned module, which deepcopy refuses; recompute it without a graph (same values)."""
-    from torch.nn.utils import prune as torch_prune
-
     with torch.no_grad():
         for mod in model.modules():
             for hook in list(mod._forward_pre_hooks.values()):
@@ -140,13 +135,9 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
         with ``inplace=True`` the input model gets the swapped layers, never a fused flag. With
         ``micro_batch`` it is wrapped in a :class:`fastprune.nn.MicroBatch` (``.module``).
     """
-    from fastprune.masks import finalize
-
     if min_sparsity is not None and (isinstance(min_sparsity, bool) or not 0.0 <= float(min_sparsity) <= 1.0):
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if micro_batch is not None:
-        from fastprune.nn.microbatch import check_size, prove_per_sample
-
         check_size(micro_batch)
         prove_per_sample(model)  # before the model is changed (folding and fusion keep it per-sample)
     inputs = None
@@ -193,19 +184,14 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
         else:
             swap = sp >= DEFAULT_MIN_SPARSITY[kind]
         if swap:
-            parent, attr = _parent(m, name)
-            setattr(parent, attr, sparse_cls.from_dense(mod))
+            m.set_submodule(name, sparse_cls.from_dense(mod))
     if fuse:
-        from fastprune.nn.fuse import channels_last_pools, fuse_activations, swap_max_pools
-
         swap_max_pools(m)
         m, _ = fuse_activations(m, inputs)
         if isinstance(m, fx.GraphModule):
             channels_last_pools(m)
         m.eval()
     if micro_batch is not None:
-        from fastprune.nn.microbatch import MicroBatch
-
         m = MicroBatch(m, micro_batch).eval()
     return m
 

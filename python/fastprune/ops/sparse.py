@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fastprune.reference.sparse import unpack_sparse
+
 __all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear", "unpack_sparse"]
 
 
@@ -37,16 +39,6 @@ def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     if w.numel() and not bool(torch.isfinite(w).all()):
         raise ValueError("weight holds NaN or Inf: it cannot be packed")
     return torch.ops.fastprune.pack_sparse(w.detach())
-
-
-def unpack_sparse(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The dense (out, in_features) weight back from its packed form."""
-    out = row_ptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(out, device=values.device), (row_ptr[1:] - row_ptr[:-1]).long())
-    cols = col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()
-    dense = values.new_zeros(out, in_features)
-    dense[rows, cols] = values
-    return dense
 
 
 def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear"]
+__all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear", "unpack_sparse"]
 
 
 def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,10 +17,18 @@ def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return row_ptr, nz.nonzero()[:, 1].to(col_dtype), w[nz]
 
 
+def unpack_sparse(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense (out, in_features) weight back from its packed form."""
+    out = row_ptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(out, device=values.device), (row_ptr[1:] - row_ptr[:-1]).long())
+    cols = col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()
+    dense = values.new_zeros(out, in_features)
+    dense[rows, cols] = values
+    return dense
+
+
 def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    from fastprune.ops.sparse import unpack_sparse
-
     y = F.linear(input, unpack_sparse(row_ptr, col_idx, values, in_features), bias)
     return torch.relu(y) if relu else y
 
@@ -28,8 +36,6 @@ def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
 def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                   weight_shape, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
                   relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-    from fastprune.ops.sparse import unpack_sparse
-
     ws = [int(v) for v in weight_shape]
     w = unpack_sparse(row_ptr, col_idx, values, ws[1] * ws[2] * ws[3]).reshape(ws)
     y = F.conv2d(input, w, bias, stride, padding, dilation, groups)

@@ -32,7 +32,7 @@ from fastprune._modes import eval_mode
 from fastprune.structure import handlers as H
 from fastprune.structure.trace import Graph, Ref, trace
 
-__all__ = ["Group", "GroupList", "Member", "find_groups"]
+__all__ = ["Group", "GroupList", "Member", "as_inputs", "find_groups"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,13 @@ class Group:
         prod = ", ".join(sorted({m.module for m in self.producers}))
         return (f"Group(id={self.id}, channels={self.channels}, prunable={len(self.prunable)}, "
                 f"producers=[{prod}], members={len(self.members)})")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Group:
+        """Inverse of :meth:`to_dict` (a plan's group entry)."""
+        members = tuple(Member(m["tensor"], m["module"], m["attr"], int(m["dim"]), m["role"], tuple(m["index"]))
+                        for m in d["members"])
+        return cls(int(d["id"]), int(d["channels"]), members, frozenset(d.get("pinned", ())))
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "channels": self.channels, "pinned": sorted(self.pinned),
@@ -302,7 +309,8 @@ def _groups_from(an: Analysis) -> list[Group]:
     return groups
 
 
-def _as_inputs(example_inputs: Any) -> tuple:
+def as_inputs(example_inputs: Any) -> tuple:
+    """A tensor or a sequence of inputs as the tuple of positional inputs."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -331,7 +339,7 @@ def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str]
         fastprune.structure.TraceError: neither FX nor a run on the example inputs worked; the
             message says why, naming the failing code where torch does.
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     try:
         with eval_mode(model):
             graph = trace(model, inputs, H.is_handled)

@@ -589,11 +589,9 @@ def register_attention(cls: type, spec: HeadSpec) -> None:
     register_handler(cls, _attention, _attention_fixup)
 
 
-def _register_attention() -> None:
-    from fastprune.nn.attention import MultiheadSelfAttention
-
-    register_attention(MultiheadSelfAttention, HeadSpec("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "head_dim"))
-    try:  # HuggingFace BERT-style self-attention (separate query/key/value Linears)
+def _register_bert_attention() -> None:
+    # fastprune.nn.MultiheadSelfAttention registers itself (fastprune/nn/attention.py)
+    try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy (~1 s to import)
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads
         return
@@ -601,4 +599,4 @@ def _register_attention() -> None:
                                                    "attention_head_size", self_only=True))
 
 
-_register_attention()
+_register_bert_attention()

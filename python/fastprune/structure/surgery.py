@@ -33,7 +33,7 @@ from torch.nn.utils import prune as torch_prune
 from fastprune._modes import restore_modes, training_flags
 from fastprune.masks import finalize, is_pruned
 from fastprune.structure import handlers as H
-from fastprune.structure.groups import Group, Member, _as_inputs, find_groups
+from fastprune.structure.groups import Group, Member, as_inputs, find_groups
 from fastprune.structure.zeros import zero_consumers
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
@@ -321,7 +321,7 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
         A :class:`CompactionReport`; ``max_abs_diff`` between the outputs before and after on the
         example inputs when that was measured (None otherwise).
     """
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     report = CompactionReport(params_before=_num_params(model))
     finalize(model)
     flags = training_flags(model)

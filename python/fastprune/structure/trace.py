@@ -25,9 +25,22 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Graph", "Node", "Ref", "TraceError", "is_leaf", "trace", "trace_dynamic", "trace_fx"]
+__all__ = [
+    "Graph",
+    "LeafTracer",
+    "Node",
+    "Ref",
+    "TraceError",
+    "is_leaf",
+    "structure_tracer",
+    "trace",
+    "trace_dynamic",
+    "trace_fx",
+]
 
 
 class TraceError(RuntimeError):
@@ -108,29 +121,35 @@ def _shape(x: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------- FX
-class _Tracer(torch.fx.Tracer):
-    def __init__(self, handled: Callable[[nn.Module], bool]) -> None:
+class LeafTracer(torch.fx.Tracer):
+    """The package's one ``torch.fx`` tracer: a module is a leaf (called, not traced into) when
+    ``leaf(module)`` says so, or, with ``torch_leaves``, when it is one of torch's own layers (FX's
+    default). The structure analysis traces into everything it does not handle; ``sparsify``'s passes
+    keep torch's layers and fastprune's sparse layers whole."""
+
+    def __init__(self, leaf: Callable[[nn.Module], bool], *, torch_leaves: bool = False) -> None:
         super().__init__()
-        self._handled = handled
+        self._leaf = leaf
+        self._torch_leaves = torch_leaves
 
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # noqa: ARG002
-        return is_leaf(m, self._handled)
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self._leaf(m) or (self._torch_leaves and super().is_leaf_module(m, qualname))
 
 
-def _meta_shape_prop_class() -> type:
-    from torch.fx.passes.shape_prop import ShapeProp
+def structure_tracer(handled: Callable[[nn.Module], bool]) -> LeafTracer:
+    """The tracer of the structure analysis: leaves are handled modules and modules owning parameters."""
+    return LeafTracer(lambda m: is_leaf(m, handled))
 
-    class MetaShapeProp(ShapeProp):
-        """Normalisation layers keep their input's shape: skip their (Python-decomposed, slow) meta
-        kernels."""
 
-        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-            mod = self.fetch_attr(target)
-            if isinstance(mod, _SAME_SHAPE) and args and isinstance(args[0], torch.Tensor):
-                return torch.empty_like(args[0])
-            return super().call_module(target, args, kwargs)
+class _MetaShapeProp(ShapeProp):
+    """Normalisation layers keep their input's shape: skip their (Python-decomposed, slow) meta
+    kernels."""
 
-    return MetaShapeProp
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        mod = self.fetch_attr(target)
+        if isinstance(mod, _SAME_SHAPE) and args and isinstance(args[0], torch.Tensor):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
 
 
 _SAME_SHAPE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -139,11 +158,6 @@ _SAME_SHAPE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.m
 def _propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     """Fill ``node.meta["tensor_meta"]``: on the meta device first (shapes only, no arithmetic:
     several times faster on a large model), on the real tensors when some op has no meta kernel."""
-    from torch.fx.passes.shape_prop import ShapeProp
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    _MetaShapeProp = _meta_shape_prop_class()
-
     with torch.no_grad():
         try:
             meta = {k: torch.empty_like(v, device="meta")
@@ -158,7 +172,7 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
 
 def trace_fx(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn.Module], bool]) -> Graph:
     """Symbolic trace; raises whatever FX raises when the code is not traceable."""
-    tracer = _Tracer(handled)
+    tracer = structure_tracer(handled)
     fx_graph = tracer.trace(model)
     gm = torch.fx.GraphModule(model, fx_graph)
 

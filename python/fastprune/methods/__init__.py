@@ -1,0 +1,60 @@
+"""Every pruning method, one module each; importing this package registers them all.
+
+Each module holds its frozen config class(es) and its runner, registered by config type with
+:func:`register_method` where they are defined:
+
+* :mod:`~fastprune.methods.magnitude`: ``magnitude`` (Han et al. 2015);
+* :mod:`~fastprune.methods.woodfisher`: ``woodfisher`` (Singh & Alistarh 2020) and ``fisher_diag``;
+* :mod:`~fastprune.methods.channels`: ``l1_filter``, ``l2_filter``, ``bn_scale``, ``random`` (structured).
+
+``python -m fastprune.methods`` (or ``fastprune methods``) prints the registry.
+"""
+
+from fastprune.methods import channels, magnitude, woodfisher
+from fastprune.methods.channels import (
+    BNScaleConfig,
+    ChannelConfig,
+    L1FilterConfig,
+    L2FilterConfig,
+    RandomChannelConfig,
+    run_channels,
+)
+from fastprune.methods.magnitude import MagnitudeConfig
+from fastprune.methods.registry import (
+    MethodResult,
+    MethodSpec,
+    config_from_kwargs,
+    method_for_config,
+    method_names,
+    methods,
+    register_method,
+    spec_for,
+    table,
+    unregister_method,
+)
+from fastprune.methods.woodfisher import FisherDiagConfig, WoodFisherConfig
+
+__all__ = [
+    "BNScaleConfig",
+    "ChannelConfig",
+    "FisherDiagConfig",
+    "L1FilterConfig",
+    "L2FilterConfig",
+    "MagnitudeConfig",
+    "MethodResult",
+    "MethodSpec",
+    "RandomChannelConfig",
+    "WoodFisherConfig",
+    "channels",
+    "config_from_kwargs",
+    "magnitude",
+    "method_for_config",
+    "method_names",
+    "methods",
+    "register_method",
+    "run_channels",
+    "spec_for",
+    "table",
+    "unregister_method",
+    "woodfisher",
+]

@@ -1,0 +1,187 @@
+"""Structured (channel) pruning with a filter criterion: one config type per criterion.
+
+``l1_filter`` (Li et al. 2017), ``l2_filter``, ``bn_scale`` (Liu et al. 2017, network slimming)
+and ``random`` (the control). Every channel method runs the same pipeline, :func:`run_channels`:
+find the coupled-channel groups (:func:`fastprune.find_groups`), score them with the config's
+criterion (:mod:`fastprune.importance.channels`; data-reading criteria get the config's
+calibration data), select (:func:`fastprune.select.select_channels`) and record the plan.
+:func:`fastprune.apply` then masks the channels and, in compact mode, removes them.
+
+A new channel method is a :class:`ChannelConfig` subclass whose :meth:`~ChannelConfig.criterion`
+returns its criterion, registered with ``register_method(TheConfig, name=...)(run_channels)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fastprune._checks import check_scope, check_sparsity, normalise_patterns
+from fastprune.importance.channels import BNScale, Criterion, FilterNorm, RandomScores, check_reduction, group_scores
+from fastprune.methods.registry import MethodResult, method_for_config, register_method
+from fastprune.plan import Plan
+from fastprune.select import select_channels
+from fastprune.structure.groups import as_inputs, find_groups
+
+__all__ = [
+    "BNScaleConfig",
+    "ChannelConfig",
+    "L1FilterConfig",
+    "L2FilterConfig",
+    "RandomChannelConfig",
+    "input_specs",
+    "run_channels",
+]
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Fields every channel method shares. The base of the channel configs, not a method itself:
+    use :class:`L1FilterConfig`, :class:`L2FilterConfig`, :class:`BNScaleConfig`,
+    :class:`RandomChannelConfig` (or ``prune(model, "l1_filter", ...)``), or subclass it.
+
+    Attributes:
+        sparsity: fraction of channels removed, in [0, 1): in each group (``scope="layer"``) or
+            over all removable channels (``scope="global"``, scores normalised per group).
+        example_inputs: a tensor or tuple of inputs; the shapes the graph is traced with.
+        scope: ``"layer"`` (default) or ``"global"``.
+        round_to: keep each group's channel count a multiple of this (SIMD-friendly widths).
+        include / exclude: module-name globs (see :func:`fastprune.structure.find_groups`).
+        mode: ``"compact"`` (default) removes the channels physically; ``"mask"`` keeps shapes and
+            zeroes whole channels (see ``hard``).
+        hard: in mask mode, zero filters, biases and the BN's gamma and beta and keep them zero
+            through training (torch prune reparametrisation); False zeroes filters and biases once
+            and leaves BN alone, so they can regrow (soft filter pruning, as SFP does).
+        allow_approximate: let compaction fold a constant channel where that is not exact (reported).
+        reduction: how member scores combine into a group channel's score: sum, mean or max.
+    """
+
+    sparsity: float | None = None
+    example_inputs: Any = None
+    scope: Literal["layer", "global"] = "layer"
+    round_to: int | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    mode: Literal["compact", "mask"] = "compact"
+    hard: bool = True
+    allow_approximate: bool = False
+    reduction: Literal["sum", "mean", "max"] = "sum"
+
+    def __post_init__(self) -> None:
+        if type(self) is ChannelConfig:
+            raise TypeError(
+                "ChannelConfig is the base of the channel methods' configs; use L1FilterConfig, L2FilterConfig, "
+                "BNScaleConfig or RandomChannelConfig (or prune(model, 'l1_filter', ...))"
+            )
+        if self.sparsity is None:
+            raise ValueError("channel pruning needs sparsity=")
+        check_sparsity(self.sparsity)
+        x = self.example_inputs
+        if isinstance(x, torch.Tensor):
+            pass
+        elif isinstance(x, (tuple, list)) and x and all(isinstance(v, torch.Tensor) for v in x):
+            object.__setattr__(self, "example_inputs", tuple(x))
+        else:
+            raise ValueError(
+                "channel pruning needs example_inputs= (a tensor or a tuple of tensors) to trace the model"
+            )
+        check_scope(self.scope)
+        if self.round_to is not None and (
+            isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1
+        ):
+            raise ValueError(f"round_to must be a positive int or None, got {self.round_to!r}")
+        if self.mode not in ("compact", "mask"):
+            raise ValueError(f"mode must be 'compact' or 'mask', got {self.mode!r}")
+        check_reduction(self.reduction)
+        normalise_patterns(self)
+
+    def criterion(self) -> Criterion:
+        """The criterion that scores this method's channels."""
+        raise NotImplementedError
+
+    def calibration_data(self) -> Iterable[Any] | None:
+        """Batches a data-reading criterion observes (None: the criterion reads only weights)."""
+        return None
+
+
+@dataclass(frozen=True)
+class L1FilterConfig(ChannelConfig):
+    """``l1_filter``: the L1 norm of each filter (Li et al. 2017, arXiv:1608.08710)."""
+
+    def criterion(self) -> Criterion:
+        return FilterNorm(1, self.reduction)
+
+
+@dataclass(frozen=True)
+class L2FilterConfig(ChannelConfig):
+    """``l2_filter``: the L2 norm of each filter."""
+
+    def criterion(self) -> Criterion:
+        return FilterNorm(2, self.reduction)
+
+
+@dataclass(frozen=True)
+class BNScaleConfig(ChannelConfig):
+    """``bn_scale``: |gamma| of the BatchNorm after each channel (Liu et al. 2017, arXiv:1708.06519)."""
+
+    def criterion(self) -> Criterion:
+        return BNScale(self.reduction)
+
+
+@dataclass(frozen=True)
+class RandomChannelConfig(ChannelConfig):
+    """``random``: uniform random scores (the control every criterion must beat); ``seed`` fixes them."""
+
+    seed: int = 0
+
+    def criterion(self) -> Criterion:
+        return RandomScores(self.seed)
+
+
+def input_specs(inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
+    """Shapes and dtypes of the example inputs, as plain data for the plan."""
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+
+
+_NOT_IN_PLAN = ("example_inputs", "data", "loss_fn")
+
+
+def run_channels(model: nn.Module, cfg: ChannelConfig) -> MethodResult:
+    """Score and select; the model is not changed. The result carries the groups (its ``trace``):
+    their trace lets compaction prove that removed channels are zeros without running the model."""
+    assert cfg.sparsity is not None  # the config requires it
+    name = method_for_config(cfg).name
+    inputs = as_inputs(cfg.example_inputs)
+    groups = find_groups(model, inputs, include=cfg.include, exclude=cfg.exclude)
+    if not groups:
+        raise ValueError(
+            "the model has no prunable channel groups under include/exclude; boundaries: "
+            + "; ".join(f"{n}: {r}" for n, r in groups.boundaries)
+        )
+    scores = group_scores(model, groups, cfg.criterion(), data=cfg.calibration_data())
+    if not scores:
+        raise ValueError(
+            f"criterion {name!r} scores none of the {len(groups)} groups (bn_scale needs BatchNorm layers)"
+        )
+    removed = select_channels(groups, scores, cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to)
+    config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_PLAN}
+    config["input_specs"] = input_specs(inputs)
+    total = sum(len(g.prunable) for g in groups if g.id in scores)
+    n_removed = sum(len(v) for v in removed.values())
+    entries = tuple({**g.to_dict(), "removed": removed[g.id]} for g in groups if g.id in removed)
+    plan = Plan(name, config, cfg.sparsity, n_removed / total if total else 0.0, groups=entries)
+    return MethodResult(plan, trace=groups)
+
+
+for _cls, _name, _desc in (
+    (L1FilterConfig, "l1_filter", "L1 norm of each filter (Li et al. 2017), structured"),
+    (L2FilterConfig, "l2_filter", "L2 norm of each filter, structured"),
+    (BNScaleConfig, "bn_scale", "|BatchNorm gamma| (Liu et al. 2017), structured"),
+    (RandomChannelConfig, "random", "random channels (the control), structured"),
+):
+    register_method(_cls, name=_name, description=_desc)(run_channels)

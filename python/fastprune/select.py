@@ -1,0 +1,158 @@
+"""Selection: from scores to what is removed (the stage between the criteria and the plan).
+
+* :func:`topk_masks`: keep-masks pruning exactly ``round(sparsity * n)`` of the lowest-scored
+  weights, globally or per layer (magnitude, WoodFisher, the diagonal Fisher);
+* :func:`threshold_masks`: Han et al.'s per-layer rule ``|w| < q * std(W_l)``;
+* :func:`select_channels`: the channels each coupled-channel group loses (structured methods).
+
+Every function is deterministic: ties break by position (weights) or channel index (channels).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastprune.importance.magnitude import block_scores
+from fastprune.masks import ParamRef, effective_weight
+
+if TYPE_CHECKING:
+    from fastprune.structure.groups import Group
+
+__all__ = ["select_channels", "threshold_masks", "topk_masks"]
+
+
+def _protected(score: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the ``keep`` highest scores (ties: the earlier position wins)."""
+    flat = score.reshape(-1)
+    prot = torch.zeros_like(flat, dtype=torch.bool)
+    if keep > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+        prot[order] = True
+    return prot
+
+
+def _lowest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest entries, ties broken by position (deterministic)."""
+    return torch.sort(flat, stable=True).indices[:k]
+
+
+def topk_masks(
+    names: Sequence[str], scores: Sequence[torch.Tensor], sparsity: float, scope: str, min_remaining: int
+) -> dict[str, torch.Tensor]:
+    """Keep-masks pruning exactly ``round(sparsity * n)`` lowest-scored entries (globally over all
+    ``n`` entries, or per layer), never leaving a layer with fewer than ``min_remaining`` entries."""
+    if scope == "layer":
+        out = {}
+        for name, s in zip(names, scores):
+            n = s.numel()
+            k = round(sparsity * n)
+            if k > n - min(min_remaining, n):
+                raise ValueError(f"sparsity {sparsity} would leave {name} with fewer than min_remaining="
+                                 f"{min_remaining} weights")
+            flat = s.reshape(-1).to(torch.float64)
+            keep = torch.ones_like(flat, dtype=torch.bool)
+            keep[_lowest(flat, k)] = False
+            out[name] = keep.reshape(s.shape)
+        return out
+    flats, prots = [], []
+    for s in scores:
+        f = s.reshape(-1).to(device="cpu", dtype=torch.float64)
+        p = _protected(f, min(min_remaining, f.numel()))
+        flats.append(f)
+        prots.append(p)
+    allf = torch.cat(flats) if flats else torch.zeros(0, dtype=torch.float64)
+    allp = torch.cat(prots) if prots else torch.zeros(0, dtype=torch.bool)
+    n = allf.numel()
+    k = round(sparsity * n)
+    if k > n - int(allp.sum()):
+        raise ValueError(f"sparsity {sparsity} would prune some layer below min_remaining={min_remaining} weights")
+    ranked = allf.masked_fill(allp, float("inf"))
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[_lowest(ranked, k)] = False
+    out, i = {}, 0
+    for name, s in zip(names, scores):
+        out[name] = keep[i : i + s.numel()].reshape(s.shape).to(s.device)
+        i += s.numel()
+    return out
+
+
+def _q_for(name: str, module_name: str, q: float | Mapping[str, float]) -> float | None:
+    if not isinstance(q, Mapping):
+        return float(q)
+    for pattern, value in q.items():
+        if pattern in (name, module_name) or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_name, pattern):
+            return float(value)
+    return None
+
+
+def threshold_masks(refs: Sequence[ParamRef], q: float | Mapping[str, float], min_remaining: int,
+                    block: int = 1) -> dict[str, torch.Tensor]:
+    """Han's rule: prune ``|w| < q * std(W_l)`` in each layer (layers without a q are left as they are);
+    with ``block > 1`` the group mean of ``|w|`` (:func:`block_scores`) is compared instead."""
+    out = {}
+    for ref in refs:
+        ql = _q_for(ref.name, ref.module_name, q)
+        if ql is None:
+            continue
+        w = effective_weight(ref.module, ref.param_name)
+        thr = ql * float(w.double().std()) if w.numel() > 1 else 0.0
+        keep = block_scores(w.abs(), block) >= thr
+        if int(keep.sum()) < min(min_remaining, w.numel()):
+            keep = keep | _protected(w.abs().reshape(-1), min(min_remaining, w.numel())).reshape(w.shape)
+        out[ref.name] = keep
+    return out
+
+
+def _keep_after_rounding(channels: int, remove: int, round_to: int | None) -> int:
+    if not round_to or remove == 0:
+        return remove
+    keep = channels - remove
+    keep = min(channels, math.ceil(keep / round_to) * round_to)
+    return channels - keep
+
+
+def select_channels(groups: Sequence[Group], scores: Mapping[int, torch.Tensor], sparsity: float, *,
+                    scope: str = "layer", round_to: int | None = None) -> dict[int, list[int]]:
+    """Channels to remove per group id: the lowest-scoring ``floor(sparsity * n)`` of each group's
+    n removable channels (``scope="layer"``), or the lowest ``floor(sparsity * N)`` of all N
+    removable channels with scores normalised by each group's mean (``scope="global"``).
+    ``round_to`` keeps every group's remaining channel count a multiple of it. Refuses (ValueError)
+    a selection that would empty a group. Ties break by channel index."""
+    out: dict[int, list[int]] = {}
+    scored = [g for g in groups if g.id in scores and g.prunable]
+    if scope == "layer":
+        for g in scored:
+            cand = g.prunable
+            k = _keep_after_rounding(g.channels, math.floor(sparsity * len(cand) + 1e-9), round_to)
+            k = min(k, len(cand))
+            s = scores[g.id][cand]
+            order = sorted(range(len(cand)), key=lambda i: (float(s[i]), cand[i]))
+            out[g.id] = sorted(cand[i] for i in order[:k])
+        return {k: v for k, v in out.items() if v}
+    entries = []
+    for g in scored:
+        cand = g.prunable
+        s = scores[g.id][cand]
+        mean = float(s.mean()) if len(cand) else 1.0
+        norm = s / mean if mean > 0 else s
+        entries += [(float(norm[i]), g.id, cand[i]) for i in range(len(cand))]
+    total = math.floor(sparsity * len(entries) + 1e-9)
+    entries.sort()
+    for _, gid, c in entries[:total]:
+        out.setdefault(gid, []).append(c)
+    by_id = {g.id: g for g in scored}
+    for gid, chans in out.items():
+        g = by_id[gid]
+        if len(chans) >= g.channels:
+            raise ValueError(f"global selection at sparsity {sparsity} would remove every channel of group {gid} "
+                             f"(layers {', '.join(g.layers)}); use scope='layer' or a lower sparsity")
+        k = _keep_after_rounding(g.channels, len(chans), round_to)
+        s = scores[gid]
+        chans.sort(key=lambda c: (float(s[c]), c))
+        out[gid] = sorted(chans[:k])
+    return {k: v for k, v in out.items() if v}
