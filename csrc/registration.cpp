@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_features.h"
+#include "common/kernel_log.h"
+#include "sparse/sparse_jit.h"
+
 TORCH_LIBRARY(fastprune, m) {
   // In place, returning nothing: torch.compile cannot functionalise a custom op whose output aliases an
   // input (Tensor(a!) -> Tensor(a!)); the Python wrapper fastprune.ops.woodbury_update_ returns finv.
@@ -25,7 +29,58 @@ TORCH_LIBRARY(fastprune, m) {
         "Tensor? residual=None) -> Tensor");
 }
 
-// The shared object is a Python extension only so that `import fastprune._C` loads it; the ops are
-// reached through torch.ops.fastprune.
-static PyModuleDef fp_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The shared object is a Python extension so that `import fastprune._C` loads it; the ops are reached
+// through torch.ops.fastprune. Its few module functions say which CPU paths exist and which ran
+// (fastprune.ops.kernel_counts and friends): tests check that the path they force is the one taken.
+namespace {
+
+PyObject* fp_kernel_counts(PyObject*, PyObject*) {
+  using fastprune::KernelOp;
+  using fastprune::KernelPath;
+  PyObject* out = PyDict_New();
+  if (out == nullptr) return nullptr;
+  for (int o = 0; o < static_cast<int>(KernelOp::kCount); ++o) {
+    for (int p = 0; p < static_cast<int>(KernelPath::kCount); ++p) {
+      const int64_t n = fastprune::kernel_count(static_cast<KernelOp>(o), static_cast<KernelPath>(p));
+      if (n == 0) continue;
+      PyObject* key = Py_BuildValue("(ss)", fastprune::kernel_op_name(static_cast<KernelOp>(o)),
+                                    fastprune::kernel_path_name(static_cast<KernelPath>(p)));
+      PyObject* val = PyLong_FromLongLong(n);
+      const int rc = (key != nullptr && val != nullptr) ? PyDict_SetItem(out, key, val) : -1;
+      Py_XDECREF(key);
+      Py_XDECREF(val);
+      if (rc != 0) {
+        Py_DECREF(out);
+        return nullptr;
+      }
+    }
+  }
+  return out;
+}
+
+PyObject* fp_reset_kernel_counts(PyObject*, PyObject*) {
+  fastprune::reset_kernel_counts();
+  Py_RETURN_NONE;
+}
+
+PyObject* fp_best_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastprune::isa_name(fastprune::detected_isa()));
+}
+
+PyObject* fp_jit_built(PyObject*, PyObject*) {
+  if (fastprune::sparse::jit::built()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+PyMethodDef fp_methods[] = {
+    {"kernel_counts", fp_kernel_counts, METH_NOARGS, "{(op, path): calls} since the last reset"},
+    {"reset_kernel_counts", fp_reset_kernel_counts, METH_NOARGS, "zero every counter"},
+    {"best_isa", fp_best_isa, METH_NOARGS, "the best vector ISA this CPU runs (FASTPRUNE_ISA ignored)"},
+    {"jit_built", fp_jit_built, METH_NOARGS, "whether this build has the run-time conv code generator"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef fp_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fp_methods};
+
+}  // namespace
+
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fp_module); }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 import subprocess
 
@@ -28,3 +29,15 @@ def test_extension_links_openmp_and_shares_torchs_runtime():
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "/libgomp.so" in line}
     assert len(runtimes) == 1, runtimes
+
+
+def test_cuda_check_fails_under_ci_when_nvcc_is_missing(tmp_path):
+    # make test runs tools/cuda_check.sh; a check that exits 0 without its compiler proves nothing in CI
+    root = pathlib.Path(__file__).resolve().parents[1]
+    bash = shutil.which("bash")
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # an empty PATH: no nvcc
+    ci = subprocess.run([bash, str(root / "tools" / "cuda_check.sh")], env={**env, "CI": "true"},
+                        capture_output=True, text=True)
+    assert ci.returncode == 1 and "FAILED" in ci.stdout, ci.stdout + ci.stderr
+    local = subprocess.run([bash, str(root / "tools" / "cuda_check.sh")], env=env, capture_output=True, text=True)
+    assert local.returncode == 0 and "skipped" in local.stdout, local.stdout + local.stderr

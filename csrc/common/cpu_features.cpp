@@ -19,8 +19,13 @@ Isa detect() {
 
 }  // namespace
 
-Isa active_isa() {
+Isa detected_isa() {
   static const Isa best = detect();
+  return best;
+}
+
+Isa active_isa() {
+  const Isa best = detected_isa();
   const char* env = std::getenv("FASTPRUNE_ISA");
   if (env == nullptr || env[0] == '\0') return best;
   Isa want;

@@ -11,6 +11,8 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Best ISA this CPU supports, capped by FASTPRUNE_ISA when set. Unknown values are an error.
 Isa active_isa();
+// Best ISA this CPU supports (FASTPRUNE_ISA ignored).
+Isa detected_isa();
 const char* isa_name(Isa isa);
 
 }  // namespace fastprune

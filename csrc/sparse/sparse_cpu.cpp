@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/kernel_log.h"
 #include "sparse/sparse.h"
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_jit.h"
@@ -291,7 +292,9 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   std::atomic<bool> any_bad{false};
   if (input.scalar_type() == at::kFloat) {
-    const auto& kern = sparse_kernels(active_isa());
+    const Isa isa = active_isa();
+    const auto& kern = sparse_kernels(isa);
+    note_kernel(KernelOp::kSparseLinear, path_of_isa(static_cast<int>(isa)));
     const std::array<int64_t, 13> geom{-1, K, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     const auto derived = cached_derived(col_in, row_ptr_in, geom, [&] { return linear_derived(rp, col, O); });
     const int32_t* runs = derived->runs.data();
@@ -317,6 +320,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     });
     if (n > 1) out.copy_(yt.t());
   } else {
+    note_kernel(KernelOp::kSparseLinear, KernelPath::kFloat64);
     const double* v = values.const_data_ptr<double>();
     const double* b = bias.defined() ? bias.const_data_ptr<double>() : nullptr;
     const double* xp = x.const_data_ptr<double>();
@@ -545,6 +549,9 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const std::shared_ptr<const jit::ConvCode> code_held =
       use_jit ? derived->jit_code(rp, g.O, flags, values_in, values.const_data_ptr<float>()) : nullptr;
   const jit::ConvCode* code = code_held.get();
+  note_kernel(KernelOp::kSparseConv2d, input.scalar_type() != at::kFloat ? KernelPath::kFloat64
+                                       : code != nullptr                 ? KernelPath::kJit
+                                                                         : path_of_isa(static_cast<int>(active_isa())));
   if (code != nullptr) {  // the first blocks' code travels while the input is laid out
     for (int64_t b = 0; b < std::min<int64_t>(code->blocks(), 2 * at::get_num_threads()); ++b) code->prefetch(b);
   }

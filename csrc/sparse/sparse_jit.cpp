@@ -259,6 +259,14 @@ std::vector<uint8_t> block_code(const int32_t* rp, const int32_t* off, const flo
   return code;
 }
 
+bool built() {
+#if defined(FP_JIT_SUPPORTED)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool enabled() {
   const char* env = std::getenv("FASTPRUNE_JIT");
   TORCH_CHECK(env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0 ||

@@ -87,6 +87,8 @@ std::vector<uint8_t> block_code(const int32_t* row_ptr, const int32_t* off, cons
 // unset or 1: where it pays (sparse_cpu.cpp). Read on every call, like FASTPRUNE_ISA.
 bool enabled();
 bool forced();
+// Whether this build has the code generator at all (x86-64 Linux with the x86 kernels).
+bool built();
 
 }  // namespace jit
 }  // namespace sparse

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "common/kernel_log.h"
 #include "woodbury/woodbury.h"
 #include "woodbury/woodbury_core.h"
 #include "woodbury/woodbury_kernels.h"
@@ -334,7 +335,9 @@ at::Tensor woodbury_inverse_fisher_cpu(const at::Tensor& grads, int64_t block_si
   const int64_t nb = num_blocks(d, B);
   at::Tensor out = at::empty({nb, B, B}, grads.options());
   if (nb == 0) return out;
-  const auto& kern = gemm_kernels(active_isa());
+  const Isa isa = active_isa();
+  const auto& kern = gemm_kernels(isa);
+  note_kernel(KernelOp::kWoodburyInverseFisher, path_of_isa(static_cast<int>(isa)));
   // Flop model per block: gram N B^2 + B^3 (sweep), woodbury N B^2 + 2 N^2 B + N^3 / 3. The
   // Woodbury step wins up to N ~ 0.65 B; both are exact in float64, and each is the other's fallback.
   const double nn = static_cast<double>(N), bb = static_cast<double>(std::min(B, d));
@@ -423,7 +426,9 @@ void woodbury_update_cpu(const at::Tensor& finv, const at::Tensor& grads, double
   // Validate everything before touching finv: a failed call leaves it unchanged.
   TORCH_CHECK_VALUE(at::isfinite(grads).all().item<bool>(), "grads contains NaN or Inf");
   at::Tensor work = finv.is_contiguous() ? finv : finv.contiguous();
-  const auto& kern = gemm_kernels(active_isa());
+  const Isa isa = active_isa();
+  const auto& kern = gemm_kernels(isa);
+  note_kernel(KernelOp::kWoodburyUpdate, path_of_isa(static_cast<int>(isa)));
   std::atomic<int64_t> failed_block{-1};
   // The update is applied into a copy when finv is not contiguous; when it is, each block is written
   // only after its own factorisation succeeded, and a failure anywhere is reported after the loop.
