@@ -1,6 +1,7 @@
 # make demo   the main job (see README)
 # make test   the test suite, then the CUDA compile check
 # make bench  every benchmark (slow)
+# make lint   ruff (lint + format check) and mypy on the typed modules; .ci/run runs it
 # Everything runs in .venv, created on first use; torch is pinned to the 2.13.0 CPU wheel by
 # constraints.txt on every pip call, and the extension builds without pip's build isolation.
 PYTHON ?= python3
@@ -13,7 +14,7 @@ NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' \)) 
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: demo test bench cuda-check build clean
+.PHONY: demo test lint format bench cuda-check build clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,11 @@ $(PY):
 $(DEPS): constraints.txt pyproject.toml | $(PY)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt numpy tqdm pytest hypothesis scikit-build-core ninja cmake scikit-learn matplotlib transformers
+	touch $@
+
+LINT_DEPS := $(VENV)/.lint-deps-installed
+$(LINT_DEPS): $(DEPS)
+	$(PIP) install -q -c constraints.txt ruff==0.17.5 mypy==2.4.1
 	touch $@
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
@@ -40,6 +46,15 @@ demo: $(BUILT)
 test: $(BUILT)
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory cuda-check
+
+lint: $(LINT_DEPS)
+	$(VENV)/bin/ruff check python tests benchmarks tools
+	$(VENV)/bin/ruff format --check python tests benchmarks tools
+	$(VENV)/bin/mypy
+
+format: $(LINT_DEPS)
+	$(VENV)/bin/ruff check --fix python tests benchmarks tools
+	$(VENV)/bin/ruff format python tests benchmarks tools
 
 cuda-check: $(DEPS)
 	PY=$(PY) bash tools/cuda_check.sh

@@ -35,15 +35,18 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import RESULTS, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
-
 from fastprune import ops  # noqa: E402
+from harness import RESULTS, machine_info, markdown_table, time_interleaved, write_results  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 SHAPES = {"linear 4096x4096": (4096, 4096), "linear 2048->1000": (1000, 2048)}
 # ResNet-50 conv layers: (in, out, kernel, input side, stride, padding)
-CONVS = {"3x3 64->64 @56": (64, 64, 3, 56, 1, 1), "3x3 256->256 @14": (256, 256, 3, 14, 1, 1),
-         "1x1 1024->256 @14": (1024, 256, 1, 14, 1, 0), "1x1 512->2048 @7": (512, 2048, 1, 7, 1, 0)}
+CONVS = {
+    "3x3 64->64 @56": (64, 64, 3, 56, 1, 1),
+    "3x3 256->256 @14": (256, 256, 3, 14, 1, 1),
+    "1x1 1024->256 @14": (1024, 256, 1, 14, 1, 0),
+    "1x1 512->2048 @7": (512, 2048, 1, 7, 1, 0),
+}
 
 
 def torch_csr_conv(x: torch.Tensor, w_csr: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
@@ -104,12 +107,35 @@ def end_to_end(out: list, batches, min_run_time: float) -> list:
             t_dense, t_fold, t_sparse = ts[:3]
             t_micro = ts[3] if b > 1 else None
             n_sparse = len(fastprune.nn.sparsify_report(sparse))
-            out.append({"pattern": pattern, "batch": b, "sparsity": s, "dense_s": t_dense, "dense_folded_s": t_fold, "sparse_s": t_sparse,
-                        "sparse_layers": n_sparse, "speedup": t_dense / t_sparse, "speedup_vs_folded": t_fold / t_sparse,
-                        "micro_batch_1_s": t_micro, "speedup_micro_batch_1": t_dense / t_micro if t_micro else None})
-            rows.append([pattern if s else "dense", b, f"{s:.0%}", f"{1e3 * t_dense:.1f}", f"{1e3 * t_fold:.1f}", f"{1e3 * t_sparse:.1f}",
-                         n_sparse, f"{t_dense / t_sparse:.2f}x", f"{t_fold / t_sparse:.2f}x",
-                         f"{1e3 * t_micro:.1f} ({t_dense / t_micro:.2f}x)" if t_micro else "-"])
+            out.append(
+                {
+                    "pattern": pattern,
+                    "batch": b,
+                    "sparsity": s,
+                    "dense_s": t_dense,
+                    "dense_folded_s": t_fold,
+                    "sparse_s": t_sparse,
+                    "sparse_layers": n_sparse,
+                    "speedup": t_dense / t_sparse,
+                    "speedup_vs_folded": t_fold / t_sparse,
+                    "micro_batch_1_s": t_micro,
+                    "speedup_micro_batch_1": t_dense / t_micro if t_micro else None,
+                }
+            )
+            rows.append(
+                [
+                    pattern if s else "dense",
+                    b,
+                    f"{s:.0%}",
+                    f"{1e3 * t_dense:.1f}",
+                    f"{1e3 * t_fold:.1f}",
+                    f"{1e3 * t_sparse:.1f}",
+                    n_sparse,
+                    f"{t_dense / t_sparse:.2f}x",
+                    f"{t_fold / t_sparse:.2f}x",
+                    f"{1e3 * t_micro:.1f} ({t_dense / t_micro:.2f}x)" if t_micro else "-",
+                ]
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -129,7 +155,7 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, (o, k) in shapes.items():
-            dense_w = torch.randn(o, k) / k ** 0.5
+            dense_w = torch.randn(o, k) / k**0.5
             bias = torch.randn(o)
             for pattern, s in [(p, s) for p in PATTERNS for s in sparsities]:
                 w = magnitude_prune(dense_w, s, PATTERNS[pattern])
@@ -142,15 +168,41 @@ def main() -> None:
                     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
                     torch.testing.assert_close((w_csr @ x.t()).t() + bias, want.float(), rtol=1e-4, atol=1e-4)
                     t_dense, t_ours, t_csr = time_interleaved(
-                        [lambda: F.linear(x, w, bias), lambda: ops.sparse_linear(x, *packed, k, bias),
-                         lambda: (w_csr @ x.t()).t() + bias], args.min_run_time)
-                    rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
-                           "dense_s": t_dense,
-                           "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
-                           "torch_csr_speedup": t_dense / t_csr, "col_dtype": str(packed[1].dtype)}
+                        [
+                            lambda: F.linear(x, w, bias),
+                            lambda: ops.sparse_linear(x, *packed, k, bias),
+                            lambda: (w_csr @ x.t()).t() + bias,
+                        ],
+                        args.min_run_time,
+                    )
+                    rec = {
+                        "layer": name,
+                        "pattern": pattern,
+                        "threads": threads,
+                        "batch": b,
+                        "sparsity": s,
+                        "dense_s": t_dense,
+                        "fastprune_s": t_ours,
+                        "torch_csr_s": t_csr,
+                        "speedup": t_dense / t_ours,
+                        "torch_csr_speedup": t_dense / t_csr,
+                        "col_dtype": str(packed[1].dtype),
+                    }
                     out.append(rec)
-                    rows.append([name, pattern, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
-                                 f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
+                    rows.append(
+                        [
+                            name,
+                            pattern,
+                            threads,
+                            b,
+                            f"{s:.0%}",
+                            f"{1e3 * t_dense:.3f}",
+                            f"{1e3 * t_ours:.3f}",
+                            f"{1e3 * t_csr:.3f}",
+                            f"{rec['speedup']:.2f}x",
+                            f"{rec['torch_csr_speedup']:.2f}x",
+                        ]
+                    )
                     print(rows[-1], flush=True)
         conv_rows = []
         for name, (c, o, k, side, stride, pad) in ({} if args.quick else CONVS).items():
@@ -164,19 +216,46 @@ def main() -> None:
                     want = F.conv2d(x.double(), w.double(), None, stride, pad)
                     got = ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad)
                     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-                    torch.testing.assert_close(torch_csr_conv(x, w_csr, k, stride, pad).double(), want, rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(
+                        torch_csr_conv(x, w_csr, k, stride, pad).double(), want, rtol=1e-4, atol=1e-4
+                    )
                     t_dense, t_ours, t_csr = time_interleaved(
-                        [lambda: F.conv2d(x, w, None, stride, pad),
-                         lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad),
-                         lambda: torch_csr_conv(x, w_csr, k, stride, pad)], args.min_run_time)
-                    rec = {"layer": name, "pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
-                           "dense_s": t_dense,
-                           "fastprune_s": t_ours, "torch_csr_s": t_csr, "speedup": t_dense / t_ours,
-                           "torch_csr_speedup": t_dense / t_csr, "col_dtype": str(packed[1].dtype)}
+                        [
+                            lambda: F.conv2d(x, w, None, stride, pad),
+                            lambda: ops.sparse_conv2d(x, *packed, w.shape, None, stride, pad),
+                            lambda: torch_csr_conv(x, w_csr, k, stride, pad),
+                        ],
+                        args.min_run_time,
+                    )
+                    rec = {
+                        "layer": name,
+                        "pattern": pattern,
+                        "threads": threads,
+                        "batch": b,
+                        "sparsity": s,
+                        "dense_s": t_dense,
+                        "fastprune_s": t_ours,
+                        "torch_csr_s": t_csr,
+                        "speedup": t_dense / t_ours,
+                        "torch_csr_speedup": t_dense / t_csr,
+                        "col_dtype": str(packed[1].dtype),
+                    }
                     out.append(rec)
                     conv_rows.append(rec)
-                    rows.append([name, pattern, threads, b, f"{s:.0%}", f"{1e3 * t_dense:.3f}", f"{1e3 * t_ours:.3f}",
-                                 f"{1e3 * t_csr:.3f}", f"{rec['speedup']:.2f}x", f"{rec['torch_csr_speedup']:.2f}x"])
+                    rows.append(
+                        [
+                            name,
+                            pattern,
+                            threads,
+                            b,
+                            f"{s:.0%}",
+                            f"{1e3 * t_dense:.3f}",
+                            f"{1e3 * t_ours:.3f}",
+                            f"{1e3 * t_csr:.3f}",
+                            f"{rec['speedup']:.2f}x",
+                            f"{rec['torch_csr_speedup']:.2f}x",
+                        ]
+                    )
                     print(rows[-1], flush=True)
     geo = []
     geo_recs = []
@@ -184,38 +263,92 @@ def main() -> None:
         for threads in args.threads:
             for b in batches:
                 for s in sparsities:
-                    pts = [r for r in out if r["threads"] == threads and r["batch"] == b and r["sparsity"] == s
-                           and r["layer"] in CONVS and r["pattern"] == pattern]
+                    pts = [
+                        r
+                        for r in out
+                        if r["threads"] == threads
+                        and r["batch"] == b
+                        and r["sparsity"] == s
+                        and r["layer"] in CONVS
+                        and r["pattern"] == pattern
+                    ]
                     if pts:
                         g = math.exp(sum(math.log(r["speedup"]) for r in pts) / len(pts))
                         gc = math.exp(sum(math.log(r["torch_csr_speedup"]) for r in pts) / len(pts))
                         geo.append([pattern, threads, b, f"{s:.0%}", f"{g:.2f}x", f"{gc:.2f}x"])
-                        geo_recs.append({"pattern": pattern, "threads": threads, "batch": b, "sparsity": s,
-                                         "geomean_speedup": g, "torch_csr_geomean_speedup": gc})
+                        geo_recs.append(
+                            {
+                                "pattern": pattern,
+                                "threads": threads,
+                                "batch": b,
+                                "sparsity": s,
+                                "geomean_speedup": g,
+                                "torch_csr_geomean_speedup": gc,
+                            }
+                        )
     e2e_rows = []
     if not args.quick and not args.no_e2e:
         torch.set_num_threads(1)
         e2e_rows = end_to_end(out_e2e := [], batches, args.min_run_time)
     else:
         out_e2e = []
-    md = ("### sparse_linear / sparse_conv2d vs dense F.linear / F.conv2d and torch CSR (ms, medians; speedup = dense / sparse)\n\n"
-          + markdown_table(["layer", "pattern", "threads", "batch", "sparsity", "dense ms", "fastprune ms", "torch CSR ms",
-                            "fastprune speedup", "torch CSR speedup"], rows) + "\n")
+    md = (
+        "### sparse_linear / sparse_conv2d vs dense F.linear / F.conv2d and torch CSR "
+        "(ms, medians; speedup = dense / sparse)\n\n"
+        + markdown_table(
+            [
+                "layer",
+                "pattern",
+                "threads",
+                "batch",
+                "sparsity",
+                "dense ms",
+                "fastprune ms",
+                "torch CSR ms",
+                "fastprune speedup",
+                "torch CSR speedup",
+            ],
+            rows,
+        )
+        + "\n"
+    )
     if geo:
-        md += ("\n### Geometric mean over the four ResNet-50 conv layers\n\n"
-               + markdown_table(["pattern", "threads", "batch", "sparsity", "fastprune", "torch CSR"], geo) + "\n")
+        md += (
+            "\n### Geometric mean over the four ResNet-50 conv layers\n\n"
+            + markdown_table(["pattern", "threads", "batch", "sparsity", "fastprune", "torch CSR"], geo)
+            + "\n"
+        )
     if e2e_rows:
-        md += ("\n### End to end: ResNet-50-like model, random weights magnitude-pruned per layer (first conv dense), "
-               "224 x 224, 1 thread\n\n" + markdown_table(
-                   ["pattern", "batch", "sparsity", "dense ms", "dense, BN folded ms", "sparsify ms", "sparse layers",
-                    "speedup vs dense", "vs BN-folded dense", "micro_batch=1 ms (vs dense)"], e2e_rows) + "\n")
+        md += (
+            "\n### End to end: ResNet-50-like model, random weights magnitude-pruned per layer (first conv dense), "
+            "224 x 224, 1 thread\n\n"
+            + markdown_table(
+                [
+                    "pattern",
+                    "batch",
+                    "sparsity",
+                    "dense ms",
+                    "dense, BN folded ms",
+                    "sparsify ms",
+                    "sparse layers",
+                    "speedup vs dense",
+                    "vs BN-folded dense",
+                    "micro_batch=1 ms (vs dense)",
+                ],
+                e2e_rows,
+            )
+            + "\n"
+        )
     print()
     print(md)
     tag = "sparse_quick" if args.quick else "sparse"
     if args.threads != [1]:  # the 1-thread run is the record the README quotes; others get their own files
         tag += "_threads_" + "_".join(str(t) for t in args.threads)
-    jpath, mpath = write_results(tag, {"machine": machine_info(args.threads[0]), "results": out,
-                                       "conv_geomean": geo_recs, "end_to_end": out_e2e}, md)
+    jpath, mpath = write_results(
+        tag,
+        {"machine": machine_info(args.threads[0]), "results": out, "conv_geomean": geo_recs, "end_to_end": out_e2e},
+        md,
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,20 +360,43 @@ def main() -> None:
     for pattern in PATTERNS:
         for b in batches:
             for threads in args.threads:
-                pts = [r for r in out if r["layer"] == name and r["batch"] == b and r["threads"] == threads
-                       and r["pattern"] == pattern]
+                pts = [
+                    r
+                    for r in out
+                    if r["layer"] == name and r["batch"] == b and r["threads"] == threads and r["pattern"] == pattern
+                ]
                 lab = f"batch {b}, {threads} thr"
-                ax.plot([100 * r["sparsity"] for r in pts], [r["speedup"] for r in pts], marker="o",
-                        linestyle=styles[pattern], label=f"fastprune, {pattern}: {lab}")
+                ax.plot(
+                    [100 * r["sparsity"] for r in pts],
+                    [r["speedup"] for r in pts],
+                    marker="o",
+                    linestyle=styles[pattern],
+                    label=f"fastprune, {pattern}: {lab}",
+                )
                 if pattern == "unstructured":
-                    ax.plot([100 * r["sparsity"] for r in pts], [r["torch_csr_speedup"] for r in pts], linestyle=":",
-                            marker="x", label=f"torch CSR: {lab}")
+                    ax.plot(
+                        [100 * r["sparsity"] for r in pts],
+                        [r["torch_csr_speedup"] for r in pts],
+                        linestyle=":",
+                        marker="x",
+                        label=f"torch CSR: {lab}",
+                    )
                 pts = [r for r in geo_recs if r["batch"] == b and r["threads"] == threads and r["pattern"] == pattern]
-                ax2.plot([100 * r["sparsity"] for r in pts], [r["geomean_speedup"] for r in pts], marker="o",
-                         linestyle=styles[pattern], label=f"fastprune, {pattern}: {lab}")
+                ax2.plot(
+                    [100 * r["sparsity"] for r in pts],
+                    [r["geomean_speedup"] for r in pts],
+                    marker="o",
+                    linestyle=styles[pattern],
+                    label=f"fastprune, {pattern}: {lab}",
+                )
                 if pattern == "unstructured":
-                    ax2.plot([100 * r["sparsity"] for r in pts], [r["torch_csr_geomean_speedup"] for r in pts],
-                             linestyle=":", marker="x", label=f"torch CSR: {lab}")
+                    ax2.plot(
+                        [100 * r["sparsity"] for r in pts],
+                        [r["torch_csr_geomean_speedup"] for r in pts],
+                        linestyle=":",
+                        marker="x",
+                        label=f"torch CSR: {lab}",
+                    )
     for a, title in [(ax, "Linear 4096 x 4096 vs F.linear"), (ax2, "ResNet-50 conv layers (geomean) vs F.conv2d")]:
         a.axhline(1.0, color="gray", linestyle="--")
         a.set_yscale("log")

@@ -10,7 +10,8 @@ MACs and parameter counts, which the table shows.
 Part 2, latency vs FLOPs: the compact ResNet-50-like (and ResNet-18-like) model at 30/50/70 % channel
 sparsity, with channel counts as selected and rounded to multiples of 8 and 16 (``round_to``), batch 1
 and 8, 1 thread: latency ratio (pruned / dense, torch.utils.benchmark medians; dense and pruned timed
-in turn, ``--rounds`` times, the median of the per-round ratios) next to the MACs ratio. The goal: at 50 % on the ResNet-50-like model, latency ratio within 1.25x of the MACs ratio.
+in turn, ``--rounds`` times, the median of the per-round ratios) next to the MACs ratio. The goal: at
+50 % on the ResNet-50-like model, latency ratio within 1.25x of the MACs ratio.
 
 Usage: python benchmarks/bench_structured.py [--quick] [--repeats 5]
 """
@@ -30,10 +31,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from harness import machine_info, markdown_table, time_it, write_results  # noqa: E402
-
 import fastprune  # noqa: E402
 from fastprune.models import resnet18, resnet50  # noqa: E402
+from harness import machine_info, markdown_table, time_it, write_results  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "resnet50": resnet50}
 
@@ -53,6 +53,7 @@ def prune_fastprune(x: torch.Tensor, sparsity: float, round_to: int | None = Non
     def run(m: torch.nn.Module) -> torch.nn.Module:
         fastprune.prune(m, "l1_filter", sparsity=sparsity, example_inputs=x, round_to=round_to)
         return m
+
     return run
 
 
@@ -60,10 +61,12 @@ def prune_torch_pruning(x: torch.Tensor, sparsity: float):
     import torch_pruning as tp
 
     def run(m: torch.nn.Module) -> torch.nn.Module:
-        pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=sparsity, ignored_layers=[m.fc])
+        pruner = tp.pruner.MetaPruner(
+            m, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=sparsity, ignored_layers=[m.fc]
+        )
         pruner.step()
         return m
+
     return run
 
 
@@ -101,8 +104,20 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     md = f"### Graph + prune time, L1 filter pruning at 50 % (CPU seconds, median of {args.repeats}, 1 thread)\n\n"
-    md += markdown_table(["model", "fastprune s", "fastprune MACs / params", "Torch-Pruning s",
-                          "Torch-Pruning MACs / params", "speed vs TP"], rows) + "\n\n"
+    md += (
+        markdown_table(
+            [
+                "model",
+                "fastprune s",
+                "fastprune MACs / params",
+                "Torch-Pruning s",
+                "Torch-Pruning MACs / params",
+                "speed vs TP",
+            ],
+            rows,
+        )
+        + "\n\n"
+    )
 
     # ---- part 2: latency ratio vs MACs ratio
     batches = [1] if args.quick else [1, 8]
@@ -128,18 +143,43 @@ def main() -> None:
                 macs, params = fastprune.count(m, x)
                 lat, fl = statistics.median(ratios[(s, r)]), macs / macs0
                 out["latency"].setdefault(name, []).append(
-                    {"batch": b, "sparsity": s, "round_to": r, "dense_s": statistics.median(dense_t),
-                     "latency_ratio": lat, "latency_ratios": ratios[(s, r)], "macs_ratio": fl, "params": params})
-                rows.append([name, b, f"{s:.0%}", r or "-", f"{fl:.3f}", f"{lat:.3f}", f"{lat / fl:.2f}",
-                             f"{1 / lat:.2f}x"])
+                    {
+                        "batch": b,
+                        "sparsity": s,
+                        "round_to": r,
+                        "dense_s": statistics.median(dense_t),
+                        "latency_ratio": lat,
+                        "latency_ratios": ratios[(s, r)],
+                        "macs_ratio": fl,
+                        "params": params,
+                    }
+                )
+                rows.append(
+                    [name, b, f"{s:.0%}", r or "-", f"{fl:.3f}", f"{lat:.3f}", f"{lat / fl:.2f}", f"{1 / lat:.2f}x"]
+                )
                 print(rows[-1], flush=True)
     md += "### Compact model latency vs MACs (1 thread; ratio = pruned / dense, same run)\n\n"
-    md += markdown_table(["model", "batch", "channels removed", "round_to", "MACs ratio", "latency ratio",
-                          "latency / MACs", "speedup"], rows) + "\n"
+    md += (
+        markdown_table(
+            [
+                "model",
+                "batch",
+                "channels removed",
+                "round_to",
+                "MACs ratio",
+                "latency ratio",
+                "latency / MACs",
+                "speedup",
+            ],
+            rows,
+        )
+        + "\n"
+    )
     print()
     print(md)
-    jpath, mpath = write_results("structured_quick" if args.quick else "structured",
-                                 {"machine": machine_info(1), "results": out}, md)
+    jpath, mpath = write_results(
+        "structured_quick" if args.quick else "structured", {"machine": machine_info(1), "results": out}, md
+    )
     print(f"wrote {jpath} and {mpath}")
 
 

@@ -27,9 +27,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from harness import gemm_rates, machine_info, markdown_table, peak_extra_bytes, time_it, write_results  # noqa: E402
-
 from fastprune import ops, reference  # noqa: E402
+from harness import gemm_rates, machine_info, markdown_table, peak_extra_bytes, time_it, write_results  # noqa: E402
 
 DAMP = 1e-5  # the paper's absolute dampening; gradients here have unit variance
 
@@ -153,27 +152,60 @@ def main() -> None:
     for d, b, n in configs:
         r = bench_config(d, b, n, args)
         rows.append(r)
-        print(f"  d={d} B={b} N={n}: fastprune {r['t_fastprune']:.3f}s  x{r['x_loop']:.1f} vs loop  "
-              f"x{r['x_plain32']:.2f} vs plain32", flush=True)
-    headers = ["d", "B", "N", "fastprune s", "loop s*", "plain32 s", "plain64 s", "x loop", "x plain32",
-               "x plain64", "GFLOP/s", "% dgemm", "peak MB", "plain32 peak MB", "err lowrank fp/plain32/loop",
-               "update k=64 / inverse"]
+        print(
+            f"  d={d} B={b} N={n}: fastprune {r['t_fastprune']:.3f}s  x{r['x_loop']:.1f} vs loop  "
+            f"x{r['x_plain32']:.2f} vs plain32",
+            flush=True,
+        )
+    headers = [
+        "d",
+        "B",
+        "N",
+        "fastprune s",
+        "loop s*",
+        "plain32 s",
+        "plain64 s",
+        "x loop",
+        "x plain32",
+        "x plain64",
+        "GFLOP/s",
+        "% dgemm",
+        "peak MB",
+        "plain32 peak MB",
+        "err lowrank fp/plain32/loop",
+        "update k=64 / inverse",
+    ]
     table = []
     for r in rows:
-        table.append([
-            r["d"], r["B"], r["N"], r["t_fastprune"], r["t_loop"], r["t_plain32"], r.get("t_plain64", "-"),
-            r["x_loop"], r["x_plain32"], r.get("x_plain64", "-"), r["gflops_fastprune"],
-            100 * r["gflops_fastprune"] / rates["dgemm"], r["peak_mb_fastprune"], r["peak_mb_plain32"],
-            f"{r['err_fastprune_lowrank']:.1e} / {r['err_plain32_lowrank']:.1e} / {r['err_loop_lowrank']:.1e}",
-            r.get("update_over_inverse", "-"),
-        ])
+        table.append(
+            [
+                r["d"],
+                r["B"],
+                r["N"],
+                r["t_fastprune"],
+                r["t_loop"],
+                r["t_plain32"],
+                r.get("t_plain64", "-"),
+                r["x_loop"],
+                r["x_plain32"],
+                r.get("x_plain64", "-"),
+                r["gflops_fastprune"],
+                100 * r["gflops_fastprune"] / rates["dgemm"],
+                r["peak_mb_fastprune"],
+                r["peak_mb_plain32"],
+                f"{r['err_fastprune_lowrank']:.1e} / {r['err_plain32_lowrank']:.1e} / {r['err_loop_lowrank']:.1e}",
+                r.get("update_over_inverse", "-"),
+            ]
+        )
     md = markdown_table(headers, table)
-    md += (f"\n\nfloat32 inputs, damp {DAMP}, {args.threads} threads; machine GEMM rates: sgemm "
-           f"{rates['sgemm']:.0f} GFLOP/s, dgemm {rates['dgemm']:.0f} GFLOP/s (torch.mm 2048^3). "
-           f"* loop time extrapolated from {args.loop_steps} steps. GFLOP/s counts the symmetric Gram and the "
-           "B^3 inverse per block; fastprune accumulates and inverts in float64, so dgemm is its ceiling. "
-           "err: relative Frobenius error vs float64 inverse on low-rank gradients (rank 32 + 1 % noise, "
-           "damp 1e-5 x mean Gram diagonal).")
+    md += (
+        f"\n\nfloat32 inputs, damp {DAMP}, {args.threads} threads; machine GEMM rates: sgemm "
+        f"{rates['sgemm']:.0f} GFLOP/s, dgemm {rates['dgemm']:.0f} GFLOP/s (torch.mm 2048^3). "
+        f"* loop time extrapolated from {args.loop_steps} steps. GFLOP/s counts the symmetric Gram and the "
+        "B^3 inverse per block; fastprune accumulates and inverts in float64, so dgemm is its ceiling. "
+        "err: relative Frobenius error vs float64 inverse on low-rank gradients (rank 32 + 1 % noise, "
+        "damp 1e-5 x mean Gram diagonal)."
+    )
     print()
     print(md)
     name = "woodbury_quick" if args.quick else "woodbury"

@@ -23,21 +23,25 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from harness import machine_info, markdown_table, peak_extra_bytes, write_results  # noqa: E402
-
 from fastprune import reference  # noqa: E402
 from fastprune.fisher import FisherInverse  # noqa: E402
-from fastprune.select import topk_masks  # noqa: E402
 from fastprune.importance.woodfisher import FisherStats, obs_updates, per_sample_gradients  # noqa: E402
 from fastprune.masks import add_to_weights, apply_masks, effective_weight, select_parameters  # noqa: E402
+from fastprune.select import topk_masks  # noqa: E402
+from harness import machine_info, markdown_table, peak_extra_bytes, write_results  # noqa: E402
 
 B, DAMP, SPARSITY = 128, 1e-5, 0.9
 
 
 def make_model(width: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1024, 2 * width), nn.ReLU(), nn.Linear(2 * width, (3 * width) // 2), nn.ReLU(),
-                         nn.Linear((3 * width) // 2, 10)).eval()
+    return nn.Sequential(
+        nn.Linear(1024, 2 * width),
+        nn.ReLU(),
+        nn.Linear(2 * width, (3 * width) // 2),
+        nn.ReLU(),
+        nn.Linear((3 * width) // 2, 10),
+    ).eval()
 
 
 def run_pipeline(model: nn.Module, n: int, fbs: int, chunk_rows: int, use_loop: bool, loop_rows: int) -> dict:
@@ -58,11 +62,11 @@ def run_pipeline(model: nn.Module, n: int, fbs: int, chunk_rows: int, use_loop: 
         gs = per_sample_gradients(model, refs, x, y, nn.functional.cross_entropy, fbs)
         t1 = time.perf_counter()
         if use_loop:
-            for st, g in zip(states, gs):
+            for st, g in zip(states, gs, strict=True):
                 for i in range(g.shape[0]):
                     reference.woodbury_update_(st, g[i : i + 1], n)
         else:
-            for fi, g in zip(fis, gs):
+            for fi, g in zip(fis, gs, strict=True):
                 fi.update(g)
         t2 = time.perf_counter()
         t["gradients"] += t1 - t0
@@ -71,16 +75,19 @@ def run_pipeline(model: nn.Module, n: int, fbs: int, chunk_rows: int, use_loop: 
     if use_loop:  # scale the per-row costs to N rows
         scale = n / loop_rows
         t = {key: v * scale for key, v in t.items()}
-        for fi, st in zip(fis, states):
+        for fi, st in zip(fis, states, strict=True):
             fi._finv = st
     stats = FisherStats(refs, fis, "layer", [torch.zeros(1)] * len(refs), n)
     t0 = time.perf_counter()
     weights = [effective_weight(r.module, r.param_name) for r in refs]
-    sal = [(w.double() ** 2) / (2 * dg.double().reshape(w.shape)) for w, dg in zip(weights, stats.inverse_diag())]
+    sal = [
+        (w.double() ** 2) / (2 * dg.double().reshape(w.shape))
+        for w, dg in zip(weights, stats.inverse_diag(), strict=True)
+    ]
     masks = topk_masks([r.name for r in refs], sal, SPARSITY, "global", 1)
     t1 = time.perf_counter()
     dws = obs_updates(stats, weights, [masks[r.name] for r in refs])
-    add_to_weights(refs, {r.name: dw.reshape(w.shape).float() for r, dw, w in zip(refs, dws, weights)})
+    add_to_weights(refs, {r.name: dw.reshape(w.shape).float() for r, dw, w in zip(refs, dws, weights, strict=True)})
     apply_masks(refs, masks)
     t2 = time.perf_counter()
     t["selection"] = t1 - t0
@@ -115,21 +122,35 @@ def main() -> None:
             peak = peak_extra_bytes(go) or 0
             t = holder
             results[f"{label}, fisher_batch_size={fbs}"] = {**t, "peak_mb": peak / 2**20}
-            rows.append([label + (" (extrapolated)" if use_loop else ""), fbs, t["gradients"], t["inverse"],
-                         t["selection"], t["update"], t["total"], peak / 2**20])
+            rows.append(
+                [
+                    label + (" (extrapolated)" if use_loop else ""),
+                    fbs,
+                    t["gradients"],
+                    t["inverse"],
+                    t["selection"],
+                    t["update"],
+                    t["total"],
+                    peak / 2**20,
+                ]
+            )
             print(f"  {label}, fisher_batch_size={fbs}: total {t['total']:.1f} s", flush=True)
     for fbs in (1, 16):
         fp = results[f"fastprune, fisher_batch_size={fbs}"]["total"]
         lp = results[f"rank-one loop, fisher_batch_size={fbs}"]["total"]
         results[f"speedup, fisher_batch_size={fbs}"] = lp / fp
-    md = markdown_table(["pipeline", "fisher_batch_size", "gradients s", "inverse s", "selection s", "update s",
-                         "total s", "peak MB"], rows)
+    md = markdown_table(
+        ["pipeline", "fisher_batch_size", "gradients s", "inverse s", "selection s", "update s", "total s", "peak MB"],
+        rows,
+    )
     budget = 2 * (weights * B * 4 + numel * 4) / 2**20
-    md += (f"\n\n{weights / 1e6:.2f} M weights, N = {n}, B = {B}, damp {DAMP}, global selection to {SPARSITY:.0%}, "
-           f"{args.threads} threads. Speedup of the whole pipeline over the rank-one loop: "
-           f"{results['speedup, fisher_batch_size=1']:.1f}x (per-sample), "
-           f"{results['speedup, fisher_batch_size=16']:.1f}x (fisher_batch_size=16). Memory budget of the goal, "
-           f"2 x (d B 4 bytes + model): {budget:.0f} MB. Loop rows timed: {args.loop_grads}, scaled to N.")
+    md += (
+        f"\n\n{weights / 1e6:.2f} M weights, N = {n}, B = {B}, damp {DAMP}, global selection to {SPARSITY:.0%}, "
+        f"{args.threads} threads. Speedup of the whole pipeline over the rank-one loop: "
+        f"{results['speedup, fisher_batch_size=1']:.1f}x (per-sample), "
+        f"{results['speedup, fisher_batch_size=16']:.1f}x (fisher_batch_size=16). Memory budget of the goal, "
+        f"2 x (d B 4 bytes + model): {budget:.0f} MB. Loop rows timed: {args.loop_grads}, scaled to N."
+    )
     print()
     print(md)
     name = "woodfisher_pipeline_quick" if args.quick else "woodfisher_pipeline"

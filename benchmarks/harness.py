@@ -9,8 +9,8 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,10 +36,19 @@ def ensure_malloc_env() -> None:
 
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=pathlib.Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=pathlib.Path(__file__).parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=pathlib.Path(__file__).parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -161,7 +170,9 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> tuple[pa
     mpath = RESULTS / f"{name}.md"
     jpath.write_text(json.dumps(payload, indent=2) + "\n")
     info = payload.get("machine", {})
-    header = (f"torch {info.get('torch')}, {info.get('cpu')}, {info.get('threads')} threads, "
-              f"git {info.get('git_sha')}, {info.get('date')}\n\n")
+    header = (
+        f"torch {info.get('torch')}, {info.get('cpu')}, {info.get('threads')} threads, "
+        f"git {info.get('git_sha')}, {info.get('date')}\n\n"
+    )
     mpath.write_text(f"# {name}\n\n{header}{table_md}\n")
     return jpath, mpath

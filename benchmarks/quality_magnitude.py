@@ -25,11 +25,10 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from harness import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
-
 import fastprune  # noqa: E402
 from fastprune import recipes  # noqa: E402
 from fastprune.train import evaluate  # noqa: E402
+from harness import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 
@@ -49,8 +48,9 @@ def main() -> None:
     epochs, retrain = (12, 8) if args.quick else (30, 20)
     data = fastprune.data.digits(seed=0)
     dense_accs: list[float] = []
-    res: dict[str, dict[float, list[float]]] = {k: {s: [] for s in SPARSITIES}
-                                               for k in ("oneshot_pruned", "oneshot", "iterative", "block4")}
+    res: dict[str, dict[float, list[float]]] = {
+        k: {s: [] for s in SPARSITIES} for k in ("oneshot_pruned", "oneshot", "iterative", "block4")
+    }
     reg: dict[str, list[float]] = {k: [] for k in ("l1_pruned", "l1_retrained", "l2_pruned", "l2_retrained")}
     for seed in seeds:
         dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=epochs, l2=1e-4, seed=seed)
@@ -79,18 +79,45 @@ def main() -> None:
         row.append(f"{100 * (mean_std(res['oneshot'][s])[0] - dm):+.2f}")
         row.append(f"{100 * (mean_std(res['iterative'][s])[0] - dm):+.2f}")
         rows.append(row)
-    md = markdown_table(["sparsity", "compression", "one-shot, no retrain %", "one-shot + retrain %",
-                         "iterative %", "one-shot block=4 + retrain %", "Δ one-shot pts", "Δ iterative pts"], rows)
-    md += f"\n\ndense: {100 * dm:.2f} ± {100 * ds:.2f} % over {len(dense_accs)} seed(s) (360 test images: 1 point = 3.6 images)\n\n"
-    md += markdown_table(["regulariser (90 %)", "right after pruning %", "after retraining %"], [
-        [name, f"{100 * mean_std(reg[f'{key}_pruned'])[0]:.2f}", f"{100 * mean_std(reg[f'{key}_retrained'])[0]:.2f}"]
-        for name, key in (("L1 (1e-4)", "l1"), ("L2 (1e-3)", "l2"))])
+    md = markdown_table(
+        [
+            "sparsity",
+            "compression",
+            "one-shot, no retrain %",
+            "one-shot + retrain %",
+            "iterative %",
+            "one-shot block=4 + retrain %",
+            "Δ one-shot pts",
+            "Δ iterative pts",
+        ],
+        rows,
+    )
+    md += (
+        f"\n\ndense: {100 * dm:.2f} ± {100 * ds:.2f} % over {len(dense_accs)} seed(s) "
+        "(360 test images: 1 point = 3.6 images)\n\n"
+    )
+    md += markdown_table(
+        ["regulariser (90 %)", "right after pruning %", "after retraining %"],
+        [
+            [
+                name,
+                f"{100 * mean_std(reg[f'{key}_pruned'])[0]:.2f}",
+                f"{100 * mean_std(reg[f'{key}_retrained'])[0]:.2f}",
+            ]
+            for name, key in (("L1 (1e-4)", "l1"), ("L2 (1e-3)", "l2"))
+        ],
+    )
     print()
     print(md)
     name = "quality_magnitude_quick" if args.quick else "quality_magnitude"
-    payload = {"machine": machine_info(args.threads), "dense": dense_accs,
-               "results": {k: {str(s): v for s, v in d.items()} for k, d in res.items()}, "regularisation": reg,
-               "epochs": epochs, "retrain_epochs": retrain}
+    payload = {
+        "machine": machine_info(args.threads),
+        "dense": dense_accs,
+        "results": {k: {str(s): v for s, v in d.items()} for k, d in res.items()},
+        "regularisation": reg,
+        "epochs": epochs,
+        "retrain_epochs": retrain,
+    }
     jpath, mpath = write_results(name, payload, md)
     png = RESULTS / f"{name}.png"
     import matplotlib
@@ -101,8 +128,12 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     xs = [100 * s for s in SPARSITIES]
     ax.axhline(100 * dm, color="gray", linestyle="--", label="dense")
-    for k, label in (("oneshot_pruned", "one-shot, no retraining"), ("oneshot", "one-shot + retraining"),
-                     ("iterative", "iterative prune-retrain"), ("block4", "one-shot block=4 + retraining")):
+    for k, label in (
+        ("oneshot_pruned", "one-shot, no retraining"),
+        ("oneshot", "one-shot + retraining"),
+        ("iterative", "iterative prune-retrain"),
+        ("block4", "one-shot block=4 + retraining"),
+    ):
         ms = [mean_std(res[k][s]) for s in SPARSITIES]
         ax.errorbar(xs, [100 * m for m, _ in ms], yerr=[100 * sd for _, sd in ms], marker="o", capsize=3, label=label)
     ax.set_xlabel("sparsity (%)")

@@ -1,7 +1,7 @@
 """Quality of WoodFisher pruning (Singh & Alistarh 2020) on the digits: MLP and small CNN.
 
-One-shot accuracy with no fine-tuning at 50/70/80/90/95 % (global selection; the CNN also per layer) for global magnitude,
-diagonal Fisher, WoodFisher without the OBS update (saliency only), WoodFisher with it, and
+One-shot accuracy with no fine-tuning at 50/70/80/90/95 % (global selection; the CNN also per layer)
+for global magnitude, diagonal Fisher, WoodFisher without the OBS update (saliency only), WoodFisher with it, and
 WoodFisher recomputing the inverse over 5 sub-steps; then gradual pruning to 95 % (cubic schedule,
 4 steps, 3 fine-tuning epochs after each) for WoodFisher and magnitude. Mean over seeds. Writes
 JSON, markdown and a PNG under benchmarks/results/.
@@ -27,11 +27,10 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from harness import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
-
 import fastprune  # noqa: E402
 from fastprune import recipes, schedules  # noqa: E402
 from fastprune.train import evaluate, fit  # noqa: E402
+from harness import RESULTS, machine_info, markdown_table, write_results  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 METHODS = ("magnitude", "fisher_diag", "woodfisher (no update)", "woodfisher", "woodfisher (recompute 5)")
@@ -71,8 +70,11 @@ def main() -> None:
     data = fastprune.data.digits(seed=0)
     # The small CNN's layers differ in size by 50x, so one global threshold empties its small layers
     # beyond 70 %; per-layer selection ("cnn, per layer") is the meaningful one-shot comparison there.
-    nets = {"mlp": (fastprune.models.lenet_300_100, "global"), "cnn": (fastprune.models.small_cnn, "global"),
-            "cnn, per layer": (fastprune.models.small_cnn, "layer")}
+    nets = {
+        "mlp": (fastprune.models.lenet_300_100, "global"),
+        "cnn": (fastprune.models.small_cnn, "global"),
+        "cnn, per layer": (fastprune.models.small_cnn, "layer"),
+    }
     if args.quick:
         nets = {"mlp": nets["mlp"]}
     out: dict = {}
@@ -93,21 +95,33 @@ def main() -> None:
             for m in grad_acc:
                 grad_acc[m].append(gradual(dense, data, m, args.num_grads, seed, scope))
             print(f"  {net} seed {seed}: dense {dense_acc[-1]:.4f}", flush=True)
-        out[net] = {"scope": scope, "dense": dense_acc, "one_shot": {m: {str(s): v for s, v in d.items()} for m, d in acc.items()},
-                    "gradual_95": grad_acc, "seconds": {m: statistics.fmean(v) for m, v in times.items()}}
+        out[net] = {
+            "scope": scope,
+            "dense": dense_acc,
+            "one_shot": {m: {str(s): v for s, v in d.items()} for m, d in acc.items()},
+            "gradual_95": grad_acc,
+            "seconds": {m: statistics.fmean(v) for m, v in times.items()},
+        }
     md = ""
     for net, r in out.items():
         dm = statistics.fmean(r["dense"])
-        rows = [[f"{s:.0%}"] + [f"{100 * statistics.fmean(r['one_shot'][m][str(s)]):.2f}" for m in METHODS]
-                for s in SPARSITIES]
+        rows = [
+            [f"{s:.0%}"] + [f"{100 * statistics.fmean(r['one_shot'][m][str(s)]):.2f}" for m in METHODS]
+            for s in SPARSITIES
+        ]
         md += f"### {net}: one-shot, no fine-tuning, {r['scope']} selection (dense {100 * dm:.2f} %)\n\n"
         md += markdown_table(["sparsity", *METHODS], rows) + "\n\n"
-        md += (f"gradual to 95 % (cubic, 4 steps, 3 epochs each): woodfisher "
-               f"{100 * statistics.fmean(r['gradual_95']['woodfisher']):.2f} %, magnitude "
-               f"{100 * statistics.fmean(r['gradual_95']['magnitude']):.2f} %. Mean seconds per prune call: "
-               + ", ".join(f"{m} {t:.2f}" for m, t in r["seconds"].items()) + "\n\n")
-    md += f"{len(seeds)} seed(s); digits test set of 360 images (1 point = 3.6 images); N = {args.num_grads} " \
-          "per-sample gradients, B = 128, damp 1e-5."
+        md += (
+            f"gradual to 95 % (cubic, 4 steps, 3 epochs each): woodfisher "
+            f"{100 * statistics.fmean(r['gradual_95']['woodfisher']):.2f} %, magnitude "
+            f"{100 * statistics.fmean(r['gradual_95']['magnitude']):.2f} %. Mean seconds per prune call: "
+            + ", ".join(f"{m} {t:.2f}" for m, t in r["seconds"].items())
+            + "\n\n"
+        )
+    md += (
+        f"{len(seeds)} seed(s); digits test set of 360 images (1 point = 3.6 images); N = {args.num_grads} "
+        "per-sample gradients, B = 128, damp 1e-5."
+    )
     print()
     print(md)
     name = "quality_woodfisher_quick" if args.quick else "quality_woodfisher"
@@ -118,11 +132,15 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(out), figsize=(6.2 * len(out), 4.2), squeeze=False)
-    for ax, (net, r) in zip(axes[0], out.items()):
+    for ax, (net, r) in zip(axes[0], out.items(), strict=True):
         ax.axhline(100 * statistics.fmean(r["dense"]), color="gray", linestyle="--", label="dense")
         for m in METHODS:
-            ax.plot([100 * s for s in SPARSITIES], [100 * statistics.fmean(r["one_shot"][m][str(s)]) for s in SPARSITIES],
-                    marker="o", label=m)
+            ax.plot(
+                [100 * s for s in SPARSITIES],
+                [100 * statistics.fmean(r["one_shot"][m][str(s)]) for s in SPARSITIES],
+                marker="o",
+                label=m,
+            )
         ax.set_title(f"{net}: one-shot, no fine-tuning", fontsize=10)
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel("test accuracy (%)")

@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <torch/headeronly/version.h>
+
 #include "common/cpu_features.h"
 #include "common/kernel_log.h"
 #include "sparse/sparse_jit.h"
@@ -72,7 +74,12 @@ PyObject* fp_jit_built(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* fp_torch_version(PyObject*, PyObject*) {
+  return Py_BuildValue("(iii)", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
+}
+
 PyMethodDef fp_methods[] = {
+    {"torch_version", fp_torch_version, METH_NOARGS, "(major, minor, patch) of the torch this was built against"},
     {"kernel_counts", fp_kernel_counts, METH_NOARGS, "{(op, path): calls} since the last reset"},
     {"reset_kernel_counts", fp_reset_kernel_counts, METH_NOARGS, "zero every counter"},
     {"best_isa", fp_best_isa, METH_NOARGS, "the best vector ISA this CPU runs (FASTPRUNE_ISA ignored)"},

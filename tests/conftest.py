@@ -38,6 +38,8 @@ def _seed_and_threads():
 
 
 def pytest_report_header(config):
-    return (f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-            f"FASTPRUNE_ISA={os.environ.get('FASTPRUNE_ISA', '')}, CPU paths {', '.join(ops.cpu_isas())}"
-            f"{' + jit' if ops.jit_available() else ''}")
+    return (
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"FASTPRUNE_ISA={os.environ.get('FASTPRUNE_ISA', '')}, CPU paths {', '.join(ops.cpu_isas())}"
+        f"{' + jit' if ops.jit_available() else ''}"
+    )

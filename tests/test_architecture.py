@@ -78,8 +78,12 @@ def _imports(name: str) -> tuple[list[tuple[str, ast.stmt]], list[tuple[str, ast
                 for field in ("body", "orelse", "finalbody", "handlers"):
                     sub = getattr(node, field, None)
                     if isinstance(sub, list):
-                        walk([s for s in sub if isinstance(s, ast.stmt)] if field != "handlers" else
-                             [s for h in sub for s in h.body], in_function)
+                        walk(
+                            [s for s in sub if isinstance(s, ast.stmt)]
+                            if field != "handlers"
+                            else [s for h in sub for s in h.body],
+                            in_function,
+                        )
 
     walk(tree.body, False)
     return top, nested

@@ -36,8 +36,20 @@ def test_cuda_check_fails_under_ci_when_nvcc_is_missing(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     bash = shutil.which("bash")
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # an empty PATH: no nvcc
-    ci = subprocess.run([bash, str(root / "tools" / "cuda_check.sh")], env={**env, "CI": "true"},
-                        capture_output=True, text=True)
+    ci = subprocess.run(
+        [bash, str(root / "tools" / "cuda_check.sh")], env={**env, "CI": "true"}, capture_output=True, text=True
+    )
     assert ci.returncode == 1 and "FAILED" in ci.stdout, ci.stdout + ci.stderr
     local = subprocess.run([bash, str(root / "tools" / "cuda_check.sh")], env=env, capture_output=True, text=True)
     assert local.returncode == 0 and "skipped" in local.stdout, local.stdout + local.stderr
+
+
+def test_torch_version_matches_the_build():
+    from fastprune import _loader
+    import fastprune._C as ext
+
+    built = tuple(ext.torch_version())
+    assert built[:2] == tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    _loader.check_torch_version(built, f"{built[0]}.{built[1]}.7+cpu")  # another patch release loads
+    with pytest.raises(ImportError, match="built against torch"):
+        _loader.check_torch_version(built, f"{built[0]}.{built[1] + 1}.0")

@@ -15,7 +15,8 @@ from fastprune.cli import main
 
 @pytest.fixture
 def user_model(tmp_path, monkeypatch):
-    (tmp_path / "usermodels.py").write_text(textwrap.dedent("""
+    (tmp_path / "usermodels.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -25,7 +26,8 @@ def user_model(tmp_path, monkeypatch):
 
         def not_a_model():
             return 3
-    """))
+    """)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
@@ -62,19 +64,35 @@ def test_prune_command_errors_are_clear(user_model):
     with pytest.raises(SystemExit, match="block"):
         main(["prune", "usermodels:make", "--sparsity", "0.5", "--block", "0", "-o", "x.pt"])
     with pytest.raises(SystemExit, match="--block applies to --method magnitude"):
-        main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "--block", "4",
-              "--input-shape", "2,8", "-o", "x.pt"])
+        main(
+            [
+                "prune",
+                "usermodels:make",
+                "--method",
+                "l1_filter",
+                "--sparsity",
+                "0.5",
+                "--block",
+                "4",
+                "--input-shape",
+                "2,8",
+                "-o",
+                "x.pt",
+            ]
+        )
 
 
 def test_prune_command_block(user_model):
     out = user_model / "blocked.pt"
-    assert main(["prune", "usermodels:make", "--sparsity", "0.75", "--scope", "layer", "--block", "4", "-o",
-                 str(out)]) == 0
+    assert (
+        main(["prune", "usermodels:make", "--sparsity", "0.75", "--scope", "layer", "--block", "4", "-o", str(out)])
+        == 0
+    )
     import usermodels
 
     model = fastprune.load_pruned(usermodels.make(), torch.load(out, weights_only=True))
     w = model[0].weight.detach()
-    groups = [(w[g:g + 4] != 0) for g in range(0, w.shape[0], 4)]
+    groups = [(w[g : g + 4] != 0) for g in range(0, w.shape[0], 4)]
     assert sum(bool((m != m[0]).any()) for m in groups) <= 1  # rows share patterns (one group may straddle)
 
 
@@ -82,8 +100,23 @@ def test_prune_command_structured(user_model, capsys):
     out = user_model / "slim.pt"
     with pytest.raises(SystemExit, match="--input-shape"):
         main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)])
-    assert main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "--input-shape", "2,8",
-                 "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "usermodels:make",
+                "--method",
+                "l1_filter",
+                "--sparsity",
+                "0.5",
+                "--input-shape",
+                "2,8",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "50.0% of the removable channels removed" in capsys.readouterr().out
     import usermodels
 
@@ -92,22 +125,42 @@ def test_prune_command_structured(user_model, capsys):
 
 
 def test_bench_command(user_model, capsys):
-    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--min-run-time", "0.05"]) == 0
+    assert (
+        main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--min-run-time", "0.05"]) == 0
+    )
     out = capsys.readouterr().out
     assert "fastprune.sparsify" in out and "magnitude-pruned per layer to 80%" in out
-    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--block", "4",
-                 "--min-run-time", "0.05"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "usermodels:make",
+                "--input-shape",
+                "4,8",
+                "--sparsity",
+                "0.8",
+                "--block",
+                "4",
+                "--min-run-time",
+                "0.05",
+            ]
+        )
+        == 0
+    )
     assert "fastprune.sparsify" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="block"):
         main(["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"])
-    assert main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "2", "--min-run-time", "0.05"]) == 0
+    assert (
+        main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "2", "--min-run-time", "0.05"]) == 0
+    )
     assert "run 2 sample(s) at a time" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="positive int"):
         main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"])
     with pytest.raises(SystemExit, match="input shape"):
         main(["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"])
     (user_model / "scripted.py").write_text(
-        "import torch\nfrom torch import nn\ndef make():\n    return torch.jit.script(nn.Linear(3, 2))\n")
+        "import torch\nfrom torch import nn\ndef make():\n    return torch.jit.script(nn.Linear(3, 2))\n"
+    )
     with pytest.raises(SystemExit, match="TorchScript"):
         main(["bench", "scripted:make", "--input-shape", "1,3"])
 

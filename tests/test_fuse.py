@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
 from fastprune.nn import SparseConv2d, sparsify
 from fastprune.nn.fuse import SeparableMaxPool2d, fuse_activations
-from tests.structure import zoo
 
 
 @pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0)), (5, 3, 2), (1, 1, 0)])
@@ -30,15 +30,19 @@ def test_separable_max_pool_equals_torch(k, s, p, shape):
         got_cl = SeparableMaxPool2d.from_pool(pool)(xc)
         torch.testing.assert_close(got_cl, pool(xc), equal_nan=True, rtol=0, atol=0)
         assert got_cl.is_contiguous(memory_format=torch.channels_last) == pool(xc).is_contiguous(
-            memory_format=torch.channels_last)
+            memory_format=torch.channels_last
+        )
     # with autograd it is torch's own (its gradient goes to one index per window)
     xg = x.clone().requires_grad_()
     torch.testing.assert_close(SeparableMaxPool2d.from_pool(pool)(xg), pool(x), equal_nan=True)
 
 
 def test_separable_max_pool_refuses_what_it_does_not_compute():
-    for pool in [nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
-                 nn.MaxPool2d(3, 2, 1, return_indices=True)]:
+    for pool in [
+        nn.MaxPool2d(3, 2, 1, dilation=2),
+        nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+        nn.MaxPool2d(3, 2, 1, return_indices=True),
+    ]:
         assert not SeparableMaxPool2d.supports(pool)
         with pytest.raises(ValueError, match="keep nn.MaxPool2d"):
             SeparableMaxPool2d.from_pool(pool)
@@ -66,7 +70,7 @@ def test_fused_sparse_model_equals_dense(name):
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= 1e-4 * scale
     assert (got_plain - ref).abs().max() <= 1e-4 * scale
-    assert (got_batch[:len(x)] - ref).abs().max() <= 1e-4 * scale
+    assert (got_batch[: len(x)] - ref).abs().max() <= 1e-4 * scale
 
 
 def test_resnet_relus_and_residual_adds_are_fused_and_input_model_kept():
@@ -77,9 +81,13 @@ def test_resnet_relus_and_residual_adds_are_fused_and_input_model_kept():
     residual = [n for n in sp.graph.nodes if "residual" in n.kwargs]
     relu = [m for m in sp.modules() if isinstance(m, SparseConv2d) and m.relu]
     assert residual and relu
-    assert not any(n.op == "call_module" and isinstance(sp.get_submodule(n.target), nn.ReLU)
-                   and n.args[0].op == "call_module" and isinstance(sp.get_submodule(n.args[0].target), SparseConv2d)
-                   for n in sp.graph.nodes)
+    assert not any(
+        n.op == "call_module"
+        and isinstance(sp.get_submodule(n.target), nn.ReLU)
+        and n.args[0].op == "call_module"
+        and isinstance(sp.get_submodule(n.args[0].target), SparseConv2d)
+        for n in sp.graph.nodes
+    )
     with torch.no_grad():
         # inplace=True: the given model got the sparse layers but no fused flag; it still computes the same
         assert not any(isinstance(m, SparseConv2d) and m.relu for m in model.modules())

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
 from fastprune.nn import MicroBatch, SparseConv2d, sparsify
 from fastprune.nn.microbatch import per_sample_ops
-from tests.structure import zoo
 
 
 def _pruned(name: str):
@@ -76,8 +76,9 @@ class _Branchy(nn.Module):
         return -self.conv(x)
 
 
-@pytest.mark.parametrize("cls,match", [(_BatchMean, "mean"), (_View, "view"), (_CatBatch, "cat"),
-                                       (_Branchy, "torch.fx can trace")])
+@pytest.mark.parametrize(
+    "cls,match", [(_BatchMean, "mean"), (_View, "view"), (_CatBatch, "cat"), (_Branchy, "torch.fx can trace")]
+)
 def test_models_not_proven_per_sample_are_refused_untouched(cls, match):
     model = cls().eval()
     keep = copy.deepcopy(model.state_dict())

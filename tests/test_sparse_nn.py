@@ -7,11 +7,11 @@ import io
 
 import pytest
 import torch
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
 from fastprune.nn import SparseConv2d, SparseLinear, sparsify, sparsify_report
-from tests.structure import zoo
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,8 +38,9 @@ def test_sparse_linear_from_masked_dense_and_state_dict_round_trip():
         torch.testing.assert_close(other.to_dense()(x), sp(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("conf", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2),
-                                  dict(stride=1, padding=1, groups=6)])
+@pytest.mark.parametrize(
+    "conf", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2), dict(stride=1, padding=1, groups=6)]
+)
 def test_sparse_conv2d_module(conf):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 12, 3, **conf)

@@ -10,8 +10,8 @@ pruning during training.
 """
 
 from fastprune import data, importance, methods, models, nn, ops, reference, schedules, select, structure, train
-from fastprune.apply import apply
 from fastprune.api import prune
+from fastprune.apply import apply
 from fastprune.checkpoint import load_pruned
 from fastprune.dropout import rescale_dropout
 from fastprune.fisher import FisherInverse

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-import torch  # noqa: F401  (must precede the extension)
+import torch  # must precede the extension
 
 _loaded = False
 
@@ -25,5 +25,24 @@ def load_library() -> None:
             "fastprune's compiled extension (fastprune._C) is not built. "
             "Run `make test` or `pip install --no-build-isolation -e .` from the repository."
         )
-    importlib.import_module("fastprune._C")
+    try:
+        ext = importlib.import_module("fastprune._C")
+    except ImportError as e:  # typically undefined symbols: built against another torch
+        raise ImportError(
+            f"fastprune's compiled extension does not load with torch {torch.__version__} ({e}); it was most "
+            "likely built against another torch: rebuild it (`pip install --no-build-isolation -e .`)"
+        ) from e
+    check_torch_version(tuple(ext.torch_version()), torch.__version__)
     _loaded = True
+
+
+def check_torch_version(built: tuple[int, ...], running: str) -> None:
+    """ImportError unless the running torch has the major.minor version the extension was built
+    against (custom-op extensions link against torch's C++ ABI, which changes between minor releases)."""
+    parts = running.split("+")[0].split(".")
+    have = tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts[:2])
+    if have != tuple(built[:2]):
+        raise ImportError(
+            f"fastprune was built against torch {'.'.join(map(str, built))} but torch {running} is running; "
+            "rebuild fastprune against this torch, or install the torch it was built for"
+        )

@@ -78,7 +78,9 @@ def _apply_masks(model: nn.Module, plan: Plan, updates: Mapping[str, torch.Tenso
         if name not in refs:
             raise ValueError(f"weight update for {name}, which the plan does not prune")
         if delta.numel() != plan.masks[name].numel():
-            raise ValueError(f"weight update for {name} has {delta.numel()} entries, the weight {plan.masks[name].numel()}")
+            raise ValueError(
+                f"weight update for {name} has {delta.numel()} entries, the weight {plan.masks[name].numel()}"
+            )
     if updates:
         add_to_weights(list(refs.values()), updates)
     apply_masks(list(refs.values()), plan.masks)
@@ -99,7 +101,11 @@ def _apply_channels(model: nn.Module, plan: Plan, example_inputs: Any, trace: Gr
             mod = modules.get(m.module)
             t = None
             if mod is not None:
-                t = getattr(mod, m.attr + "_orig", None) if hasattr(mod, m.attr + "_mask") else getattr(mod, m.attr, None)
+                t = (
+                    getattr(mod, m.attr + "_orig", None)
+                    if hasattr(mod, m.attr + "_mask")
+                    else getattr(mod, m.attr, None)
+                )
             if not isinstance(t, torch.Tensor) or t.dim() <= m.dim or t.shape[m.dim] != len(m.index):
                 raise ValueError(
                     f"plan member {m.tensor} (dim {m.dim}, {len(m.index)} channels) does not match the "

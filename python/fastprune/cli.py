@@ -48,8 +48,10 @@ def _load_factory(spec: str) -> nn.Module:
         raise SystemExit(f"fastprune: {mod_name!r} has no callable {attr!r}")
     model = factory()
     if isinstance(model, torch.jit.ScriptModule):
-        raise SystemExit("fastprune: TorchScript models cannot be pruned or have their layers swapped in place; "
-                         "pass the eager nn.Module factory")
+        raise SystemExit(
+            "fastprune: TorchScript models cannot be pruned or have their layers swapped in place; "
+            "pass the eager nn.Module factory"
+        )
     if not isinstance(model, nn.Module):
         raise SystemExit(f"fastprune: {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -69,8 +71,12 @@ def _load_model(spec: str, weights: str | None) -> nn.Module:
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
+    lines = [
+        "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -88,8 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dense_acc = evaluate(dense, data.test_loader())
     t_dense = time.perf_counter() - t0
     total = fastprune.sparsity_report(dense).numel
-    rows = [("method", "sparsity", "accuracy", "before retrain", "nonzero weights", "time s"),
-            ("dense", "0.0%", f"{dense_acc:.2%}", "-", f"{total}", f"{t_dense:.1f}")]
+    rows = [
+        ("method", "sparsity", "accuracy", "before retrain", "nonzero weights", "time s"),
+        ("dense", "0.0%", f"{dense_acc:.2%}", "-", f"{total}", f"{t_dense:.1f}"),
+    ]
     curves: dict[str, list[tuple[float, float]]] = {}
     fisher = {"data": data.train_loader(), "num_grads": 256 if args.quick else 512}
     runs = (
@@ -104,8 +112,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             pruned, out = fn(dense, data, sparsity, retrain_epochs=retrain, progress=not args.no_progress, **kw)
             kept[f"{name} {sparsity:.0%}"] = pruned
-            rows.append((name, f"{sparsity:.1%}", f"{out.acc_retrained:.2%}", f"{out.acc_pruned:.2%}",
-                         f"{out.nonzero}", f"{time.perf_counter() - t0:.1f}"))
+            rows.append(
+                (
+                    name,
+                    f"{sparsity:.1%}",
+                    f"{out.acc_retrained:.2%}",
+                    f"{out.acc_pruned:.2%}",
+                    f"{out.nonzero}",
+                    f"{time.perf_counter() - t0:.1f}",
+                )
+            )
             curves.setdefault(name, []).append((sparsity, out.acc_retrained))
     print()
     print(_table(rows))
@@ -134,10 +150,12 @@ def _median_time(fn, repeats: int = 15) -> float:
 def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bool) -> list[tuple[str, ...]]:
     """Sparse execution (fastprune.sparsify) of the pruned digits MLPs and of a ResNet-50-like model."""
     side = 112 if quick else 224
-    print(f"sparse execution: the pruned MLPs with every pruned layer sparse (one image, and the 360-image test set), "
-          f"and a ResNet-50-like model (random weights, magnitude-pruned per layer to 90 %, first conv dense, "
-          f"1 x 3 x {side} x {side}) through fastprune.sparsify with per-layer calibration; "
-          f"{torch.get_num_threads()} thread(s)")
+    print(
+        f"sparse execution: the pruned MLPs with every pruned layer sparse (one image, and the 360-image test set), "
+        f"and a ResNet-50-like model (random weights, magnitude-pruned per layer to 90 %, first conv dense, "
+        f"1 x 3 x {side} x {side}) through fastprune.sparsify with per-layer calibration; "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     rows = [("model", "input", "dense ms", "sparse ms", "speedup", "sparse layers")]
     one = data.test_x[:1]
     for name in [k for k in pruned if k.startswith("magnitude one-shot")]:
@@ -145,9 +163,18 @@ def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bo
         fastprune.finalize(model)
         sparse = sparsify(model, min_sparsity=0.5)  # every pruned layer sparse, to show the kernels on it
         for label, x in (("1 image", one), ("360 images", data.test_x)):
-            td, ts = _median_time(lambda: model(x)), _median_time(lambda: sparse(x))
-            rows.append((f"MLP, {name}", label, f"{1e3 * td:.3f}", f"{1e3 * ts:.3f}", f"{td / ts:.2f}x",
-                         str(len(sparsify_report(sparse)))))
+            td = _median_time(lambda m=model, x=x: m(x))
+            ts = _median_time(lambda s=sparse, x=x: s(x))
+            rows.append(
+                (
+                    f"MLP, {name}",
+                    label,
+                    f"{1e3 * td:.3f}",
+                    f"{1e3 * ts:.3f}",
+                    f"{td / ts:.2f}x",
+                    str(len(sparsify_report(sparse))),
+                )
+            )
     x = torch.randn(1, 3, side, side)
     # plain magnitude pruning, and block=4 (groups of 4 output channels share positions: the kernels
     # feed each input load to 4 rows)
@@ -157,17 +184,27 @@ def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bo
         fastprune.prune(net, "magnitude", sparsity=0.9, scope="layer", exclude="conv1", block=block)
         fastprune.finalize(net)
         sparse = sparsify(net, example_inputs=x)
-        td, ts = _median_time(lambda: net(x), 5), _median_time(lambda: sparse(x), 5)
-        rows.append((f"ResNet-50-like, 90 %, {label}", f"1x3x{side}x{side}", f"{1e3 * td:.1f}", f"{1e3 * ts:.1f}",
-                     f"{td / ts:.2f}x", str(len(sparsify_report(sparse)))))
+        td, ts = _median_time(lambda n=net: n(x), 5), _median_time(lambda s=sparse: s(x), 5)
+        rows.append(
+            (
+                f"ResNet-50-like, 90 %, {label}",
+                f"1x3x{side}x{side}",
+                f"{1e3 * td:.1f}",
+                f"{1e3 * ts:.1f}",
+                f"{td / ts:.2f}x",
+                str(len(sparsify_report(sparse))),
+            )
+        )
     return rows
 
 
 def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[tuple[str, ...]]:
     """L1-filter channel pruning of the digits CNN at 50 %: compact model, short fine-tune,
     parameters, MACs and batch latency before and after (median of repeated runs, same process)."""
-    print("digits CNN (conv-BN-ReLU stem, residual block, strided conv, pooling, Linear): "
-          "L1-filter channel pruning at 50 %, compacted, then fine-tuned")
+    print(
+        "digits CNN (conv-BN-ReLU stem, residual block, strided conv, pooling, Linear): "
+        "L1-filter channel pruning at 50 %, compacted, then fine-tuned"
+    )
     dense = recipes.train_dense(fastprune.models.small_cnn, data, epochs=epochs, progress=progress).eval()
     x = torch.as_tensor(data.test_x[:1], dtype=torch.float32)
     batch = torch.as_tensor(data.test_x, dtype=torch.float32)
@@ -192,10 +229,17 @@ def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[t
                 m(batch)
                 ts.append(time.perf_counter() - t)
         lat[name] = sorted(ts)[len(ts) // 2]
-        rows.append((name, f"{evaluate(m, data.test_loader()):.2%}", f"{acc_pruned:.2%}" if m is model else "-",
-                     f"{params}", f"{macs}", f"{1e3 * lat[name]:.2f} ms" + (
-                         f" ({lat['dense'] / lat[name]:.2f}x faster)" if m is model else ""),
-                     f"{t_prune:.2f}" if m is model else "-"))
+        rows.append(
+            (
+                name,
+                f"{evaluate(m, data.test_loader()):.2%}",
+                f"{acc_pruned:.2%}" if m is model else "-",
+                f"{params}",
+                f"{macs}",
+                f"{1e3 * lat[name]:.2f} ms" + (f" ({lat['dense'] / lat[name]:.2f}x faster)" if m is model else ""),
+                f"{t_prune:.2f}" if m is model else "-",
+            )
+        )
     return rows
 
 
@@ -225,11 +269,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args.weights)
     kwargs = {"sparsity": args.sparsity, "scope": args.scope}
     if args.method not in fastprune.method_names():
-        raise SystemExit(f"fastprune: unknown method {args.method!r}; known methods: {', '.join(fastprune.method_names())}")
+        raise SystemExit(
+            f"fastprune: unknown method {args.method!r}; known methods: {', '.join(fastprune.method_names())}"
+        )
     structured = issubclass(spec_for(args.method).config_cls, ChannelConfig)
     if structured:
         if not args.input_shape:
-            raise SystemExit(f"fastprune: method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)")
+            raise SystemExit(
+                f"fastprune: method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)"
+            )
         kwargs["example_inputs"] = torch.randn(*args.input_shape)
         kwargs["scope"] = args.scope if args.scope_given else "layer"
     if args.block != 1:
@@ -247,8 +295,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if structured:
         x = kwargs["example_inputs"]
         macs, params = fastprune.count(model, x)
-        print(f"{plan.method}: {plan.achieved_sparsity:.1%} of the removable channels removed; now {params} parameters, "
-              f"{macs} MACs for input {tuple(x.shape)}")
+        print(
+            f"{plan.method}: {plan.achieved_sparsity:.1%} of the removable channels removed; now {params} parameters, "
+            f"{macs} MACs for input {tuple(x.shape)}"
+        )
     else:
         print(fastprune.sparsity_report(model))
     if args.finalize:
@@ -286,21 +336,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sparse = sparsify(model, example_inputs=x[:1] if args.micro_batch else x, micro_batch=args.micro_batch)
     except ValueError as e:
         raise SystemExit(f"fastprune: {e}") from e
+
     def t(fn) -> float:
-        return float(benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time).median)
+        return float(
+            benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_run_time).median
+        )
 
     with torch.no_grad():
         got = sparse(x)
         diff = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
         t_dense, t_sparse = t(lambda: model(x)), t(lambda: sparse(x))
     zeros = sum(int((m.weight == 0).sum()) for m in layers)
-    rows = [("model", "weights sparsity", "sparse layers", "latency ms", "speedup"),
-            ("dense (masked)", f"{zeros / total:.1%}", "0", f"{1e3 * t_dense:.2f}", "1.00x"),
-            ("fastprune.sparsify", f"{zeros / total:.1%}", str(len(sparsify_report(sparse))), f"{1e3 * t_sparse:.2f}",
-             f"{t_dense / t_sparse:.2f}x")]
-    print(f"input {tuple(x.shape)}, {args.threads} thread(s)" + (f", magnitude-pruned per layer to {args.sparsity:.0%}"
-                                                               if pruned_here else ", weights already sparse")
-          + (f", sparse model run {args.micro_batch} sample(s) at a time" if args.micro_batch else ""))
+    rows = [
+        ("model", "weights sparsity", "sparse layers", "latency ms", "speedup"),
+        ("dense (masked)", f"{zeros / total:.1%}", "0", f"{1e3 * t_dense:.2f}", "1.00x"),
+        (
+            "fastprune.sparsify",
+            f"{zeros / total:.1%}",
+            str(len(sparsify_report(sparse))),
+            f"{1e3 * t_sparse:.2f}",
+            f"{t_dense / t_sparse:.2f}x",
+        ),
+    ]
+    print(
+        f"input {tuple(x.shape)}, {args.threads} thread(s)"
+        + (f", magnitude-pruned per layer to {args.sparsity:.0%}" if pruned_here else ", weights already sparse")
+        + (f", sparse model run {args.micro_batch} sample(s) at a time" if args.micro_batch else "")
+    )
     print(_table(rows))
     print(f"max |sparse - dense| / max |dense| = {diff:.2e}")
     return 0
@@ -319,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="fastprune-demo", help="folder for the plot (default: ./fastprune-demo)")
     d.add_argument("--quick", action="store_true", help="fewer epochs")
     d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not a terminal)")
+    d.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (the default when stderr is not a terminal)"
+    )
     d.set_defaults(func=cmd_demo)
     m = sub.add_parser("methods", help="list the pruning methods (name, config class, description)")
     m.set_defaults(func=cmd_methods)
@@ -327,13 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="package.module:factory returning the nn.Module")
     q.add_argument("--method", default="magnitude")
     q.add_argument("--sparsity", type=float, required=True)
-    q.add_argument("--scope", choices=["global", "layer"], default=None,
-                   help="global (default for weight pruning) or layer (default for channel methods)")
-    q.add_argument("--input-shape", type=lambda v: [int(t) for t in v.split(",")],
-                   help="example input shape for channel (structured) methods, e.g. 1,3,224,224")
-    q.add_argument("--block", type=int, default=1,
-                   help="magnitude: prune groups of this many output channels together (4: rows that share a pattern, "
-                        "about 2x faster sparse kernels at 90 %)")
+    q.add_argument(
+        "--scope",
+        choices=["global", "layer"],
+        default=None,
+        help="global (default for weight pruning) or layer (default for channel methods)",
+    )
+    q.add_argument(
+        "--input-shape",
+        type=lambda v: [int(t) for t in v.split(",")],
+        help="example input shape for channel (structured) methods, e.g. 1,3,224,224",
+    )
+    q.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="magnitude: prune groups of this many output channels together (4: rows that share a pattern, "
+        "about 2x faster sparse kernels at 90 %)",
+    )
     q.add_argument("--include", nargs="*", help="module names or glob patterns")
     q.add_argument("--exclude", nargs="*", help="module names or glob patterns")
     q.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
@@ -342,14 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_prune)
     b = sub.add_parser("bench", help="time a model dense vs sparse (fastprune.sparsify) on random inputs")
     b.add_argument("model", help="package.module:factory returning the nn.Module")
-    b.add_argument("--input-shape", required=True, type=lambda v: [int(t) for t in v.split(",")],
-                   help="e.g. 1,3,224,224")
+    b.add_argument(
+        "--input-shape", required=True, type=lambda v: [int(t) for t in v.split(",")], help="e.g. 1,3,224,224"
+    )
     b.add_argument("--sparsity", type=float, default=0.9, help="per-layer magnitude pruning when the weights are dense")
-    b.add_argument("--block", type=int, default=1,
-                   help="with dense weights: magnitude-prune groups of this many output channels together")
+    b.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="with dense weights: magnitude-prune groups of this many output channels together",
+    )
     b.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
-    b.add_argument("--micro-batch", type=int, default=None,
-                   help="run the sparse model this many samples at a time (models proven per-sample only)")
+    b.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="run the sparse model this many samples at a time (models proven per-sample only)",
+    )
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--min-run-time", type=float, default=1.0)
     b.set_defaults(func=cmd_bench)

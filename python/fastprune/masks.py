@@ -119,8 +119,9 @@ def select_parameters(
     used_exc: set[str] = set()
     for mname, module in model.named_modules(remove_duplicate=False):
         pnames = [n for n, _ in module.named_parameters(recurse=False)]
-        pnames = [n[: -len("_orig")] if n.endswith("_orig") and is_pruned(module, n[: -len("_orig")]) else n
-                  for n in pnames]
+        pnames = [
+            n[: -len("_orig")] if n.endswith("_orig") and is_pruned(module, n[: -len("_orig")]) else n for n in pnames
+        ]
         for pname in pnames:
             param = _raw_param(module, pname)
             if not param.is_floating_point():
@@ -181,8 +182,11 @@ def apply_masks(refs: Sequence[ParamRef], masks: Mapping[str, torch.Tensor]) -> 
             with torch.no_grad():
                 getattr(module, ref.param_name + "_orig").mul_(new.to(raw.dtype))
             # the hook recomputes on the next forward; refresh the attribute now for readers
-            setattr(module, ref.param_name, getattr(module, ref.param_name + "_orig") * getattr(
-                module, ref.param_name + "_mask"))
+            setattr(
+                module,
+                ref.param_name,
+                getattr(module, ref.param_name + "_orig") * getattr(module, ref.param_name + "_mask"),
+            )
 
 
 def sparsity_of(masks: Mapping[str, torch.Tensor]) -> float:
@@ -205,8 +209,11 @@ def finalize(model: nn.Module) -> nn.Module:
     """Make every torch-prune mask permanent (``weight = weight_orig * weight_mask``) and remove
     the reparametrisation; returns ``model``."""
     for module in model.modules():
-        names = [h._tensor_name for h in list(module._forward_pre_hooks.values())
-                 if isinstance(h, torch_prune.BasePruningMethod)]
+        names = [
+            h._tensor_name
+            for h in list(module._forward_pre_hooks.values())
+            if isinstance(h, torch_prune.BasePruningMethod)
+        ]
         for name in names:
             torch_prune.remove(module, name)
     return model

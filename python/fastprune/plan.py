@@ -64,8 +64,10 @@ class Plan:
     # -- inspection
     def __repr__(self) -> str:
         target = "-" if self.target_sparsity is None else f"{self.target_sparsity:.4f}"
-        return (f"Plan(method={self.method!r}, target_sparsity={target}, achieved_sparsity="
-                f"{self.achieved_sparsity:.4f}, masks={len(self.masks)} parameters, groups={len(self.groups)})")
+        return (
+            f"Plan(method={self.method!r}, target_sparsity={target}, achieved_sparsity="
+            f"{self.achieved_sparsity:.4f}, masks={len(self.masks)} parameters, groups={len(self.groups)})"
+        )
 
     def num_pruned(self) -> int:
         return int(sum(int((~m).sum()) for m in self.masks.values()))

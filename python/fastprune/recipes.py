@@ -36,8 +36,17 @@ class Outcome:
     total: int
 
 
-def train_dense(model_fn: Callable[[], nn.Module], data: Digits, *, epochs: int = 30, lr: float = 0.05,
-                l1: float = 0.0, l2: float = 1e-4, seed: int = 0, progress: bool = False) -> nn.Module:
+def train_dense(
+    model_fn: Callable[[], nn.Module],
+    data: Digits,
+    *,
+    epochs: int = 30,
+    lr: float = 0.05,
+    l1: float = 0.0,
+    l2: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
     """Build ``model_fn()`` under ``seed`` and train it dense."""
     torch.manual_seed(seed)
     model = model_fn()
@@ -50,9 +59,20 @@ def _outcome(model: nn.Module, sparsity: float, acc_pruned: float, data: Digits)
     return Outcome(sparsity, acc_pruned, evaluate(model, data.test_loader()), rep.numel - rep.zeros, rep.numel)
 
 
-def one_shot(dense: nn.Module, data: Digits, sparsity: float, *, retrain_epochs: int = 20, lr: float = 0.02,
-             l2: float = 1e-4, seed: int = 0, scope: str = "global", progress: bool = False,
-             method: str = "magnitude", method_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Outcome]:
+def one_shot(
+    dense: nn.Module,
+    data: Digits,
+    sparsity: float,
+    *,
+    retrain_epochs: int = 20,
+    lr: float = 0.02,
+    l2: float = 1e-4,
+    seed: int = 0,
+    scope: str = "global",
+    progress: bool = False,
+    method: str = "magnitude",
+    method_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Outcome]:
     """Prune a copy of ``dense`` to ``sparsity`` at once with ``method``, then retrain
     ``retrain_epochs``. ``method_kwargs`` go to the method (``{"data": loader, "num_grads": 512}``)."""
     model = copy.deepcopy(dense)
@@ -66,10 +86,21 @@ def one_shot(dense: nn.Module, data: Digits, sparsity: float, *, retrain_epochs:
     return model, _outcome(model, sparsity, acc_pruned, data)
 
 
-def iterative(dense: nn.Module, data: Digits, sparsity: float, *, steps: int = 4, retrain_epochs: int = 20,
-              lr: float = 0.02, l2: float = 1e-4, seed: int = 0, scope: str = "global",
-              progress: bool = False, method: str = "magnitude",
-              method_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, Outcome]:
+def iterative(
+    dense: nn.Module,
+    data: Digits,
+    sparsity: float,
+    *,
+    steps: int = 4,
+    retrain_epochs: int = 20,
+    lr: float = 0.02,
+    l2: float = 1e-4,
+    seed: int = 0,
+    scope: str = "global",
+    progress: bool = False,
+    method: str = "magnitude",
+    method_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Outcome]:
     """Prune a copy of ``dense`` to ``sparsity`` in ``steps`` prune -> retrain rounds (cubic
     schedule, the same total ``retrain_epochs`` as :func:`one_shot`, split evenly): Han et al.'s
     iterative pruning, or WoodFisher's gradual pruning with ``method="woodfisher"``."""
@@ -80,8 +111,9 @@ def iterative(dense: nn.Module, data: Digits, sparsity: float, *, steps: int = 4
     if "data" in method_kwargs:
         method_kwargs.setdefault("progress", progress)
     sched = schedules.cubic(0.0, sparsity, 0, steps - 1) if steps > 1 else schedules.constant(sparsity)
-    pruner = Pruner(model, method, schedule=lambda t: sched(t + 1) if steps > 1 else sched(t), scope=scope,
-                    **method_kwargs)
+    pruner = Pruner(
+        model, method, schedule=lambda t: sched(t + 1) if steps > 1 else sched(t), scope=scope, **method_kwargs
+    )
     per_step = [retrain_epochs // steps + (1 if i < retrain_epochs % steps else 0) for i in range(steps)]
     torch.manual_seed(seed)
     acc_pruned = float("nan")

@@ -62,12 +62,33 @@ class SparsityReport:
     def __str__(self) -> str:
         rows = [("layer", "type", "weights", "zeros", "sparsity", "dead out", "dead in")]
         for layer in self.layers:
-            rows.append((layer.name, layer.kind, f"{layer.numel}", f"{layer.zeros}", f"{layer.sparsity:.2%}",
-                         f"{layer.dead_outputs}", f"{layer.dead_inputs}"))
-        rows.append(("total", "", f"{self.numel}", f"{self.zeros}", f"{self.sparsity:.2%}",
-                     f"{sum(x.dead_outputs for x in self.layers)}", f"{sum(x.dead_inputs for x in self.layers)}"))
+            rows.append(
+                (
+                    layer.name,
+                    layer.kind,
+                    f"{layer.numel}",
+                    f"{layer.zeros}",
+                    f"{layer.sparsity:.2%}",
+                    f"{layer.dead_outputs}",
+                    f"{layer.dead_inputs}",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                f"{self.numel}",
+                f"{self.zeros}",
+                f"{self.sparsity:.2%}",
+                f"{sum(x.dead_outputs for x in self.layers)}",
+                f"{sum(x.dead_inputs for x in self.layers)}",
+            )
+        )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
         return "\n".join(lines) + f"\ncompression: {self.compression:.2f}x fewer nonzero weights"

@@ -48,12 +48,13 @@ def topk_masks(
     ``n`` entries, or per layer), never leaving a layer with fewer than ``min_remaining`` entries."""
     if scope == "layer":
         out = {}
-        for name, s in zip(names, scores):
+        for name, s in zip(names, scores, strict=True):
             n = s.numel()
             k = round(sparsity * n)
             if k > n - min(min_remaining, n):
-                raise ValueError(f"sparsity {sparsity} would leave {name} with fewer than min_remaining="
-                                 f"{min_remaining} weights")
+                raise ValueError(
+                    f"sparsity {sparsity} would leave {name} with fewer than min_remaining={min_remaining} weights"
+                )
             flat = s.reshape(-1).to(torch.float64)
             keep = torch.ones_like(flat, dtype=torch.bool)
             keep[_lowest(flat, k)] = False
@@ -75,7 +76,7 @@ def topk_masks(
     keep = torch.ones(n, dtype=torch.bool)
     keep[_lowest(ranked, k)] = False
     out, i = {}, 0
-    for name, s in zip(names, scores):
+    for name, s in zip(names, scores, strict=True):
         out[name] = keep[i : i + s.numel()].reshape(s.shape).to(s.device)
         i += s.numel()
     return out
@@ -85,13 +86,18 @@ def _q_for(name: str, module_name: str, q: float | Mapping[str, float]) -> float
     if not isinstance(q, Mapping):
         return float(q)
     for pattern, value in q.items():
-        if pattern in (name, module_name) or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(module_name, pattern):
+        if (
+            pattern in (name, module_name)
+            or fnmatch.fnmatchcase(name, pattern)
+            or fnmatch.fnmatchcase(module_name, pattern)
+        ):
             return float(value)
     return None
 
 
-def threshold_masks(refs: Sequence[ParamRef], q: float | Mapping[str, float], min_remaining: int,
-                    block: int = 1) -> dict[str, torch.Tensor]:
+def threshold_masks(
+    refs: Sequence[ParamRef], q: float | Mapping[str, float], min_remaining: int, block: int = 1
+) -> dict[str, torch.Tensor]:
     """Han's rule: prune ``|w| < q * std(W_l)`` in each layer (layers without a q are left as they are);
     with ``block > 1`` the group mean of ``|w|`` (:func:`block_scores`) is compared instead."""
     out = {}
@@ -116,8 +122,14 @@ def _keep_after_rounding(channels: int, remove: int, round_to: int | None) -> in
     return channels - keep
 
 
-def select_channels(groups: Sequence[Group], scores: Mapping[int, torch.Tensor], sparsity: float, *,
-                    scope: str = "layer", round_to: int | None = None) -> dict[int, list[int]]:
+def select_channels(
+    groups: Sequence[Group],
+    scores: Mapping[int, torch.Tensor],
+    sparsity: float,
+    *,
+    scope: str = "layer",
+    round_to: int | None = None,
+) -> dict[int, list[int]]:
     """Channels to remove per group id: the lowest-scoring ``floor(sparsity * n)`` of each group's
     n removable channels (``scope="layer"``), or the lowest ``floor(sparsity * N)`` of all N
     removable channels with scores normalised by each group's mean (``scope="global"``).
@@ -149,8 +161,10 @@ def select_channels(groups: Sequence[Group], scores: Mapping[int, torch.Tensor],
     for gid, chans in out.items():
         g = by_id[gid]
         if len(chans) >= g.channels:
-            raise ValueError(f"global selection at sparsity {sparsity} would remove every channel of group {gid} "
-                             f"(layers {', '.join(g.layers)}); use scope='layer' or a lower sparsity")
+            raise ValueError(
+                f"global selection at sparsity {sparsity} would remove every channel of group {gid} "
+                f"(layers {', '.join(g.layers)}); use scope='layer' or a lower sparsity"
+            )
         k = _keep_after_rounding(g.channels, len(chans), round_to)
         s = scores[gid]
         chans.sort(key=lambda c: (float(s[c]), c))

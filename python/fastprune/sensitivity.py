@@ -29,8 +29,10 @@ class SensitivityResult:
         rows = [head, ["(dense)"] + [f"{self.baseline:.4f}"] * len(self.sparsities)]
         rows += [[name] + [f"{v:.4f}" for v in vals] for name, vals in self.scores.items()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        return "\n".join("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
-                         for r in rows)
+        return "\n".join(
+            "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows
+        )
 
     def plot(self, path: str, ylabel: str = "accuracy") -> str:
         """Write a PNG of metric vs sparsity, one line per layer; returns ``path``."""

@@ -34,7 +34,7 @@ class FitHistory:
 def _weights(model: nn.Module) -> list[torch.Tensor]:
     """Weight tensors (dim >= 2) for the L1 term: the trainable ones, pruned or not."""
     out = []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and p.dim() >= 2:
             out.append(p)
     return out

@@ -28,9 +28,13 @@ def test_forced_isa_is_the_one_that_ran(isa, monkeypatch):
     monkeypatch.setenv("FASTPRUNE_JIT", "0")
     ops.reset_kernel_counts()
     _calls()
-    assert ops.kernel_counts() == {("sparse_conv2d", isa): 1, ("sparse_linear", isa): 1,
-                                   ("sparse_linear", "float64"): 1, ("woodbury_inverse_fisher", isa): 1,
-                                   ("woodbury_update_", isa): 1}
+    assert ops.kernel_counts() == {
+        ("sparse_conv2d", isa): 1,
+        ("sparse_linear", isa): 1,
+        ("sparse_linear", "float64"): 1,
+        ("woodbury_inverse_fisher", isa): 1,
+        ("woodbury_update_", isa): 1,
+    }
     assert ops.cpu.unexpected_paths(ops.kernel_counts(), isa) == {}
 
 
@@ -58,8 +62,11 @@ def test_a_path_other_than_the_one_asked_for_is_caught(monkeypatch):
     ops.reset_kernel_counts()
     _calls()
     assert set(ops.cpu.unexpected_paths(ops.kernel_counts(), "scalar")) == {
-        ("sparse_conv2d", ops.best_isa()), ("sparse_linear", ops.best_isa()),
-        ("woodbury_inverse_fisher", ops.best_isa()), ("woodbury_update_", ops.best_isa())}
+        ("sparse_conv2d", ops.best_isa()),
+        ("sparse_linear", ops.best_isa()),
+        ("woodbury_inverse_fisher", ops.best_isa()),
+        ("woodbury_update_", ops.best_isa()),
+    }
     with pytest.raises(ValueError, match="isa must be one of"):
         ops.cpu.unexpected_paths({}, "sse2")
 

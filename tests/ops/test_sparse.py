@@ -23,7 +23,7 @@ def test_pack_matches_reference(dtype, shape):
         w[4] = 1.5  # a dense row
     got = ops.pack_sparse(w)
     want = reference.pack_sparse(w)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert got[1].dtype == (torch.int32 if shape[1] > 65536 else torch.int16)
     torch.testing.assert_close(ops.unpack_sparse(*got, shape[1]), w, rtol=0, atol=0)
@@ -35,9 +35,12 @@ def test_pack_reads_non_contiguous_weights_and_wide_16_bit_columns():
     assert col.dtype == torch.int16 and bool((col < 0).any())
     torch.testing.assert_close(ops.unpack_sparse(rp, col, val, 60000), w, rtol=0, atol=0)
     x = torch.randn(2, 60000)
-    torch.testing.assert_close(ops.sparse_linear(x, rp, col, val, 60000),
-                               reference.sparse_linear(x.double(), rp, col, val.double(), 60000).float(),
-                               rtol=1e-4, atol=1e-3)  # float32 sums of 30000 products
+    torch.testing.assert_close(
+        ops.sparse_linear(x, rp, col, val, 60000),
+        reference.sparse_linear(x.double(), rp, col, val.double(), 60000).float(),
+        rtol=1e-4,
+        atol=1e-3,
+    )  # float32 sums of 30000 products
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -52,8 +55,9 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
     b = torch.randn(out, dtype=dtype)
     for bias, relu in [(None, False), (b, True), (b, False)]:
         got = ops.sparse_linear(x, *packed, inp, bias, relu)
-        want = reference.sparse_linear(x.double(), packed[0], packed[1], packed[2].double(), inp,
-                                       None if bias is None else bias.double(), relu)
+        want = reference.sparse_linear(
+            x.double(), packed[0], packed[1], packed[2].double(), inp, None if bias is None else bias.double(), relu
+        )
         assert got.shape == (*batch, out) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
@@ -116,8 +120,7 @@ def test_opcheck():
         packed = ops.pack_sparse(w)
         x = torch.randn(n, 19, dtype=dtype, requires_grad=True)
         torch.library.opcheck(torch.ops.fastprune.sparse_linear, (x, *packed, 19, torch.randn(11, dtype=dtype), True))
-        torch.library.opcheck(torch.ops.fastprune.pack_sparse, (w,),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.fastprune.pack_sparse, (w,), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_input_gradient_and_no_weight_gradient():
@@ -179,9 +182,20 @@ def test_sparse_conv2d_matches_reference(isa, dtype, case):
     res = torch.randn(want.shape, dtype=dtype)
     for bias, relu, residual in [(None, False, None), (b, True, None), (b, True, res)]:
         got = ops.sparse_conv2d(x, *packed, weight.shape, bias, s, p, d, g, relu, residual)
-        ref = reference.sparse_conv2d(x.double(), packed[0], packed[1], packed[2].double(), weight.shape,
-                                      None if bias is None else bias.double(), s, p, d, g, relu,
-                                      None if residual is None else residual.double())
+        ref = reference.sparse_conv2d(
+            x.double(),
+            packed[0],
+            packed[1],
+            packed[2].double(),
+            weight.shape,
+            None if bias is None else bias.double(),
+            s,
+            p,
+            d,
+            g,
+            relu,
+            None if residual is None else residual.double(),
+        )
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         assert got.shape == ref.shape
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
@@ -193,8 +207,9 @@ def test_sparse_conv2d_non_contiguous_input_and_dense_filter(isa):
     weight = torch.randn(6, 4, 3, 3)  # fully dense rows
     x = torch.randn(2, 9, 9, 4).permute(0, 3, 1, 2)  # channels-last view
     packed = ops.pack_sparse(weight.flatten(1))
-    torch.testing.assert_close(ops.sparse_conv2d(x, *packed, weight.shape, None, 1, 1), F.conv2d(x, weight, None, 1, 1),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ops.sparse_conv2d(x, *packed, weight.shape, None, 1, 1), F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sparse_conv2d_bad_inputs():
@@ -205,8 +220,9 @@ def test_sparse_conv2d_bad_inputs():
     with pytest.raises(ValueError, match="different shape"):
         ops.sparse_conv2d(torch.randn(1, 1, 8, 8), *packed, (4, 1, 3, 3))
     with pytest.raises(RuntimeError, match="different shape"):
-        torch.ops.fastprune.sparse_conv2d(torch.randn(1, 1, 8, 8), *packed, [4, 1, 3, 3], None, [1, 1], [0, 0], [1, 1],
-                                          1, False, None)
+        torch.ops.fastprune.sparse_conv2d(
+            torch.randn(1, 1, 8, 8), *packed, [4, 1, 3, 3], None, [1, 1], [0, 0], [1, 1], 1, False, None
+        )
     with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
         ops.sparse_conv2d(torch.randn(1, 3, 2, 2), *packed, weight.shape)
     with pytest.raises(RuntimeError, match="residual"):
@@ -220,7 +236,9 @@ def test_sparse_conv2d_opcheck_gradients_and_compile():
     b = torch.randn(weight.shape[0], dtype=torch.float64, requires_grad=True)
     args = (x, *packed, list(weight.shape), b, [2, 2], [1, 1], [1, 1], g, True, None)
     torch.library.opcheck(torch.ops.fastprune.sparse_conv2d, args)
-    assert torch.autograd.gradcheck(lambda x, b: ops.sparse_conv2d(x, *packed, weight.shape, b, 2, 1, 1, g, True), (x, b))
+    assert torch.autograd.gradcheck(
+        lambda x, b: ops.sparse_conv2d(x, *packed, weight.shape, b, 2, 1, 1, g, True), (x, b)
+    )
     w32, x32 = weight.float(), x.detach().float()
     p32 = ops.pack_sparse(w32.flatten(1))
 
@@ -239,16 +257,24 @@ def test_conv_offset_cache_follows_in_place_changes_and_geometry(isa):
     y1 = ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)
     # another geometry with the same packed weight: its own offsets
     x2 = torch.randn(2, 3, 11, 5)
-    torch.testing.assert_close(ops.sparse_conv2d(x2, rp, col, val, weight.shape, None, 2, 2),
-                               F.conv2d(x2, weight, None, 2, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ops.sparse_conv2d(x2, rp, col, val, weight.shape, None, 2, 2),
+        F.conv2d(x2, weight, None, 2, 2),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # an in-place change of the columns (a different filter pattern) must not reuse stale offsets
     w2 = weight.roll(1, dims=3)
     rp2, col2, val2 = ops.pack_sparse(w2.flatten(1))
     if col2.numel() == col.numel() and torch.equal(rp2, rp):
         col.copy_(col2)
         val.copy_(val2)
-        torch.testing.assert_close(ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1),
-                                   F.conv2d(x, w2, None, 1, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1),
+            F.conv2d(x, w2, None, 1, 1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert y1.shape == (1, 4, 8, 8)
 
 
@@ -288,17 +314,24 @@ def test_sparse_linear_rows_sharing_a_pattern(isa, batch, inp):
     if torch.equal(rp2, rp):
         col.copy_(col2)
         val.copy_(val2)
-        torch.testing.assert_close(ops.sparse_linear(x, rp, col, val, inp, b, True),
-                                   torch.relu(torch.nn.functional.linear(x, w2, b)), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            ops.sparse_linear(x, rp, col, val, inp, b, True),
+            torch.relu(torch.nn.functional.linear(x, w2, b)),
+            rtol=1e-5,
+            atol=1e-4,
+        )
 
 
-@pytest.mark.parametrize("case", [
-    (1, 5, 9, 11, 23, 3, 1, 1, 1, 1),  # odd sizes: a partial last tile
-    (2, 6, 14, 14, 18, 3, 2, 1, 1, 2),  # stride 2, two conv groups (equal columns, different planes)
-    (3, 40, 7, 7, 37, 1, 1, 0, 1, 1),  # 1x1 on several samples (one product over N * H * W)
-    (1, 8, 12, 12, 8, 3, 1, 2, 2, 8),  # depthwise, dilated
-    (1, 16, 56, 30, 9, 3, 1, 1, 1, 1),  # long rows: several full tiles and a tail
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 5, 9, 11, 23, 3, 1, 1, 1, 1),  # odd sizes: a partial last tile
+        (2, 6, 14, 14, 18, 3, 2, 1, 1, 2),  # stride 2, two conv groups (equal columns, different planes)
+        (3, 40, 7, 7, 37, 1, 1, 0, 1, 1),  # 1x1 on several samples (one product over N * H * W)
+        (1, 8, 12, 12, 8, 3, 1, 2, 2, 8),  # depthwise, dilated
+        (1, 16, 56, 30, 9, 3, 1, 1, 1, 1),  # long rows: several full tiles and a tail
+    ],
+)
 def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
     n, c, h, wd, o, k, s, p, d, g = case
     weight = _shared_pattern_weight(o, c // g * k * k, 0.4, seed=o).reshape(o, c // g, k, k)
@@ -313,29 +346,50 @@ def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
 # Generated code (csrc/sparse/sparse_jit.cpp): blocks of up to 28 rows (31 for 1x1 convs) whose
 # accumulators stay in registers. FASTPRUNE_JIT=always runs it for every float32 conv (on a CPU
 # without AVX-512 these cases run the vector loops instead, and still must match).
-@pytest.mark.parametrize("case", [
-    (1, 6, 12, 13, 61, 3, 1, 1, 1, 1),  # three blocks of rows (28, 28, 5), a partial last tile
-    (2, 300, 30, 30, 33, 1, 1, 0, 1, 1),  # offsets past 2^16 floats (32-bit displacements)
-    (1, 40, 20, 20, 70, 3, 2, 1, 1, 1),  # stride 2, over 2^14 nonzeros (value displacements)
-    (1, 4, 16, 16, 30, 1, 1, 0, 1, 1),  # 1x1 in place, 256 positions: straight into the output
-    (2, 8, 9, 9, 29, 3, 1, 1, 1, 1),  # 29 rows: a block of one row
-    (1, 5, 8, 8, 63, 1, 1, 0, 1, 1),  # 1x1, every offset aligned: blocks of 31 rows (31, 31, 1)
-    (2, 7, 5, 6, 33, 1, 1, 0, 1, 1),  # 1x1 on 30-position planes (padded to 32), a partial tile
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 6, 12, 13, 61, 3, 1, 1, 1, 1),  # three blocks of rows (28, 28, 5), a partial last tile
+        (2, 300, 30, 30, 33, 1, 1, 0, 1, 1),  # offsets past 2^16 floats (32-bit displacements)
+        (1, 40, 20, 20, 70, 3, 2, 1, 1, 1),  # stride 2, over 2^14 nonzeros (value displacements)
+        (1, 4, 16, 16, 30, 1, 1, 0, 1, 1),  # 1x1 in place, 256 positions: straight into the output
+        (2, 8, 9, 9, 29, 3, 1, 1, 1, 1),  # 29 rows: a block of one row
+        (1, 5, 8, 8, 63, 1, 1, 0, 1, 1),  # 1x1, every offset aligned: blocks of 31 rows (31, 31, 1)
+        (2, 7, 5, 6, 33, 1, 1, 0, 1, 1),  # 1x1 on 30-position planes (padded to 32), a partial tile
+    ],
+)
 @pytest.mark.parametrize("density", [0.1, 0.6])
 def test_generated_code_matches_reference(monkeypatch, case, density):
     monkeypatch.setenv("FASTPRUNE_ISA", "avx512")
     weight, x, s, p, d, g = _conv_case(case, torch.float32, density=density)
     rp, col, val = ops.pack_sparse(weight.flatten(1))
     b = torch.randn(weight.shape[0])
-    for bias, relu, with_res in [(None, False, False), (b, False, False), (None, True, False), (b, True, True),
-                                 (None, False, True)]:
-        want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape,
-                                       None if bias is None else bias.double(), s, p, d, g, relu)
+    for bias, relu, with_res in [
+        (None, False, False),
+        (b, False, False),
+        (None, True, False),
+        (b, True, True),
+        (None, False, True),
+    ]:
+        want = reference.sparse_conv2d(
+            x.double(), rp, col, val.double(), weight.shape, None if bias is None else bias.double(), s, p, d, g, relu
+        )
         res = torch.randn(want.shape) if with_res else None
         if res is not None:
-            want = reference.sparse_conv2d(x.double(), rp, col, val.double(), weight.shape,
-                                           None if bias is None else bias.double(), s, p, d, g, relu, res.double())
+            want = reference.sparse_conv2d(
+                x.double(),
+                rp,
+                col,
+                val.double(),
+                weight.shape,
+                None if bias is None else bias.double(),
+                s,
+                p,
+                d,
+                g,
+                relu,
+                res.double(),
+            )
         for mode in ("always", "0", "1"):
             monkeypatch.setenv("FASTPRUNE_JIT", mode)
             got = ops.sparse_conv2d(x, rp, col, val, weight.shape, bias, s, p, d, g, relu, res)
@@ -360,8 +414,12 @@ def test_generated_code_follows_changed_values_and_bad_settings_are_errors(monke
     torch.testing.assert_close(y, F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # inference tensors: no cache, so the vector loops (still right)
         packed_inf = ops.pack_sparse(weight.flatten(1))
-        torch.testing.assert_close(ops.sparse_conv2d(x, *packed_inf, weight.shape, None, 1, 1),
-                                   F.conv2d(x, weight, None, 1, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ops.sparse_conv2d(x, *packed_inf, weight.shape, None, 1, 1),
+            F.conv2d(x, weight, None, 1, 1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     monkeypatch.setenv("FASTPRUNE_JIT", "yes")
     with pytest.raises(RuntimeError, match="FASTPRUNE_JIT must be 0, 1 or always"):
         ops.sparse_conv2d(x, rp, col, val, weight.shape, None, 1, 1)

@@ -17,19 +17,26 @@ from fastprune.masks import effective_weight
 
 
 def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 15), nn.BatchNorm1d(15), nn.ReLU(),
-                         nn.Linear(15, 5))
+    return nn.Sequential(
+        nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 15), nn.BatchNorm1d(15), nn.ReLU(), nn.Linear(15, 5)
+    )
 
 
 def convnet() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
-                         nn.Flatten(), nn.Linear(6 * 4 * 4, 7))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 7),
+    )
 
 
 def zeros_of(model: nn.Module, names=None) -> tuple[int, int]:
     rep = fastprune.sparsity_report(model)
-    layers = [l for l in rep.layers if names is None or l.name in names]
-    return sum(l.zeros for l in layers), sum(l.numel for l in layers)
+    layers = [layer for layer in rep.layers if names is None or layer.name in names]
+    return sum(layer.zeros for layer in layers), sum(layer.numel for layer in layers)
 
 
 @pytest.mark.parametrize("factory", [mlp, convnet])
@@ -62,10 +69,16 @@ def test_global_prunes_smallest_magnitudes():
     model = mlp()
     before = {n: effective_weight(m, "weight").abs() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     fastprune.prune(model, "magnitude", sparsity=0.6)
-    kept_min = min(float(before[n][effective_weight(m, "weight") != 0].min())
-                   for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    pruned_max = max(float(before[n][effective_weight(m, "weight") == 0].max())
-                     for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    kept_min = min(
+        float(before[n][effective_weight(m, "weight") != 0].min())
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    )
+    pruned_max = max(
+        float(before[n][effective_weight(m, "weight") == 0].max())
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    )
     assert pruned_max <= kept_min
 
 
@@ -73,7 +86,7 @@ def test_dtype_device_and_surviving_values_preserved():
     model = mlp().double()
     ref = copy.deepcopy(model)
     fastprune.prune(model, "magnitude", sparsity=0.5)
-    for (n, m), (_, r) in zip(model.named_modules(), ref.named_modules()):
+    for (_, m), (_, r) in zip(model.named_modules(), ref.named_modules(), strict=True):
         if isinstance(m, nn.Linear):
             w = effective_weight(m, "weight")
             assert w.dtype == torch.float64
@@ -163,7 +176,7 @@ def test_plan_json_round_trip_replays_exactly(tmp_path):
     assert back.to_json() == plan.to_json()
     assert back.method == "magnitude" and back.config["scope"] == "layer"
     back.apply(start)
-    for (n, a), (_, b) in zip(model.named_modules(), start.named_modules()):
+    for (_, a), (_, b) in zip(model.named_modules(), start.named_modules(), strict=True):
         if isinstance(a, (nn.Linear, nn.Conv2d)):
             assert torch.equal(a.weight_mask, b.weight_mask)
     x = torch.randn(2, 3, 6, 6)
@@ -277,9 +290,14 @@ def test_schedules():
     lin = schedules.linear(0.1, 0.5, 0, 4)
     assert [lin(t) for t in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
     assert schedules.constant(0.3)(7) == 0.3
-    for bad in (lambda: schedules.linear(0.5, 0.1, 0, 4), lambda: schedules.cubic(0.9, 0.1, 0, 5),
-                lambda: schedules.linear(0.1, 0.5, 4, 4), lambda: schedules.constant(1.0),
-                lambda: schedules.asymptotic(0.4, 100, d=1.2), lambda: schedules.asymptotic(0.4, 0)):
+    for bad in (
+        lambda: schedules.linear(0.5, 0.1, 0, 4),
+        lambda: schedules.cubic(0.9, 0.1, 0, 5),
+        lambda: schedules.linear(0.1, 0.5, 4, 4),
+        lambda: schedules.constant(1.0),
+        lambda: schedules.asymptotic(0.4, 100, d=1.2),
+        lambda: schedules.asymptotic(0.4, 0),
+    ):
         with pytest.raises(ValueError):
             bad()
     with pytest.raises(ValueError):
@@ -310,8 +328,12 @@ def test_sensitivity_scan_leaves_model_alone(tmp_path):
     model = mlp().eval()
     x = torch.randn(32, 20)
     ref = model(x).detach()
-    res = fastprune.sensitivity(model, lambda m: float(-((m(x) - ref) ** 2).mean().detach()), sparsities=[0.5, 0.9],
-                                plot=str(tmp_path / "s.png"))
+    res = fastprune.sensitivity(
+        model,
+        lambda m: float(-((m(x) - ref) ** 2).mean().detach()),
+        sparsities=[0.5, 0.9],
+        plot=str(tmp_path / "s.png"),
+    )
     assert set(res.scores) == {"0.weight", "2.weight", "5.weight"}
     assert all(v[0] >= v[1] for v in res.scores.values())  # more pruning, more damage
     assert not torch_prune.is_pruned(model)
@@ -331,7 +353,7 @@ def test_block_pruning_gives_rows_sharing_patterns(scope):
         w = effective_weight(model.get_submodule(name), "weight").reshape(before[f"{name}.weight"].shape[0], -1)
         split = 0
         for g0 in range(0, w.shape[0], 4):
-            pats = (w[g0:g0 + 4] != 0)
+            pats = w[g0 : g0 + 4] != 0
             split += int((pats != pats[0]).any(dim=0).sum())  # positions where the group disagrees
         assert split <= 1, (name, split)  # at most the group at the threshold is split
         # kept positions are those whose group mean |w| is largest
@@ -341,7 +363,7 @@ def test_block_pruning_gives_rows_sharing_patterns(scope):
             assert kept.min() >= pruned.max() - 1e-7
     # rows sharing a pattern pack to equal column lists
     rp, col, _ = fastprune.ops.pack_sparse(effective_weight(model[3], "weight").detach())
-    rows = [col[rp[r]:rp[r + 1]].tolist() for r in range(13)]
+    rows = [col[rp[r] : rp[r + 1]].tolist() for r in range(13)]
     assert sum(any(rows[r] != rows[g0] for r in range(g0, min(g0 + 4, 13))) for g0 in range(0, 13, 4)) <= 1
 
 

@@ -20,8 +20,14 @@ from fastprune.train import fit
 
 
 def bn_net() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
-                         nn.Flatten(), nn.Linear(6 * 4 * 4, 7))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 7),
+    )
 
 
 X = torch.randn(2, 3, 6, 6)
@@ -54,10 +60,15 @@ def test_channel_base_config_is_not_a_method():
         fastprune.ChannelConfig(sparsity=0.5, example_inputs=X)
 
 
-@pytest.mark.parametrize("name, cls", [("l1_filter", fastprune.L1FilterConfig),
-                                       ("l2_filter", fastprune.L2FilterConfig),
-                                       ("bn_scale", fastprune.BNScaleConfig),
-                                       ("random", fastprune.RandomChannelConfig)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("l1_filter", fastprune.L1FilterConfig),
+        ("l2_filter", fastprune.L2FilterConfig),
+        ("bn_scale", fastprune.BNScaleConfig),
+        ("random", fastprune.RandomChannelConfig),
+    ],
+)
 def test_a_channel_config_runs_its_own_criterion(name, cls):
     by_kw, by_cfg, by_both = bn_net().eval(), None, None
     by_cfg = copy.deepcopy(by_kw)
@@ -86,11 +97,14 @@ def test_the_criteria_differ_on_the_same_model():
     assert picks["random"] not in (picks["l1_filter"], picks["bn_scale"])
 
 
-@pytest.mark.parametrize("method, config", [
-    ("magnitude", lambda: fastprune.WoodFisherConfig(sparsity=0.5, data=[(X, torch.zeros(2, dtype=torch.long))])),
-    ("l1_filter", lambda: fastprune.L2FilterConfig(sparsity=0.5, example_inputs=X)),
-    ("woodfisher", lambda: fastprune.MagnitudeConfig(sparsity=0.5)),
-])
+@pytest.mark.parametrize(
+    "method, config",
+    [
+        ("magnitude", lambda: fastprune.WoodFisherConfig(sparsity=0.5, data=[(X, torch.zeros(2, dtype=torch.long))])),
+        ("l1_filter", lambda: fastprune.L2FilterConfig(sparsity=0.5, example_inputs=X)),
+        ("woodfisher", lambda: fastprune.MagnitudeConfig(sparsity=0.5)),
+    ],
+)
 def test_a_method_name_that_disagrees_with_the_config_is_refused(method, config):
     # bug: prune(m, "magnitude", config=WoodFisherConfig(...)) used to be accepted (and run WoodFisher)
     model = bn_net()
@@ -170,8 +184,14 @@ def test_apply_validates_everything_before_changing_anything():
     assert same(before, tensors(model))
     # a channel plan for another architecture
     cplan = fastprune.prune(bn_net().eval(), "l1_filter", sparsity=0.5, example_inputs=X, dry_run=True)
-    other = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 6, 3),
-                          nn.Flatten(), nn.Linear(6 * 4 * 4, 7))
+    other = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Conv2d(5, 6, 3),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 7),
+    )
     before = tensors(other)
     with pytest.raises(ValueError, match="does not match the model"):
         fastprune.apply(other, cplan)
@@ -224,8 +244,9 @@ def test_a_data_reading_criterion_is_one_config_and_one_criterion(mean_activatio
     torch.manual_seed(0)
     model = bn_net().eval()
     batches = [torch.randn(4, 3, 6, 6) for _ in range(3)]
-    plan = fastprune.prune(copy.deepcopy(model), "mean_activation", sparsity=0.5, example_inputs=X, data=batches,
-                           dry_run=True)
+    plan = fastprune.prune(
+        copy.deepcopy(model), "mean_activation", sparsity=0.5, example_inputs=X, data=batches, dry_run=True
+    )
     # the expected scores, by hand: the first conv's mean |output| per channel over every position
     with torch.no_grad():
         acts = torch.cat([model[0](b).abs().movedim(1, -1).reshape(-1, 8) for b in batches]).double().mean(0)
@@ -234,8 +255,14 @@ def test_a_data_reading_criterion_is_one_config_and_one_criterion(mean_activatio
     assert first["removed"] == want
     # batches as (inputs, targets) tuples and as dicts of keyword arguments give the same plan
     for wrap in (lambda b: (b, torch.zeros(len(b))), lambda b: {"input": b}):
-        again = fastprune.prune(copy.deepcopy(model), "mean_activation", sparsity=0.5, example_inputs=X,
-                                data=[wrap(b) for b in batches], dry_run=True)
+        again = fastprune.prune(
+            copy.deepcopy(model),
+            "mean_activation",
+            sparsity=0.5,
+            example_inputs=X,
+            data=[wrap(b) for b in batches],
+            dry_run=True,
+        )
         assert [g["removed"] for g in again.groups] == [g["removed"] for g in plan.groups]
     with pytest.raises(ValueError, match="reads activations: pass data="):
         fastprune.prune(copy.deepcopy(model), "mean_activation", sparsity=0.5, example_inputs=X)
@@ -264,15 +291,24 @@ def _loader(n=24, batch=8):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 6, 6, generator=g)
     y = torch.randint(0, 7, (n,), generator=g)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 def test_fit_calls_the_hooks_in_order():
     model = bn_net()
     rec = Recorder(model)
     fit(model, _loader(), epochs=2, lr=0.01, progress=False, callbacks=[rec])
-    assert rec.calls == [("start", -1), ("step", 0), ("step", 1), ("step", 2), ("epoch", 0),
-                         ("step", 3), ("step", 4), ("step", 5), ("epoch", 1)]
+    assert rec.calls == [
+        ("start", -1),
+        ("step", 0),
+        ("step", 1),
+        ("step", 2),
+        ("epoch", 0),
+        ("step", 3),
+        ("step", 4),
+        ("step", 5),
+        ("epoch", 1),
+    ]
     fit(model, _loader(), epochs=1, lr=0.01, progress=False, callbacks=[rec])
     assert rec.calls.count(("start", -1)) == 1  # a pruner starts once
     rec.finalize()
@@ -332,8 +368,9 @@ class SoftZero(fastprune.BasePruner):
 def test_the_base_supports_soft_pruning_where_zeroed_filters_regrow():
     torch.manual_seed(0)
     # tanh'(0) = 1: a zeroed filter gets gradients (after BN + ReLU with beta = 0 it would not: issue 16)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 6, 3), nn.Flatten(),
-                          nn.Linear(6 * 4 * 4, 7))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 7)
+    )
     soft = SoftZero(model, k=3)
     regrown = []
 

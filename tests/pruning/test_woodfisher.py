@@ -55,8 +55,17 @@ def dense_obs(model, x, y, damp, k, joint):
 def test_obs_update_equals_dense_closed_form(joint):
     model, loader, x, y = tiny_problem()
     expect_w, expect_keep = dense_obs(model, x, y, 0.05, 5, joint)
-    plan = fastprune.prune(model, "woodfisher", sparsity=5 / 12, data=loader, num_grads=24, block_size=12,
-                           damp=0.05, joint=joint, progress=False)
+    plan = fastprune.prune(
+        model,
+        "woodfisher",
+        sparsity=5 / 12,
+        data=loader,
+        num_grads=24,
+        block_size=12,
+        damp=0.05,
+        joint=joint,
+        progress=False,
+    )
     assert torch.equal(plan.masks["0.weight"], expect_keep)
     torch.testing.assert_close(effective_weight(model[0], "weight"), expect_w, rtol=1e-9, atol=1e-9)
 
@@ -65,8 +74,17 @@ def test_blocks_global_equals_layer_for_one_layer():
     a, loader, _, _ = tiny_problem()
     b = copy.deepcopy(a)
     fastprune.prune(a, "woodfisher", sparsity=0.5, data=loader, num_grads=24, block_size=6, damp=0.1, progress=False)
-    fastprune.prune(b, "woodfisher", sparsity=0.5, data=loader, num_grads=24, block_size=6, damp=0.1,
-                    blocks="global", progress=False)
+    fastprune.prune(
+        b,
+        "woodfisher",
+        sparsity=0.5,
+        data=loader,
+        num_grads=24,
+        block_size=6,
+        damp=0.1,
+        blocks="global",
+        progress=False,
+    )
     torch.testing.assert_close(effective_weight(a[0], "weight"), effective_weight(b[0], "weight"))
 
 
@@ -75,8 +93,9 @@ def test_identity_fisher_reduces_to_magnitude():
     model, loader, _, _ = tiny_problem()
     ref = copy.deepcopy(model)
     zero_loss = lambda out, y: (out * 0).sum()  # noqa: E731
-    fastprune.prune(model, "woodfisher", sparsity=0.5, data=loader, loss_fn=zero_loss, num_grads=24, damp=0.1,
-                    progress=False)
+    fastprune.prune(
+        model, "woodfisher", sparsity=0.5, data=loader, loss_fn=zero_loss, num_grads=24, damp=0.1, progress=False
+    )
     fastprune.prune(ref, "magnitude", sparsity=0.5)
     assert torch.equal(model[0].weight_mask, ref[0].weight_mask)
     torch.testing.assert_close(effective_weight(model[0], "weight"), effective_weight(ref[0], "weight"))
@@ -86,8 +105,9 @@ def test_exact_sparsity_block_larger_than_layer_and_fisher_batches():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(4)]
-    plan = fastprune.prune(model, "woodfisher", sparsity=0.6, data=data, num_grads=20, fisher_batch_size=3,
-                           block_size=1000, progress=False)  # block larger than any layer: one block each
+    plan = fastprune.prune(
+        model, "woodfisher", sparsity=0.6, data=data, num_grads=20, fisher_batch_size=3, block_size=1000, progress=False
+    )  # block larger than any layer: one block each
     rep = fastprune.sparsity_report(model)
     assert rep.zeros == round(0.6 * rep.numel)
     assert plan.achieved_sparsity == pytest.approx(rep.zeros / rep.numel)
@@ -135,8 +155,11 @@ def test_paper_direction_on_digits():
     data = fastprune.data.digits(seed=0)
     dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=20, seed=0)
     acc = {}
-    for name, kw in (("magnitude", {}), ("fisher_diag", {"data": data.train_loader(), "num_grads": 512}),
-                     ("woodfisher", {"data": data.train_loader(), "num_grads": 512})):
+    for name, kw in (
+        ("magnitude", {}),
+        ("fisher_diag", {"data": data.train_loader(), "num_grads": 512}),
+        ("woodfisher", {"data": data.train_loader(), "num_grads": 512}),
+    ):
         m = copy.deepcopy(dense)
         if name != "magnitude":
             kw["progress"] = False
@@ -154,8 +177,9 @@ def test_half_precision_model_accumulates_in_float32():
     from fastprune.masks import select_parameters
 
     refs = select_parameters(model)
-    stats = collect_fisher(model, refs, data, nn.functional.cross_entropy, num_grads=32, block_size=16, damp=1e-3,
-                           progress=False)
+    stats = collect_fisher(
+        model, refs, data, nn.functional.cross_entropy, num_grads=32, block_size=16, damp=1e-3, progress=False
+    )
     assert all(fi.inverse().dtype == torch.float32 for fi in stats.inverses)
     assert all(torch.isfinite(fi.inverse()).all() for fi in stats.inverses)
     plan = fastprune.prune(model, "woodfisher", sparsity=0.5, data=data, num_grads=32, damp=1e-3, progress=False)
@@ -177,5 +201,5 @@ def test_per_sample_gradients_match_autograd_and_carry_no_graph():
     for row in range(3):
         loss = nn.functional.cross_entropy(model(x[2 * row : 2 * row + 2]), y[2 * row : 2 * row + 2])
         expect = torch.autograd.grad(loss, [model[0].weight, model[2].weight])
-        for g, e in zip(gs, expect):
+        for g, e in zip(gs, expect, strict=True):
             torch.testing.assert_close(g[row], e.reshape(-1), rtol=1e-10, atol=1e-12)

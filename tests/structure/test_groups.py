@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
 from fastprune.structure import find_groups
-from tests.structure import zoo
 
 
 def _group_of(groups, module: str, role: str = "out"):

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
 from fastprune.importance.channels import group_scores
 from fastprune.select import select_channels
 from fastprune.structure import compact, find_groups
-from tests.structure import zoo
 
 
 def _zero_filter(conv: nn.Module, idx: list[int]) -> None:
@@ -111,8 +111,9 @@ def test_criteria_rank_as_defined() -> None:
     assert len(groups) == 1
     l1 = group_scores(model, groups, "l1_filter")[0]
     assert l1.tolist() == [6.0, 2.0, 10.0, 4.0, 8.0, 12.0]
-    assert select_channels(groups, {0: l1}, 0.5) == {0: [1, 3, 0]} or \
-        select_channels(groups, {0: l1}, 0.5) == {0: [0, 1, 3]}
+    assert select_channels(groups, {0: l1}, 0.5) == {0: [1, 3, 0]} or select_channels(groups, {0: l1}, 0.5) == {
+        0: [0, 1, 3]
+    }
     bn = group_scores(model, groups, "bn_scale")[0]
     assert select_channels(groups, {0: bn}, 0.5) == {0: [2, 4, 5]}
     r1 = group_scores(model, groups, "random", seed=3)[0]
@@ -206,8 +207,9 @@ def test_unknown_module_with_parameters_is_a_boundary() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.s.view(1, -1, 1, 1)
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), Scale(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(),
-                          nn.Conv2d(4, 4, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), Scale(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)
+    ).eval()
     x = torch.randn(1, 3, 7, 7)
     groups = find_groups(model, x)
     assert "1" in dict(groups.boundaries)
@@ -261,7 +263,7 @@ def test_prune_needs_no_forward_when_zeros_are_provable() -> None:
     calls = []
     for name in ("resnet", "squeeze_excite"):
         model, x = zoo.build(name)
-        h = model.register_forward_hook(lambda *a: calls.append(name))
+        h = model.register_forward_hook(lambda *a, name=name: calls.append(name))
         fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
         h.remove()
     assert calls == []

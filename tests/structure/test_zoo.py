@@ -8,9 +8,9 @@ import io
 
 import pytest
 import torch
+from tests.structure import zoo
 
 import fastprune
-from tests.structure import zoo
 
 SPARSITIES = (0.3, 0.7)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -69,8 +69,10 @@ def test_save_load_replay_and_jit(name: str) -> None:
         torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
-                    reason="onnx and onnxruntime not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason="onnx and onnxruntime not installed",
+)
 def test_onnx_export(tmp_path) -> None:  # pragma: no cover - optional dependency
     import onnxruntime as ort
 
@@ -89,8 +91,14 @@ def test_onnx_export(tmp_path) -> None:  # pragma: no cover - optional dependenc
 def test_bert_heads_and_ffn(sparsity: float) -> None:
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=32)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
 
     class LastHidden(torch.nn.Module):  # a training-mode wrapper around an eval BERT: modes must survive

@@ -51,9 +51,15 @@ class InvertedResidual(nn.Module):
         hid = cin * expand
         self.use_res = stride == 1 and cin == cout
         self.conv = nn.Sequential(
-            nn.Conv2d(cin, hid, 1, bias=False), _bn(hid), nn.ReLU6(inplace=True),
-            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), _bn(hid), nn.ReLU6(inplace=True),
-            nn.Conv2d(hid, cout, 1, bias=False), _bn(cout))
+            nn.Conv2d(cin, hid, 1, bias=False),
+            _bn(hid),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False),
+            _bn(hid),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hid, cout, 1, bias=False),
+            _bn(cout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.conv(x) if self.use_res else self.conv(x)
@@ -64,8 +70,11 @@ class MobileNetV2ish(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), _bn(16), nn.ReLU6(inplace=True)),
-            InvertedResidual(16, 16, 1, 1), InvertedResidual(16, 24, 2, 4), InvertedResidual(24, 24, 1, 4),
-            nn.Sequential(nn.Conv2d(24, 64, 1, bias=False), _bn(64), nn.ReLU6(inplace=True)))
+            InvertedResidual(16, 16, 1, 1),
+            InvertedResidual(16, 24, 2, 4),
+            InvertedResidual(24, 24, 1, 4),
+            nn.Sequential(nn.Conv2d(24, 64, 1, bias=False), _bn(64), nn.ReLU6(inplace=True)),
+        )
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +111,12 @@ class DenseNetish(nn.Module):
 class UNetish(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+
         def dbl(a: int, b: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(a, b, 3, 1, 1), _bn(b), nn.ReLU(), nn.Conv2d(b, b, 3, 1, 1), _bn(b), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(a, b, 3, 1, 1), _bn(b), nn.ReLU(), nn.Conv2d(b, b, 3, 1, 1), _bn(b), nn.ReLU()
+            )
+
         self.enc1, self.enc2, self.mid = dbl(3, 8), dbl(8, 16), dbl(16, 32)
         self.up2, self.dec2 = nn.ConvTranspose2d(32, 16, 2, 2), dbl(32, 16)
         self.up1, self.dec1 = nn.Upsample(scale_factor=2), dbl(16 + 8, 8)
@@ -121,8 +134,15 @@ class UNetish(nn.Module):
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 48), nn.Tanh(),
-                                 nn.Dropout(0.1), nn.Linear(48, 5))
+        self.net = nn.Sequential(
+            nn.Linear(20, 64),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
+            nn.Linear(64, 48),
+            nn.Tanh(),
+            nn.Dropout(0.1),
+            nn.Linear(48, 5),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -27,8 +27,12 @@ class Digits:
 
     def train_loader(self, shuffle: bool = True, batch_size: int | None = None) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(self.train_x, self.train_y), batch_size=batch_size or self.batch_size,
-                          shuffle=shuffle, generator=gen)
+        return DataLoader(
+            TensorDataset(self.train_x, self.train_y),
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            generator=gen,
+        )
 
     def test_loader(self, batch_size: int | None = None) -> DataLoader:
         return DataLoader(TensorDataset(self.test_x, self.test_y), batch_size=batch_size or 512, shuffle=False)

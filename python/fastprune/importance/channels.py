@@ -175,7 +175,9 @@ class ActivationCriterion:
     """
 
     def __init__(self, num_batches: int | None = None) -> None:
-        if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
+        if num_batches is not None and (
+            isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+        ):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
         self.num_batches = num_batches
 

@@ -56,7 +56,7 @@ def per_sample_gradients(
     x = inputs[:n].reshape(n // m, m, *inputs.shape[1:])
     y = targets[:n].reshape(n // m, m, *targets.shape[1:])
     keys = [_param_key(r) for r in refs]
-    params = {k: effective_weight(r.module, r.param_name) for k, r in zip(keys, refs)}
+    params = {k: effective_weight(r.module, r.param_name) for k, r in zip(keys, refs, strict=True)}
     acc = torch.float32 if all(p.dtype in (torch.float16, torch.bfloat16) for p in params.values()) else None
 
     def loss_of(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -91,7 +91,7 @@ class FisherStats:
     def matvec(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """F^-1 v for per-layer vectors v (flattened)."""
         if self.blocks == "layer":
-            return [fi.matvec(v.reshape(-1).to(fi.dtype)) for fi, v in zip(self.inverses, vs)]
+            return [fi.matvec(v.reshape(-1).to(fi.dtype)) for fi, v in zip(self.inverses, vs, strict=True)]
         out = self.inverses[0].matvec(torch.cat([v.reshape(-1) for v in vs]).to(self.inverses[0].dtype))
         return list(torch.split(out, [_numel(r) for r in self.refs]))
 
@@ -122,8 +122,11 @@ def collect_fisher(
     entries. Raises ValueError on an empty loader or a non-finite loss/gradient."""
     sizes = [_numel(r) for r in refs]
     d_total = sum(sizes)
-    fdtype = torch.float64 if any(effective_weight(r.module, r.param_name).dtype == torch.float64 for r in refs) \
+    fdtype = (
+        torch.float64
+        if any(effective_weight(r.module, r.param_name).dtype == torch.float64 for r in refs)
         else torch.float32
+    )
     device = effective_weight(refs[0].module, refs[0].param_name).device
     if blocks == "layer":
         inverses = [FisherInverse(n, block_size, damp, num_grads, dtype=fdtype, device=device) for n in sizes]
@@ -155,7 +158,7 @@ def collect_fisher(
                     diag[i] += (g.double() ** 2).sum(0)
                 if need_inverse:
                     if blocks == "layer":
-                        for fi, g in zip(inverses, gs):
+                        for fi, g in zip(inverses, gs, strict=True):
                             fi.update(g)
                     else:
                         inverses[0].update(torch.cat(gs, dim=1))
@@ -180,8 +183,10 @@ def obs_updates(
     ``dw = -F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries of the block)."""
     inv_diag = stats.inverse_diag()
     if not joint:
-        vs = [torch.where(~k.reshape(-1), w.reshape(-1).double() / dg.double(), torch.zeros((), dtype=torch.float64))
-              for w, k, dg in zip(weights, keep, inv_diag)]
+        vs = [
+            torch.where(~k.reshape(-1), w.reshape(-1).double() / dg.double(), torch.zeros((), dtype=torch.float64))
+            for w, k, dg in zip(weights, keep, inv_diag, strict=True)
+        ]
         return [-x.double() for x in stats.matvec([v.to(stats.inverses[0].dtype) for v in vs])]
     # joint: per block of each FisherInverse
     flat_w = [w.reshape(-1).double() for w in weights]
@@ -189,7 +194,7 @@ def obs_updates(
     if stats.blocks == "global":
         flat_w, flat_k = [torch.cat(flat_w)], [torch.cat(flat_k)]
     outs = []
-    for fi, w, k in zip(stats.inverses, flat_w, flat_k):
+    for fi, w, k in zip(stats.inverses, flat_w, flat_k, strict=True):
         finv = fi.inverse().double()
         bsz = fi.block_size
         dw = torch.zeros_like(w)

@@ -76,7 +76,6 @@ class MagnitudeConfig:
         normalise_patterns(self)
 
 
-
 @register_method(MagnitudeConfig, name="magnitude", description="|w|, global or per layer (Han et al. 2015)")
 def run_magnitude(model: nn.Module, cfg: MagnitudeConfig) -> MethodResult:
     refs = select_parameters(model, cfg.include, cfg.exclude)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,10 +119,16 @@ def _data_refs(model: nn.Module, cfg: _FisherDataConfig) -> list[ParamRef]:
     refs = select_parameters(model, cfg.include, cfg.exclude)
     if not refs:
         raise ValueError("the model has no prunable parameters (weights of Linear/Conv layers) under include/exclude")
-    frozen = [r.name for r in refs if not getattr(r.module, r.param_name + "_orig", getattr(r.module, r.param_name)).requires_grad]
+    frozen = [
+        r.name
+        for r in refs
+        if not getattr(r.module, r.param_name + "_orig", getattr(r.module, r.param_name)).requires_grad
+    ]
     if frozen:
-        raise ValueError(f"parameters {frozen} do not require grad: the Fisher needs their gradients "
-                         "(set requires_grad, or leave them out with exclude=)")
+        raise ValueError(
+            f"parameters {frozen} do not require grad: the Fisher needs their gradients "
+            "(set requires_grad, or leave them out with exclude=)"
+        )
     return refs
 
 
@@ -132,27 +138,38 @@ def _woodfisher_step(
     """One OBS step: (masks, updates) for ``sparsity``, without changing the model."""
     refs = _data_refs(model, cfg)
     loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
-    stats = collect_fisher(model, refs, cfg.data, loss_fn, num_grads=cfg.num_grads, block_size=cfg.block_size,
-                           damp=cfg.damp, blocks=cfg.blocks, fisher_batch_size=cfg.fisher_batch_size,
-                           progress=cfg.progress)
+    stats = collect_fisher(
+        model,
+        refs,
+        cfg.data,
+        loss_fn,
+        num_grads=cfg.num_grads,
+        block_size=cfg.block_size,
+        damp=cfg.damp,
+        blocks=cfg.blocks,
+        fisher_batch_size=cfg.fisher_batch_size,
+        progress=cfg.progress,
+    )
     weights = [effective_weight(r.module, r.param_name) for r in refs]
     inv_diag = stats.inverse_diag()
-    sal = [(w.double() ** 2).reshape(-1) / (2 * dg.double()) for w, dg in zip(weights, inv_diag)]
+    sal = [(w.double() ** 2).reshape(-1) / (2 * dg.double()) for w, dg in zip(weights, inv_diag, strict=True)]
     names = [r.name for r in refs]
-    masks = topk_masks(names, [s.reshape(w.shape) for s, w in zip(sal, weights)], sparsity, cfg.scope,
-                       cfg.min_remaining)
+    masks = topk_masks(
+        names, [s.reshape(w.shape) for s, w in zip(sal, weights, strict=True)], sparsity, cfg.scope, cfg.min_remaining
+    )
     updates = None
     if cfg.update_weights:
         dws = obs_updates(stats, weights, [masks[n] for n in names], joint=cfg.joint)
-        for n, dw in zip(names, dws):
+        for n, dw in zip(names, dws, strict=True):
             if not bool(torch.isfinite(dw).all()):
                 raise ValueError(f"the OBS update of {n} is not finite; increase damp")
-        updates = {n: dw.reshape(w.shape).to(w.dtype) for n, dw, w in zip(names, dws, weights)}
+        updates = {n: dw.reshape(w.shape).to(w.dtype) for n, dw, w in zip(names, dws, weights, strict=True)}
     return refs, masks, updates
 
 
-@register_method(WoodFisherConfig, name="woodfisher",
-                 description="OBS with a block Woodbury inverse Fisher (Singh & Alistarh 2020)")
+@register_method(
+    WoodFisherConfig, name="woodfisher", description="OBS with a block Woodbury inverse Fisher (Singh & Alistarh 2020)"
+)
 def run_woodfisher(model: nn.Module, cfg: WoodFisherConfig) -> MethodResult:
     assert cfg.sparsity is not None  # the config requires it
     updates: dict[str, torch.Tensor] | None
@@ -162,32 +179,48 @@ def run_woodfisher(model: nn.Module, cfg: WoodFisherConfig) -> MethodResult:
         # sub-steps on a copy (the model changes only once everything succeeded)
         work = copy.deepcopy(model)
         start = {r.name: effective_weight(r.module, r.param_name).clone() for r in _data_refs(model, cfg)}
-        current = sparsity_of({r.name: effective_weight(r.module, r.param_name) != 0
-                                for r in _data_refs(work, cfg)})
+        current = sparsity_of({r.name: effective_weight(r.module, r.param_name) != 0 for r in _data_refs(work, cfg)})
         for i in range(1, cfg.recompute_steps + 1):
             target = current + (cfg.sparsity - current) * i / cfg.recompute_steps
             wrefs, wmasks, wupdates = _woodfisher_step(work, cfg, target)
             if wupdates:
                 add_to_weights(wrefs, wupdates)
             apply_masks(wrefs, wmasks)
-        wrefs = {r.name: r for r in _data_refs(work, cfg)}
-        masks = {n: getattr(wrefs[n].module, wrefs[n].param_name + "_mask") != 0 for n in start}
-        updates = {n: effective_weight(wrefs[n].module, wrefs[n].param_name) - start[n] for n in start} \
-            if cfg.update_weights else None
+        final = {r.name: r for r in _data_refs(work, cfg)}
+        masks = {n: getattr(final[n].module, final[n].param_name + "_mask") != 0 for n in start}
+        updates = (
+            {n: effective_weight(final[n].module, final[n].param_name) - start[n] for n in start}
+            if cfg.update_weights
+            else None
+        )
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
     return MethodResult(Plan("woodfisher", config, cfg.sparsity, sparsity_of(masks), masks), weight_updates=updates)
 
 
-@register_method(FisherDiagConfig, name="fisher_diag",
-                 description="diagonal empirical Fisher saliency (WoodFisher's baseline)")
+@register_method(
+    FisherDiagConfig, name="fisher_diag", description="diagonal empirical Fisher saliency (WoodFisher's baseline)"
+)
 def run_fisher_diag(model: nn.Module, cfg: FisherDiagConfig) -> MethodResult:
     assert cfg.sparsity is not None  # the config requires it
     refs = _data_refs(model, cfg)
     loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
-    stats = collect_fisher(model, refs, cfg.data, loss_fn, num_grads=cfg.num_grads, block_size=1, damp=cfg.damp,
-                           fisher_batch_size=cfg.fisher_batch_size, need_inverse=False, progress=cfg.progress)
+    stats = collect_fisher(
+        model,
+        refs,
+        cfg.data,
+        loss_fn,
+        num_grads=cfg.num_grads,
+        block_size=1,
+        damp=cfg.damp,
+        fisher_batch_size=cfg.fisher_batch_size,
+        need_inverse=False,
+        progress=cfg.progress,
+    )
     weights = [effective_weight(r.module, r.param_name) for r in refs]
-    sal = [(w.double() ** 2) * (cfg.damp + fd.reshape(w.shape)) / 2 for w, fd in zip(weights, stats.fisher_diag)]
+    sal = [
+        (w.double() ** 2) * (cfg.damp + fd.reshape(w.shape)) / 2
+        for w, fd in zip(weights, stats.fisher_diag, strict=True)
+    ]
     names = [r.name for r in refs]
     masks = topk_masks(names, sal, cfg.sparsity, cfg.scope, cfg.min_remaining)
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}

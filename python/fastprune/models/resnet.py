@@ -68,7 +68,7 @@ class ResNet(nn.Module):
         cin = 64
         stages = []
         for i, n in enumerate(layers):
-            width = 64 * 2 ** i
+            width = 64 * 2**i
             blocks = []
             for j in range(n):
                 blocks.append(block(cin, width, 2 if (j == 0 and i > 0) else 1))

@@ -5,4 +5,12 @@ from fastprune.nn.microbatch import MicroBatch
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
 from fastprune.nn.sparsify import sparsify, sparsify_report
 
-__all__ = ["MicroBatch", "MultiheadSelfAttention", "SparseConv2d", "SparseLinear", "sparsify", "sparsify_report", "swap_attention"]
+__all__ = [
+    "MicroBatch",
+    "MultiheadSelfAttention",
+    "SparseConv2d",
+    "SparseLinear",
+    "sparsify",
+    "sparsify_report",
+    "swap_attention",
+]

@@ -31,8 +31,16 @@ class MultiheadSelfAttention(nn.Module):
     ``need_weights=True`` returns the attention weights averaged over heads (N, L, S).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, head_dim: int | None = None, bias: bool = True,
-                 dropout: float = 0.0, batch_first: bool = False) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        batch_first: bool = False,
+    ) -> None:
         super().__init__()
         if num_heads < 1 or embed_dim < 1:
             raise ValueError("embed_dim and num_heads must be positive")
@@ -52,27 +60,41 @@ class MultiheadSelfAttention(nn.Module):
     def from_mha(cls, mha: nn.MultiheadAttention) -> MultiheadSelfAttention:
         """The same function as ``mha`` (weights copied; kdim/vdim must equal embed_dim, no bias_k/v)."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("from_mha supports nn.MultiheadAttention with kdim == vdim == embed_dim, "
-                             "no bias_k/bias_v and add_zero_attn=False")
+            raise ValueError(
+                "from_mha supports nn.MultiheadAttention with kdim == vdim == embed_dim, "
+                "no bias_k/bias_v and add_zero_attn=False"
+            )
         w = mha.in_proj_weight
-        new = cls(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, dropout=mha.dropout,
-                  batch_first=mha.batch_first).to(device=w.device, dtype=w.dtype)
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            bias=mha.in_proj_bias is not None,
+            dropout=mha.dropout,
+            batch_first=mha.batch_first,
+        ).to(device=w.device, dtype=w.dtype)
         e = mha.embed_dim
         with torch.no_grad():
             for i, lin in enumerate((new.q_proj, new.k_proj, new.v_proj)):
-                lin.weight.copy_(w[i * e:(i + 1) * e])
+                lin.weight.copy_(w[i * e : (i + 1) * e])
                 if mha.in_proj_bias is not None:
-                    lin.bias.copy_(mha.in_proj_bias[i * e:(i + 1) * e])
+                    lin.bias.copy_(mha.in_proj_bias[i * e : (i + 1) * e])
             new.out_proj.weight.copy_(mha.out_proj.weight)
             if mha.out_proj.bias is not None:
                 new.out_proj.bias.copy_(mha.out_proj.bias)
         new.train(mha.training)
         return new
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = query if key is None else key
         value = key if value is None else value
         if not self.batch_first:
@@ -91,14 +113,17 @@ class MultiheadSelfAttention(nn.Module):
             mask = mask.reshape(-1, h, lq, s) if mask.dim() == 3 else mask
         if key_padding_mask is not None:
             kpm = key_padding_mask
-            kpm = torch.zeros(kpm.shape, dtype=q.dtype, device=q.device).masked_fill(kpm, float("-inf")) \
-                if kpm.dtype == torch.bool else kpm
+            kpm = (
+                torch.zeros(kpm.shape, dtype=q.dtype, device=q.device).masked_fill(kpm, float("-inf"))
+                if kpm.dtype == torch.bool
+                else kpm
+            )
             kpm = kpm[:, None, None, :]
             mask = kpm if mask is None else mask + kpm
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / d ** 0.5
+            scores = (q @ k.transpose(-2, -1)) / d**0.5
             if mask is not None:
                 scores = scores + mask
             if is_causal and attn_mask is None:
@@ -108,8 +133,9 @@ class MultiheadSelfAttention(nn.Module):
             weights = attn.mean(1) if average_attn_weights else attn
             ctx = F.dropout(attn, p, self.training) @ v
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal and mask is None)
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
         out = self.out_proj(ctx.transpose(1, 2).reshape(n, lq, h * d))
         if not self.batch_first:
             out = out.transpose(0, 1)

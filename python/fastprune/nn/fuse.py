@@ -42,8 +42,12 @@ class SeparableMaxPool2d(nn.MaxPool2d):
 
     @classmethod
     def supports(cls, pool: nn.MaxPool2d) -> bool:
-        return (not pool.return_indices and not pool.ceil_mode and _pair(pool.dilation) == (1, 1)
-                and all(2 * p <= k for p, k in zip(_pair(pool.padding), _pair(pool.kernel_size))))
+        return (
+            not pool.return_indices
+            and not pool.ceil_mode
+            and _pair(pool.dilation) == (1, 1)
+            and all(2 * p <= k for p, k in zip(_pair(pool.padding), _pair(pool.kernel_size), strict=True))
+        )
 
     @classmethod
     def from_pool(cls, pool: nn.MaxPool2d) -> SeparableMaxPool2d:
@@ -52,8 +56,12 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         return cls(pool.kernel_size, pool.stride, pool.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or x.dim() not in (3, 4) \
-                or not x.is_floating_point():
+        if (
+            x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or x.dim() not in (3, 4)
+            or not x.is_floating_point()
+        ):
             return super().forward(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)  # torch's channels-last pool is the fast one
@@ -63,12 +71,12 @@ class SeparableMaxPool2d(nn.MaxPool2d):
         if oh < 1 or ow < 1:
             return super().forward(x)  # torch's own error message
         xp = F.pad(x, (pw, pw, ph, ph), value=float("-inf")) if ph or pw else x
-        rows = xp[..., 0:(ow - 1) * sw + 1:sw]
+        rows = xp[..., 0 : (ow - 1) * sw + 1 : sw]
         for j in range(1, kw):
-            rows = torch.maximum(rows, xp[..., j:j + (ow - 1) * sw + 1:sw])
-        out = rows[..., 0:(oh - 1) * sh + 1:sh, :]
+            rows = torch.maximum(rows, xp[..., j : j + (ow - 1) * sw + 1 : sw])
+        out = rows[..., 0 : (oh - 1) * sh + 1 : sh, :]
         for i in range(1, kh):
-            out = torch.maximum(out, rows[..., i:i + (oh - 1) * sh + 1:sh, :])
+            out = torch.maximum(out, rows[..., i : i + (oh - 1) * sh + 1 : sh, :])
         return out.contiguous()
 
 
@@ -104,8 +112,9 @@ def _is_relu(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
 def _is_add(node: fx.Node) -> bool:
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
         return False
-    return (node.op == "call_function" and node.target in _ADD_FUNCS) or \
-        (node.op == "call_method" and node.target in ("add", "add_"))
+    return (node.op == "call_function" and node.target in _ADD_FUNCS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
 
 
 def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> tuple[nn.Module, list[str]]:
@@ -140,9 +149,15 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
             example_inputs = None
 
     def fusable(n: Any, cls: tuple) -> bool:
-        return (isinstance(n, fx.Node) and n.op == "call_module" and isinstance(mods.get(n.target), cls)
-                and calls[n.target] == 1 and len(n.users) == 1 and not mods[n.target].relu
-                and "residual" not in n.kwargs)
+        return (
+            isinstance(n, fx.Node)
+            and n.op == "call_module"
+            and isinstance(mods.get(n.target), cls)
+            and calls[n.target] == 1
+            and len(n.users) == 1
+            and not mods[n.target].relu
+            and "residual" not in n.kwargs
+        )
 
     def meta(n: Any) -> Any:
         return n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
@@ -179,8 +194,13 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
         elif _is_relu(node, mods):
             src = node.args[0]
             if fusable(src, (SparseConv2d, SparseLinear)) or (
-                    isinstance(src, fx.Node) and src.op == "call_module" and "residual" in src.kwargs
-                    and calls[src.target] == 1 and len(src.users) == 1 and not mods[src.target].relu):
+                isinstance(src, fx.Node)
+                and src.op == "call_module"
+                and "residual" in src.kwargs
+                and calls[src.target] == 1
+                and len(src.users) == 1
+                and not mods[src.target].relu
+            ):
                 set_relu(src.target)
                 node.replace_all_uses_with(src)
                 graph.erase_node(node)
@@ -193,8 +213,11 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
 
 
 def _is_pool(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(mods.get(node.target), nn.MaxPool2d) and \
-        not mods[node.target].return_indices
+    return (
+        node.op == "call_module"
+        and isinstance(mods.get(node.target), nn.MaxPool2d)
+        and not mods[node.target].return_indices
+    )
 
 
 def channels_last_pools(gm: fx.GraphModule) -> list[str]:
@@ -220,7 +243,7 @@ def channels_last_pools(gm: fx.GraphModule) -> list[str]:
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         with gm.graph.inserting_after(nxt):
             back = gm.graph.call_method("contiguous", (nxt,))
-        nxt.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        nxt.replace_all_uses_with(back, delete_user_cb=lambda u, back=back: u is not back)
         back.meta = dict(nxt.meta)
         done.append(node.target)
     if done:

@@ -33,20 +33,84 @@ from fastprune.nn.sparse import SparseConv2d, SparseLinear
 __all__ = ["MicroBatch", "per_sample_ops", "prove_per_sample"]
 
 _MODULES = (
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.LayerNorm, nn.GroupNorm, nn.Upsample,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Upsample,
 )
 _ELEMENTWISE = {
-    operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.truediv, operator.neg,
-    torch.add, torch.mul, torch.sub, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.maximum,
-    torch.minimum, F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu, F.dropout, F.max_pool2d,
-    F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    operator.truediv,
+    operator.neg,
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.relu,
+    torch.relu_,
+    torch.sigmoid,
+    torch.tanh,
+    torch.maximum,
+    torch.minimum,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.leaky_relu,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
 }
-_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "add", "add_", "mul", "mul_", "sub", "clamp",
-            "clamp_min", "clamp_"}
+_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "add",
+    "add_",
+    "mul",
+    "mul_",
+    "sub",
+    "clamp",
+    "clamp_min",
+    "clamp_",
+}
 
 
 def _dim_at_least_1(node: fx.Node, pos: int, name: str, default: int) -> bool:
@@ -115,8 +179,11 @@ def prove_per_sample(module: nn.Module) -> None:
     with eval_mode(module):
         bad = per_sample_ops(gm)
     if bad:
-        raise ValueError("micro_batch: cannot prove that these operations treat samples independently: "
-                         + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""))
+        raise ValueError(
+            "micro_batch: cannot prove that these operations treat samples independently: "
+            + "; ".join(bad[:5])
+            + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        )
 
 
 class MicroBatch(nn.Module):

@@ -59,8 +59,14 @@ class _Packed(nn.Module):
 class SparseLinear(_Packed):
     """``y = act(x W^T + b)`` with W in CSR form. Shapes: (..., in_features) -> (..., out_features)."""
 
-    def __init__(self, in_features: int, out_features: int, packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 bias: torch.Tensor | None = None, relu: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        relu: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.relu = in_features, out_features, relu
         if packed[0].numel() != out_features + 1:
@@ -82,8 +88,13 @@ class SparseLinear(_Packed):
         return ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.in_features, self.bias, self.relu)
 
     def to_dense(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
         with torch.no_grad():
             lin.weight.copy_(ops.unpack_sparse(self.row_ptr, self.col_idx, self.values, self.in_features))
             if self.bias is not None:
@@ -91,21 +102,36 @@ class SparseLinear(_Packed):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity():.3f}, bias={self.bias is not None}, relu={self.relu}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+            f"sparsity={self.sparsity():.3f}, bias={self.bias is not None}, relu={self.relu}"
+        )
 
 
 class SparseConv2d(_Packed):
     """``y = act(conv2d(x, W) + b [+ residual])`` with W in CSR form (zero padding only)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None = None,
-                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), groups: int = 1, relu: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        relu: bool = False,
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.padding, self.dilation = (tuple(kernel_size), tuple(stride),
-                                                                      tuple(padding), tuple(dilation))
+        self.kernel_size, self.stride, self.padding, self.dilation = (
+            tuple(kernel_size),
+            tuple(stride),
+            tuple(padding),
+            tuple(dilation),
+        )
         self.relu = relu
         self._set_packed(packed, bias)
 
@@ -119,32 +145,69 @@ class SparseConv2d(_Packed):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"SparseConv2d supports zero padding given as integers, got padding={conv.padding!r}, "
-                             f"padding_mode={conv.padding_mode!r}")
+            raise ValueError(
+                f"SparseConv2d supports zero padding given as integers, got padding={conv.padding!r}, "
+                f"padding_mode={conv.padding_mode!r}"
+            )
         w = _dense_weight(conv)
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, ops.pack_sparse(w.flatten(1)), conv.bias,
-                   conv.stride, conv.padding, conv.dilation, conv.groups, relu)
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            ops.pack_sparse(w.flatten(1)),
+            conv.bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            relu,
+        )
 
     def numel_dense(self) -> int:
         k = self.kernel_size[0] * self.kernel_size[1]
         return self.out_channels * (self.in_channels // self.groups) * k
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.sparse_conv2d(x, self.row_ptr, self.col_idx, self.values, self.weight_shape, self.bias, self.stride,
-                                 self.padding, self.dilation, self.groups, self.relu, residual)
+        return ops.sparse_conv2d(
+            x,
+            self.row_ptr,
+            self.col_idx,
+            self.values,
+            self.weight_shape,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.relu,
+            residual,
+        )
 
     def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=self.bias is not None, device=self.values.device,
-                         dtype=self.values.dtype)
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
         ws = self.weight_shape
         with torch.no_grad():
-            conv.weight.copy_(ops.unpack_sparse(self.row_ptr, self.col_idx, self.values, ws[1] * ws[2] * ws[3]).reshape(ws))
+            conv.weight.copy_(
+                ops.unpack_sparse(self.row_ptr, self.col_idx, self.values, ws[1] * ws[2] * ws[3]).reshape(ws)
+            )
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, "
-                f"sparsity={self.sparsity():.3f}, relu={self.relu}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, nnz={self.nnz}, "
+            f"sparsity={self.sparsity():.3f}, relu={self.relu}"
+        )

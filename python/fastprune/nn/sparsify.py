@@ -45,8 +45,11 @@ def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
             if n.op != "call_module" or not isinstance(model.get_submodule(n.target), nn.BatchNorm2d):
                 continue
             src = n.args[0] if n.args else None
-            if (getattr(src, "op", None) == "call_module" and isinstance(model.get_submodule(src.target), nn.Conv2d)
-                    and len(users[src]) == 1):
+            if (
+                getattr(src, "op", None) == "call_module"
+                and isinstance(model.get_submodule(src.target), nn.Conv2d)
+                and len(users[src]) == 1
+            ):
                 pairs.append((src.target, n.target))
     except Exception:  # noqa: BLE001 - untraceable: the recorded run (needs inputs), else no folding
         if example_inputs is None:
@@ -55,15 +58,19 @@ def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
         uses: dict[int, int] = {}
         for node in graph.nodes:
             for a in (*node.args, *node.kwargs.values()):
-                for r in (a if isinstance(a, (list, tuple)) else [a]):
+                for r in a if isinstance(a, (list, tuple)) else [a]:
                     if isinstance(r, Ref):
                         uses[r.node] = uses.get(r.node, 0) + 1
         pairs = []
         for node in graph.nodes:
             if node.op == "module" and isinstance(model.get_submodule(node.target), nn.BatchNorm2d):
                 src = node.args[0] if node.args else None
-                if isinstance(src, Ref) and graph.nodes[src.node].op == "module" and uses.get(src.node) == 1 and \
-                        isinstance(model.get_submodule(graph.nodes[src.node].target), nn.Conv2d):
+                if (
+                    isinstance(src, Ref)
+                    and graph.nodes[src.node].op == "module"
+                    and uses.get(src.node) == 1
+                    and isinstance(model.get_submodule(graph.nodes[src.node].target), nn.Conv2d)
+                ):
                     pairs.append((graph.nodes[src.node].target, node.target))
     counts: dict[str, int] = {}
     for conv_name, _ in pairs:
@@ -105,9 +112,16 @@ def _time(fn: Any, repeats: int = 5) -> float:
     return best
 
 
-def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs: Any = None, *,
-             inplace: bool = False, fold_bn: bool = True, fuse: bool = True,
-             micro_batch: int | None = None) -> nn.Module:
+def sparsify(
+    model: nn.Module,
+    min_sparsity: float | None = None,
+    example_inputs: Any = None,
+    *,
+    inplace: bool = False,
+    fold_bn: bool = True,
+    fuse: bool = True,
+    micro_batch: int | None = None,
+) -> nn.Module:
     """Sparse execution of a pruned model (see the module docstring).
 
     Args:
@@ -155,6 +169,7 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
         handles = []
         for name, mod in m.named_modules():
             if isinstance(mod, (nn.Linear, nn.Conv2d)):
+
                 def record(mod: nn.Module, args: tuple, name: str = name) -> None:
                     shapes.setdefault(name, tuple(args[0].shape))
 
@@ -180,7 +195,7 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
             x = torch.randn(shapes[name], dtype=w.dtype, device=w.device)
             cand = sparse_cls.from_dense(mod)
             with torch.no_grad():
-                swap = _time(lambda: cand(x)) < _time(lambda: mod(x))
+                swap = _time(lambda c=cand, x=x: c(x)) < _time(lambda m=mod, x=x: m(x))
         else:
             swap = sp >= DEFAULT_MIN_SPARSITY[kind]
         if swap:
@@ -198,5 +213,8 @@ def sparsify(model: nn.Module, min_sparsity: float | None = None, example_inputs
 
 def sparsify_report(model: nn.Module) -> list[tuple[str, str, int, float]]:
     """(name, class, nonzeros, sparsity) of every sparse layer in ``model``."""
-    return [(n, type(mod).__name__, mod.nnz, mod.sparsity()) for n, mod in model.named_modules()
-            if isinstance(mod, (SparseLinear, SparseConv2d))]
+    return [
+        (n, type(mod).__name__, mod.nnz, mod.sparsity())
+        for n, mod in model.named_modules()
+        if isinstance(mod, (SparseLinear, SparseConv2d))
+    ]

@@ -24,21 +24,43 @@ def _pack_sparse_fake(weight: torch.Tensor):
     torch._check(weight.dim() == 2, lambda: "weight must be 2-D")
     nnz = torch.library.get_ctx().new_dynamic_size()
     col_dtype = torch.int16 if weight.shape[1] <= 65536 else torch.int32
-    return (weight.new_empty((weight.shape[0] + 1,), dtype=torch.int32), weight.new_empty((nnz,), dtype=col_dtype),
-            weight.new_empty((nnz,)))
+    return (
+        weight.new_empty((weight.shape[0] + 1,), dtype=torch.int32),
+        weight.new_empty((nnz,), dtype=col_dtype),
+        weight.new_empty((nnz,)),
+    )
 
 
 @torch.library.register_fake("fastprune::sparse_linear")
-def _sparse_linear_fake(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                        in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+def _sparse_linear_fake(
+    input: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
     torch._check(input.shape[-1] == in_features, lambda: "input's last dimension must be in_features")
     torch._check(values.dtype == input.dtype, lambda: "values and input must share a dtype")
     return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))
 
 
 @torch.library.register_fake("fastprune::sparse_conv2d")
-def _sparse_conv2d_fake(input, row_ptr, col_idx, values, weight_shape, bias=None, stride=(1, 1), padding=(0, 0),  # noqa: ANN001
-                        dilation=(1, 1), groups=1, relu=False, residual=None):
+def _sparse_conv2d_fake(
+    input,
+    row_ptr,
+    col_idx,
+    values,
+    weight_shape,
+    bias=None,
+    stride=(1, 1),
+    padding=(0, 0),  # noqa: ANN001
+    dilation=(1, 1),
+    groups=1,
+    relu=False,
+    residual=None,
+):
     torch._check(input.dim() == 4, lambda: "input must be 4-D")
     o, _, kh, kw = weight_shape
     hout = (input.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

@@ -41,8 +41,15 @@ def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.ops.fastprune.pack_sparse(w.detach())
 
 
-def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+def sparse_linear(
+    input: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
     """``act(input @ W^T + bias)`` with W in :func:`pack_sparse`'s form.
 
     Shapes: input (..., in_features) -> (..., out) with out = ``row_ptr.numel() - 1``; float32 runs
@@ -54,8 +61,10 @@ def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
     if input.dim() < 1 or input.shape[-1] != in_features:
-        raise ValueError(f"input's last dimension must be {in_features} (the packed weight's in_features), "
-                         f"got shape {tuple(input.shape)}")
+        raise ValueError(
+            f"input's last dimension must be {in_features} (the packed weight's in_features), "
+            f"got shape {tuple(input.shape)}"
+        )
     _check_columns(col_idx, in_features)
     return torch.ops.fastprune.sparse_linear(input, row_ptr, col_idx, values, in_features, bias, relu)
 
@@ -63,8 +72,12 @@ def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
 def _check_columns(col_idx: torch.Tensor, in_features: int) -> None:
     """A packed weight made for a wider input is a clear error. (The native op is memory-safe either
     way: 16-bit columns read a zero-padded copy of the input, 32-bit ones are range-checked.)"""
-    if (col_idx.dtype != torch.int16 or col_idx.numel() == 0 or col_idx.device.type == "meta"
-            or torch.compiler.is_compiling()):  # under compile the op's own checks remain (memory-safe)
+    if (
+        col_idx.dtype != torch.int16
+        or col_idx.numel() == 0
+        or col_idx.device.type == "meta"
+        or torch.compiler.is_compiling()
+    ):  # under compile the op's own checks remain (memory-safe)
         return
     # (version counter, largest column), kept on the tensor: checked once per packed weight, not per call
     if col_idx.is_inference():  # no version counter to key a cache on: checked each call
@@ -75,8 +88,10 @@ def _check_columns(col_idx: torch.Tensor, in_features: int) -> None:
         hit = (col_idx._version, int((col_idx.to(torch.int32) & 0xFFFF).max()))
         col_idx._fastprune_max_col = hit
     if hit[1] >= in_features:
-        raise ValueError(f"col_idx holds column {hit[1]} but in_features is {in_features}: the packed weight was made "
-                         "for a different shape")
+        raise ValueError(
+            f"col_idx holds column {hit[1]} but in_features is {in_features}: the packed weight was made "
+            "for a different shape"
+        )
 
 
 def _sparse_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -88,8 +103,10 @@ def _sparse_linear_setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _sparse_linear_backward(ctx, grad):  # noqa: ANN001
     row_ptr, col_idx, values, output = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
-        raise RuntimeError("sparse_linear: gradients with respect to the packed weight (values) are not supported; "
-                           "train the dense layer (masked) and pack it again")
+        raise RuntimeError(
+            "sparse_linear: gradients with respect to the packed weight (values) are not supported; "
+            "train the dense layer (masked) and pack it again"
+        )
     if ctx.relu:
         grad = grad * (output > 0).to(grad.dtype)
     w = unpack_sparse(row_ptr, col_idx, values, ctx.in_features)
@@ -108,11 +125,20 @@ def _pair(v: int | tuple[int, int] | list[int], name: str) -> list[int]:
     return vals
 
 
-def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  weight_shape: tuple[int, int, int, int] | list[int], bias: torch.Tensor | None = None,
-                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
-                  dilation: int | tuple[int, int] = 1, groups: int = 1, relu: bool = False,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_conv2d(
+    input: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    weight_shape: tuple[int, int, int, int] | list[int],
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``act(conv2d(input, W) + bias + residual)`` with W (out, in/groups, kh, kw) packed by
     :func:`pack_sparse` from ``W.flatten(1)``.
 
@@ -130,18 +156,40 @@ def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
     if len(ws) != 4:
         raise ValueError(f"weight_shape must be (out, in/groups, kh, kw), got {weight_shape!r}")
     if input.shape[1] != ws[1] * groups:
-        raise ValueError(f"input has {input.shape[1]} channels; the packed weight expects {ws[1] * groups} "
-                         f"(in/groups={ws[1]}, groups={groups})")
+        raise ValueError(
+            f"input has {input.shape[1]} channels; the packed weight expects {ws[1] * groups} "
+            f"(in/groups={ws[1]}, groups={groups})"
+        )
     _check_columns(col_idx, ws[1] * ws[2] * ws[3])
-    return torch.ops.fastprune.sparse_conv2d(input, row_ptr, col_idx, values, ws, bias, _pair(stride, "stride"),
-                                             _pair(padding, "padding"), _pair(dilation, "dilation"), groups, relu,
-                                             residual)
+    return torch.ops.fastprune.sparse_conv2d(
+        input,
+        row_ptr,
+        col_idx,
+        values,
+        ws,
+        bias,
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+        groups,
+        relu,
+        residual,
+    )
 
 
 def _sparse_conv2d_setup(ctx, inputs, output) -> None:  # noqa: ANN001
     input, row_ptr, col_idx, values, ws, bias, stride, padding, dilation, groups, relu, residual = inputs
-    ctx.conf = (list(input.shape), list(ws), stride, padding, dilation, groups, relu, bias is not None,
-                residual is not None)
+    ctx.conf = (
+        list(input.shape),
+        list(ws),
+        stride,
+        padding,
+        dilation,
+        groups,
+        relu,
+        bias is not None,
+        residual is not None,
+    )
     ctx.save_for_backward(row_ptr, col_idx, values, output if relu else None)
 
 
@@ -149,8 +197,10 @@ def _sparse_conv2d_backward(ctx, grad):  # noqa: ANN001
     row_ptr, col_idx, values, output = ctx.saved_tensors
     in_shape, ws, stride, padding, dilation, groups, relu, has_bias, has_res = ctx.conf
     if ctx.needs_input_grad[3]:
-        raise RuntimeError("sparse_conv2d: gradients with respect to the packed weight (values) are not supported; "
-                           "train the dense layer (masked) and pack it again")
+        raise RuntimeError(
+            "sparse_conv2d: gradients with respect to the packed weight (values) are not supported; "
+            "train the dense layer (masked) and pack it again"
+        )
     if relu:
         grad = grad * (output > 0).to(grad.dtype)
     grad_input = None

@@ -27,15 +27,33 @@ def unpack_sparse(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Te
     return dense
 
 
-def sparse_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  in_features: int, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+def sparse_linear(
+    input: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
     y = F.linear(input, unpack_sparse(row_ptr, col_idx, values, in_features), bias)
     return torch.relu(y) if relu else y
 
 
-def sparse_conv2d(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  weight_shape, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                  relu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_conv2d(
+    input: torch.Tensor,
+    row_ptr: torch.Tensor,
+    col_idx: torch.Tensor,
+    values: torch.Tensor,
+    weight_shape,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     ws = [int(v) for v in weight_shape]
     w = unpack_sparse(row_ptr, col_idx, values, ws[1] * ws[2] * ws[3]).reshape(ws)
     y = F.conv2d(input, w, bias, stride, padding, dilation, groups)

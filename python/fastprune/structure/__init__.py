@@ -14,5 +14,17 @@ from fastprune.structure.handlers import Layout, register_handler
 from fastprune.structure.surgery import CompactionReport, compact, mask_channels, remove_channels
 from fastprune.structure.trace import TraceError
 
-__all__ = ["CompactionReport", "Group", "GroupList", "Layout", "Member", "TraceError", "compact", "count",
-           "find_groups", "mask_channels", "register_handler", "remove_channels"]
+__all__ = [
+    "CompactionReport",
+    "Group",
+    "GroupList",
+    "Layout",
+    "Member",
+    "TraceError",
+    "compact",
+    "count",
+    "find_groups",
+    "mask_channels",
+    "register_handler",
+    "remove_channels",
+]

@@ -93,20 +93,37 @@ class Group:
 
     def __repr__(self) -> str:
         prod = ", ".join(sorted({m.module for m in self.producers}))
-        return (f"Group(id={self.id}, channels={self.channels}, prunable={len(self.prunable)}, "
-                f"producers=[{prod}], members={len(self.members)})")
+        return (
+            f"Group(id={self.id}, channels={self.channels}, prunable={len(self.prunable)}, "
+            f"producers=[{prod}], members={len(self.members)})"
+        )
 
     @classmethod
     def from_dict(cls, d: Any) -> Group:
         """Inverse of :meth:`to_dict` (a plan's group entry)."""
-        members = tuple(Member(m["tensor"], m["module"], m["attr"], int(m["dim"]), m["role"], tuple(m["index"]))
-                        for m in d["members"])
+        members = tuple(
+            Member(m["tensor"], m["module"], m["attr"], int(m["dim"]), m["role"], tuple(m["index"]))
+            for m in d["members"]
+        )
         return cls(int(d["id"]), int(d["channels"]), members, frozenset(d.get("pinned", ())))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "channels": self.channels, "pinned": sorted(self.pinned),
-                "members": [{"tensor": m.tensor, "module": m.module, "attr": m.attr, "dim": m.dim,
-                             "role": m.role, "index": list(m.index)} for m in self.members]}
+        return {
+            "id": self.id,
+            "channels": self.channels,
+            "pinned": sorted(self.pinned),
+            "members": [
+                {
+                    "tensor": m.tensor,
+                    "module": m.module,
+                    "attr": m.attr,
+                    "dim": m.dim,
+                    "role": m.role,
+                    "index": list(m.index),
+                }
+                for m in self.members
+            ],
+        }
 
 
 class GroupList(list):
@@ -164,7 +181,7 @@ class Analysis:
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
         if len(a) != len(b):
             raise RuntimeError(f"internal: unify of {len(a)} and {len(b)} channels")
-        for x, y in zip(a.tolist(), b.tolist()):
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
             rx, ry = self.find(x), self.find(y)
             if rx != ry:
                 self.parent[ry] = rx
@@ -184,7 +201,9 @@ class Analysis:
             return name[: -len("_orig")] if name.endswith("_orig") else name
         return f"{module_name}.{attr}" if module_name else attr
 
-    def slot(self, module_name: str, attr: str, dim: int, role: str, like: np.ndarray | None = None) -> np.ndarray | None:
+    def slot(
+        self, module_name: str, attr: str, dim: int, role: str, like: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Element ids of ``module.attr`` along ``dim`` (created on first use; tied tensors share).
         ``like``: ids the slot is unified with (a new slot simply takes them: no union needed)."""
         mod = self.modules[module_name]
@@ -318,8 +337,13 @@ def as_inputs(example_inputs: Any) -> tuple:
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-def find_groups(model: nn.Module, example_inputs: Any, *, include: Sequence[str] | str | None = None,
-                exclude: Sequence[str] | str | None = None) -> GroupList:
+def find_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+) -> GroupList:
     """The model's coupled-channel groups.
 
     Args:

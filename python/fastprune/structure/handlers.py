@@ -38,7 +38,9 @@ _HANDLERS: dict[type, Handler] = {}
 _FIXUPS: dict[type, Callable[[nn.Module, dict[str, Any]], None]] = {}
 
 
-def register_handler(cls: type, handler: Handler, fixup_fn: Callable[[nn.Module, dict[str, Any]], None] | None = None) -> None:
+def register_handler(
+    cls: type, handler: Handler, fixup_fn: Callable[[nn.Module, dict[str, Any]], None] | None = None
+) -> None:
     """Teach the analysis a module class. ``fixup_fn(module, before)`` updates the module's own
     attributes after its tensors were resized (``before`` holds the attributes read earlier)."""
     _HANDLERS[cls] = handler
@@ -69,8 +71,17 @@ def fixup(module: nn.Module, before: dict[str, Any]) -> None:
 
 def snapshot(module: nn.Module) -> dict[str, Any]:
     """Attributes a fixup needs to compare with (read before any tensor is resized)."""
-    keys = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-            "embedding_dim", "num_heads", "embed_dim")
+    keys = (
+        "in_channels",
+        "out_channels",
+        "groups",
+        "in_features",
+        "out_features",
+        "num_features",
+        "embedding_dim",
+        "num_heads",
+        "embed_dim",
+    )
     return {k: getattr(module, k) for k in keys if hasattr(module, k)}
 
 
@@ -115,8 +126,15 @@ def _pin_inputs(an: Any, node: Node, layouts: dict, where: str, reason: str, alw
 
 
 def _unknown_module(an: Any, name: str, module: nn.Module, node: Node, graph: Graph, layouts: dict) -> None:
-    _pin_inputs(an, node, layouts, name, f"{type(module).__name__} has parameters and no fastprune handler; "
-                "its inputs and outputs keep their channels (register_handler teaches it)", always=True)
+    _pin_inputs(
+        an,
+        node,
+        layouts,
+        name,
+        f"{type(module).__name__} has parameters and no fastprune handler; "
+        "its inputs and outputs keep their channels (register_handler teaches it)",
+        always=True,
+    )
     return None
 
 
@@ -197,8 +215,15 @@ def _batchnorm_fixup(m: nn.modules.batchnorm._NormBase, before: dict[str, Any]) 
 
 
 def _channel_norm(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> None:
-    _pin_inputs(an, node, layouts, name, f"{type(m).__name__} normalises over the channels: removing one changes "
-                "the others' statistics, so pruning does not pass through it", always=True)
+    _pin_inputs(
+        an,
+        node,
+        layouts,
+        name,
+        f"{type(m).__name__} normalises over the channels: removing one changes "
+        "the others' statistics, so pruning does not pass through it",
+        always=True,
+    )
     return None
 
 
@@ -213,8 +238,15 @@ def _embedding_fixup(m: nn.Embedding, before: dict[str, Any]) -> None:  # noqa: 
 
 
 def _mha(an: Any, name: str, m: nn.MultiheadAttention, node: Node, graph: Graph, layouts: dict) -> None:
-    _pin_inputs(an, node, layouts, name, "nn.MultiheadAttention ties its projections to embed_dim; swap in "
-                "fastprune.nn.MultiheadSelfAttention (fastprune.nn.swap_attention) to prune its heads", always=True)
+    _pin_inputs(
+        an,
+        node,
+        layouts,
+        name,
+        "nn.MultiheadAttention ties its projections to embed_dim; swap in "
+        "fastprune.nn.MultiheadSelfAttention (fastprune.nn.swap_attention) to prune its heads",
+        always=True,
+    )
     return None
 
 
@@ -229,19 +261,26 @@ register_handler(nn.MultiheadAttention, _mha)
 
 
 # ------------------------------------------------------------------------------ functions
-UNARY = frozenset("""relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu
+UNARY = frozenset(
+    """relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu
 celu mish softplus softsign tanhshrink logsigmoid dropout dropout1d dropout2d dropout3d alpha_dropout
 feature_alpha_dropout identity clone contiguous detach to float double half bfloat16 type_as abs neg
 exp log sqrt rsqrt square clamp clip clamp_min clamp_max sign erf sin cos reciprocal threshold
-hardshrink softshrink silu_ gelu_ sigmoid_ relu_ nan_to_num""".split())
+hardshrink softshrink silu_ gelu_ sigmoid_ relu_ nan_to_num""".split()
+)
 BINARY = frozenset("add sub rsub mul div rdiv maximum minimum pow fmod remainder floor_divide".split())
 REDUCTIONS = frozenset("mean sum amax amin max min std var logsumexp norm prod".split())
 QUIET = frozenset("size dim numel getattr get_attr eq ne lt gt le ge".split())
-KNOWN = frozenset("""cat stack split chunk tensor_split unbind split_with_sizes flatten view reshape unflatten
+KNOWN = (
+    frozenset(
+        """cat stack split chunk tensor_split unbind split_with_sizes flatten view reshape unflatten
 permute transpose swapaxes t movedim softmax log_softmax interpolate upsample pad max_pool1d max_pool2d
 max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
 adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d max_pool2d_with_indices
-adaptive_max_pool2d_with_indices lp_pool2d""".split()) | REDUCTIONS
+adaptive_max_pool2d_with_indices lp_pool2d""".split()
+    )
+    | REDUCTIONS
+)
 
 
 def _multi(x: Any) -> bool:
@@ -282,8 +321,13 @@ def call(an: Any, node: Node, graph: Graph, layouts: dict) -> Any:
     if name == "getitem":
         return _getitem(an, node, graph, layouts, where)
     if name not in KNOWN:
-        _pin_inputs(an, node, layouts, where, f"fastprune does not know how channels pass through {name}; its "
-                    "inputs keep their channels")
+        _pin_inputs(
+            an,
+            node,
+            layouts,
+            where,
+            f"fastprune does not know how channels pass through {name}; its inputs keep their channels",
+        )
         return None
     if name in ("cat", "stack"):
         return _cat(an, node, graph, layouts, where, stack=name == "stack")
@@ -312,7 +356,7 @@ def call(an: Any, node: Node, graph: Graph, layouts: dict) -> Any:
         # chunk(k): every chunk must lose the same number of channels, so position j of each
         # chunk is removed together (this keeps the code's chunk count valid after surgery)
         n = sizes[0]
-        res = [Layout(lay.cdim, lay.ids[k * n:(k + 1) * n]) for k in range(len(sizes))]
+        res = [Layout(lay.cdim, lay.ids[k * n : (k + 1) * n]) for k in range(len(sizes))]
         for r in res[1:]:
             an.unify(res[0].ids, r.ids)
         return res
@@ -371,7 +415,7 @@ def _binary(an: Any, node: Node, graph: Graph, layouts: dict, where: str) -> Any
     for _, lay, _ in with_layout:
         if len(lay.ids) != out[c]:  # a broadcast single channel
             an.pin(lay.ids, where, "broadcast over the channels")
-    for a, lay, s in tensors:
+    for _a, lay, s in tensors:
         if lay is None:
             k = c - (nd - len(s))
             if 0 <= k < len(s) and s[k] != 1:
@@ -446,7 +490,7 @@ def _getitem(an: Any, node: Node, graph: Graph, layouts: dict, where: str) -> An
     if any(i is Ellipsis for i in items):
         k = items.index(Ellipsis)
         fill = nd - sum(1 for i in items if i is not None and i is not Ellipsis)
-        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+        items = items[:k] + [slice(None)] * fill + items[k + 1 :]
     in_d = out_d = 0
     new_cdim, new_ids = None, lay.ids
     for it in items:
@@ -484,16 +528,16 @@ def _reshape(an: Any, lay: Layout, xs: torch.Size, out: Any, where: str) -> Any:
     if tuple(out[: c + 1]) == tuple(xs[: c + 1]):
         return lay  # everything up to and including the channels unchanged
     tail = len(xs) - c
-    if len(out) >= tail and tuple(out[len(out) - tail:]) == tuple(xs[c:]):
+    if len(out) >= tail and tuple(out[len(out) - tail :]) == tuple(xs[c:]):
         return Layout(len(out) - tail, lay.ids)  # leading dims merged or split
     # merge of dims s..e (s <= c <= e) into one: channels repeat in blocks
     for s in range(c + 1):
         if tuple(out[:s]) != tuple(xs[:s]):
             break
         for e in range(c, len(xs)):
-            merged = math.prod(xs[s:e + 1])
-            if len(out) == len(xs) - (e - s) and out[s] == merged and tuple(out[s + 1:]) == tuple(xs[e + 1:]):
-                inner = math.prod(xs[c + 1:e + 1])
+            merged = math.prod(xs[s : e + 1])
+            if len(out) == len(xs) - (e - s) and out[s] == merged and tuple(out[s + 1 :]) == tuple(xs[e + 1 :]):
+                inner = math.prod(xs[c + 1 : e + 1])
                 pos = np.arange(merged)
                 ids = lay.ids[(pos // inner) % xs[c]]
                 return Layout(s, ids)
@@ -506,8 +550,11 @@ def _permute(an: Any, node: Node, lay: Layout, xs: torch.Size, out: Any, where: 
     nd = len(xs)
     c = lay.cdim
     if name == "permute":
-        dims = node.args[1:] if len(node.args) > 2 or not isinstance(_arg(node, 1, "dims"), (tuple, list)) \
+        dims = (
+            node.args[1:]
+            if len(node.args) > 2 or not isinstance(_arg(node, 1, "dims"), (tuple, list))
             else _arg(node, 1, "dims")
+        )
         dims = [_norm_dim(int(d), nd) for d in dims]
         return Layout(dims.index(c), lay.ids)
     if name == "t":
@@ -595,8 +642,10 @@ def _register_bert_attention() -> None:
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads
         return
-    register_attention(BertSelfAttention, HeadSpec("query", "key", "value", None, "num_attention_heads",
-                                                   "attention_head_size", self_only=True))
+    register_attention(
+        BertSelfAttention,
+        HeadSpec("query", "key", "value", None, "num_attention_heads", "attention_head_size", self_only=True),
+    )
 
 
 _register_bert_attention()

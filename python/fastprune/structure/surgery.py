@@ -66,9 +66,11 @@ class CompactionReport:
 
     def __repr__(self) -> str:
         diff = "-" if self.max_abs_diff is None else f"{self.max_abs_diff:.3g}"
-        return (f"CompactionReport(removed={self.num_removed} channels in {len(self.removed)} groups, "
-                f"kept={len(self.kept)}, folded={len(self.folded)}, approximate={self.approximate}, "
-                f"params {self.params_before} -> {self.params_after}, max_abs_diff={diff})")
+        return (
+            f"CompactionReport(removed={self.num_removed} channels in {len(self.removed)} groups, "
+            f"kept={len(self.kept)}, folded={len(self.folded)}, approximate={self.approximate}, "
+            f"params {self.params_before} -> {self.params_after}, max_abs_diff={diff})"
+        )
 
 
 def _num_params(model: nn.Module) -> int:
@@ -112,8 +114,14 @@ def _check_removed(groups: Sequence[Group], removed: Mapping[int, Sequence[int]]
     return by_id
 
 
-def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[int, Sequence[int]], *,
-                  hard: bool = True, zero_norm: bool | None = None) -> None:
+def mask_channels(
+    model: nn.Module,
+    groups: Sequence[Group],
+    removed: Mapping[int, Sequence[int]],
+    *,
+    hard: bool = True,
+    zero_norm: bool | None = None,
+) -> None:
     """Zero whole channels in place (see the module docstring). ``removed``: group id -> channels;
     ``zero_norm`` (default: ``hard``) also zeroes the BatchNorm gamma, beta and running mean."""
     zero_norm = hard if zero_norm is None else zero_norm
@@ -127,7 +135,9 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[in
             if mem.role == "in":
                 continue
             t = _member_tensor(modules, mem)
-            if t is None or (mem.role == "norm" and (not zero_norm or mem.attr not in ("weight", "bias", "running_mean"))):
+            if t is None or (
+                mem.role == "norm" and (not zero_norm or mem.attr not in ("weight", "bias", "running_mean"))
+            ):
                 continue
             pos = mem.positions(chans)
             if pos:
@@ -148,8 +158,13 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[in
                 torch_prune.custom_from_mask(mod, attr, keep)
 
 
-def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[int, Sequence[int]], *,
-                    replace: Mapping[str, torch.Tensor] | None = None) -> None:
+def remove_channels(
+    model: nn.Module,
+    groups: Sequence[Group],
+    removed: Mapping[int, Sequence[int]],
+    *,
+    replace: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Physically remove channels: every member tensor loses the positions of the removed channels;
     module attributes (``out_channels``, ``in_features``, ``groups`` of depthwise convs, ...) follow
     the new shapes. ``replace``: tensor name -> new value, applied before slicing (folded biases).
@@ -197,8 +212,9 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
             touched.add(mod)
             continue
         value = value if value.data_ptr() != old.data_ptr() else value.clone()
-        shared = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
-            else value  # one new tensor for every owner: tied weights stay tied
+        shared = (
+            nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+        )  # one new tensor for every owner: tied weights stay tied
         for mod, attr, is_param in owners.get(id(old), []):
             snapshots.setdefault(mod, H.snapshot(mod))
             if is_param:
@@ -214,8 +230,9 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], removed: Mapping[
             H.fixup(mod, H.snapshot(mod))
 
 
-def _capture_inputs(model: nn.Module, need: Mapping[str, torch.Tensor], inputs: tuple
-                    ) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], Any]:
+def _capture_inputs(
+    model: nn.Module, need: Mapping[str, torch.Tensor], inputs: tuple
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], Any]:
     """Per consumer module and call, the max and min of the input channels ``need[module]`` over
     every other dimension (batch and space for a conv, every leading dimension for a Linear)."""
     modules = dict(model.named_modules())
@@ -224,12 +241,15 @@ def _capture_inputs(model: nn.Module, need: Mapping[str, torch.Tensor], inputs: 
     for n, pos in need.items():
         cdim = -1 if isinstance(modules[n], nn.Linear) else 1
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, n: str = n, pos: torch.Tensor = pos, cdim: int = cdim) -> None:
+        def hook(
+            mod: nn.Module, args: tuple, kwargs: dict, n: str = n, pos: torch.Tensor = pos, cdim: int = cdim
+        ) -> None:
             x = args[0] if args else next(iter(kwargs.values()), None)
             if isinstance(x, torch.Tensor) and x.numel():
                 v = x.detach().index_select(cdim, pos.to(x.device))
                 dims = tuple(d for d in range(v.dim()) if d != cdim % v.dim())
                 seen[n].append((v.amax(dims), v.amin(dims)))
+
         handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -255,7 +275,7 @@ def _max_diff(a: Any, b: Any) -> float:
     if len(ta) != len(tb):
         return float("inf")
     d = 0.0
-    for x, y in zip(ta, tb):
+    for x, y in zip(ta, tb, strict=True):
         if x.shape != y.shape:
             return float("inf")
         if x.numel():
@@ -299,9 +319,15 @@ def _fold(mod: nn.Module, mem: Member, pos: list[int], c: torch.Tensor) -> tuple
     return None, False
 
 
-def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = False,
-            groups: Sequence[Group] | None = None, channels: Mapping[int, Sequence[int]] | None = None,
-            verify: bool = False) -> CompactionReport:
+def compact(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    allow_approximate: bool = False,
+    groups: Sequence[Group] | None = None,
+    channels: Mapping[int, Sequence[int]] | None = None,
+    verify: bool = False,
+) -> CompactionReport:
     """Remove channels whose producing filters are exactly zero, in place (module classes and
     attribute names are kept; tensors shrink).
 
@@ -343,7 +369,7 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
                     nonzero = set(range(g.channels))
                     break
                 nz = t.detach().ne(0).movedim(mem.dim, 0).reshape(t.shape[mem.dim], -1).any(1).tolist()
-                nonzero.update(c for c, z in zip(mem.index, nz) if z and c >= 0)
+                nonzero.update(c for c, z in zip(mem.index, nz, strict=True) if z and c >= 0)
             zero = sorted(allowed - set(g.pinned) - nonzero)
             if zero:
                 candidates[g.id] = zero
@@ -401,8 +427,14 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
                     delta, exact = _fold(mod, mem, pos, const)
                     if delta is None or (not exact and not allow_approximate):
                         ok = False
-                        report.kept.append((gid, c, f"constant {float(const.abs().max()):.3g} cannot be folded "
-                                            f"exactly into {mem.module} ({type(mod).__name__})"))
+                        report.kept.append(
+                            (
+                                gid,
+                                c,
+                                f"constant {float(const.abs().max()):.3g} cannot be folded "
+                                f"exactly into {mem.module} ({type(mod).__name__})",
+                            )
+                        )
                         break
                     approx |= not exact
                     plan.append((mem, delta))
@@ -415,7 +447,11 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
                     name = f"{mem.module}.bias"
                     base = deltas.get(name)
                     if base is None:
-                        b = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device)
+                        b = (
+                            mod.bias.detach()
+                            if mod.bias is not None
+                            else torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device)
+                        )
                         base = b.to(torch.float64)
                     deltas[name] = base + delta
         # a removed channel may leave a group with none (only when every channel was zero)
@@ -429,7 +465,7 @@ def compact(model: nn.Module, example_inputs: Any, *, allow_approximate: bool = 
         # keyed by "<module>.bias", which is also the bias's name in the groups (not for a bias
         # tied across modules: such a consumer is refused below)
         replace = {name: v.to(modules[name.rpartition(".")[0]].weight.dtype) for name, v in deltas.items()}
-        tied = [n for n in replace if len(_owners(model).get(id(getattr(modules[n.rpartition(".")[0]], "bias")), [])) > 1]
+        tied = [n for n in replace if len(_owners(model).get(id(modules[n.rpartition(".")[0]].bias), [])) > 1]
         if tied:
             raise ValueError(f"cannot fold constants into biases shared by several modules: {tied}")
         remove_channels(model, groups, removed, replace=replace)

@@ -84,9 +84,21 @@ class Graph:
 
 
 _ALIASES = {
-    "iadd": "add", "radd": "add", "isub": "sub", "rsub": "rsub", "imul": "mul", "rmul": "mul",
-    "truediv": "div", "itruediv": "div", "rtruediv": "rdiv", "concat": "cat", "concatenate": "cat",
-    "multiply": "mul", "subtract": "sub", "divide": "div", "true_divide": "div",
+    "iadd": "add",
+    "radd": "add",
+    "isub": "sub",
+    "rsub": "rsub",
+    "imul": "mul",
+    "rmul": "mul",
+    "truediv": "div",
+    "itruediv": "div",
+    "rtruediv": "rdiv",
+    "concat": "cat",
+    "concatenate": "cat",
+    "multiply": "mul",
+    "subtract": "sub",
+    "divide": "div",
+    "true_divide": "div",
 }
 
 
@@ -160,8 +172,10 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     several times faster on a large model), on the real tensors when some op has no meta kernel."""
     with torch.no_grad():
         try:
-            meta = {k: torch.empty_like(v, device="meta")
-                    for k, v in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]}
+            meta = {
+                k: torch.empty_like(v, device="meta")
+                for k, v in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+            }
             with _reparametrize_module(gm, meta, tie_weights=True):
                 _MetaShapeProp(gm).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
             return
@@ -268,8 +282,22 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.depth == 0:
             name = normalise(func)
-            if name not in ("dim", "size", "shape", "numel", "ndim", "is_floating_point", "get_device",
-                            "device", "dtype", "requires_grad", "data_ptr", "is_contiguous", "__len__", "len"):
+            if name not in (
+                "dim",
+                "size",
+                "shape",
+                "numel",
+                "ndim",
+                "is_floating_point",
+                "get_device",
+                "device",
+                "dtype",
+                "requires_grad",
+                "data_ptr",
+                "is_contiguous",
+                "__len__",
+                "len",
+            ):
                 self.record("call", name, args, kwargs, out, func)
         return out
 
@@ -332,8 +360,12 @@ def trace(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn.Module]
         try:
             g = trace_dynamic(model, inputs, handled)
         except Exception as dyn_err:
-            raise TraceError(f"could not trace {type(model).__name__}: torch.fx failed ({fx_err}); running it "
-                             f"on the example inputs failed too ({type(dyn_err).__name__}: {dyn_err})") from dyn_err
-        g.notes.append(f"torch.fx could not trace the model ({type(fx_err).__name__}: {str(fx_err)[:200]}); "
-                       "used the dynamic tracer (the path taken on the example inputs)")
+            raise TraceError(
+                f"could not trace {type(model).__name__}: torch.fx failed ({fx_err}); running it "
+                f"on the example inputs failed too ({type(dyn_err).__name__}: {dyn_err})"
+            ) from dyn_err
+        g.notes.append(
+            f"torch.fx could not trace the model ({type(fx_err).__name__}: {str(fx_err)[:200]}); "
+            "used the dynamic tracer (the path taken on the example inputs)"
+        )
         return g

@@ -22,14 +22,16 @@ from fastprune.structure.trace import Ref
 __all__ = ["zero_consumers"]
 
 # f(0) == 0 exactly, channel by channel
-_PRESERVE = frozenset("""relu relu6 gelu silu tanh hardswish hardtanh leaky_relu elu selu celu mish softsign
+_PRESERVE = frozenset(
+    """relu relu6 gelu silu tanh hardswish hardtanh leaky_relu elu selu celu mish softsign
 tanhshrink dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity clone
 contiguous detach to float double half bfloat16 type_as abs neg square sin sqrt hardshrink softshrink
 flatten view reshape unflatten permute transpose swapaxes t movedim interpolate upsample pad
 max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
 adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
 max_pool2d_with_indices adaptive_max_pool2d_with_indices mean sum amax amin max min getitem split chunk
-tensor_split unbind cat stack""".split())
+tensor_split unbind cat stack""".split()
+)
 
 
 def _roots_of(layout: Any, root: Any) -> set[int]:
@@ -96,21 +98,26 @@ def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[
                 zin = (zs(x) or set()) & zero_roots
                 if lay is not None and zin:
                     zb = _zero_roots_of(mod.bias, lay.ids, root, zin)
-                    zg = _zero_roots_of(mod.weight, lay.ids, root, zb) | _zero_roots_of(mod.running_mean, lay.ids, root, zb)
+                    zg = _zero_roots_of(mod.weight, lay.ids, root, zb) | _zero_roots_of(
+                        mod.running_mean, lay.ids, root, zb
+                    )
                     Z[ref] = zg
                 continue
             if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
                 # a producer: its candidate channels have all-zero filters; zero where the bias is
                 lay = layouts.get(ref)
                 if lay is not None:
-                    Z[ref] = _zero_roots_of(getattr(mod, "bias", None), lay.ids, root, _roots_of(lay, root) & zero_roots)
+                    Z[ref] = _zero_roots_of(
+                        getattr(mod, "bias", None), lay.ids, root, _roots_of(lay, root) & zero_roots
+                    )
                 continue
             spec = H.head_spec(mod)
             if spec is not None and spec.out is not None:
                 lay = layouts.get(Ref(i, 0))
                 if lay is not None:
-                    Z[Ref(i, 0)] = _zero_roots_of(getattr(mod, spec.out).bias, lay.ids, root,
-                                                  _roots_of(lay, root) & zero_roots)
+                    Z[Ref(i, 0)] = _zero_roots_of(
+                        getattr(mod, spec.out).bias, lay.ids, root, _roots_of(lay, root) & zero_roots
+                    )
             continue
         name = node.target
         ins = [a for a in (*node.args, *node.kwargs.values())]
