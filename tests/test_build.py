@@ -45,8 +45,8 @@ def test_cuda_check_fails_under_ci_when_nvcc_is_missing(tmp_path):
 
 
 def test_torch_version_matches_the_build():
-    from fastprune import _loader
     import fastprune._C as ext
+    from fastprune import _loader
 
     built = tuple(ext.torch_version())
     assert built[:2] == tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
