@@ -173,3 +173,18 @@ def test_demo_quick(tmp_path, capsys):
     assert "ResNet-50-like, 90 %, unstructured" in printed and "4 rows share" in printed
     assert "MLP, magnitude one-shot" in printed
     assert (tmp_path / "demo_accuracy.png").stat().st_size > 0
+
+
+def test_methods_command_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("magnitude", "woodfisher", "fisher_diag", "l1_filter", "l2_filter", "bn_scale", "random"):
+        assert name in out
+    assert "WoodFisherConfig" in out and "L1FilterConfig" in out
+
+
+def test_unknown_method_is_one_line(user_model, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "usermodels:make", "--method", "nisp_soon", "--sparsity", "0.5", "-o", str(tmp_path / "x.pt")])
+    msg = str(e.value)
+    assert msg.startswith("fastprune: unknown method 'nisp_soon'") and "\n" not in msg
