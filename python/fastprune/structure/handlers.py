@@ -48,7 +48,15 @@ def register_handler(
         _FIXUPS[cls] = fixup_fn
 
 
+_transformers_seen = False
+
+
 def _lookup(table: dict[type, Any], module: nn.Module) -> Any:
+    global _transformers_seen
+    if not _transformers_seen and type(module).__module__.startswith("transformers."):
+        # the first HuggingFace module seen: transformers is imported already, teach its attention
+        _transformers_seen = True
+        _register_bert_attention()
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls]
@@ -637,8 +645,10 @@ def register_attention(cls: type, spec: HeadSpec) -> None:
 
 
 def _register_bert_attention() -> None:
-    # fastprune.nn.MultiheadSelfAttention registers itself (fastprune/nn/attention.py)
-    try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy (~1 s to import)
+    # Called when the analysis first meets a transformers module, not when fastprune is imported
+    # (importing transformers costs ~2.4 s here). fastprune.nn.MultiheadSelfAttention registers
+    # itself (fastprune/nn/attention.py).
+    try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads
         return
@@ -646,6 +656,3 @@ def _register_bert_attention() -> None:
         BertSelfAttention,
         HeadSpec("query", "key", "value", None, "num_attention_heads", "attention_head_size", self_only=True),
     )
-
-
-_register_bert_attention()
