@@ -42,6 +42,14 @@ void check_woodbury_update_inputs(const at::Tensor& finv, const at::Tensor& grad
                     " but grads has d = ", d, " columns, which needs ceil(d / B) = ", nb, " blocks");
   TORCH_CHECK_VALUE(std::isfinite(num_samples) && num_samples > 0.0,
                     "num_samples must be finite and > 0, got ", num_samples);
+  // A positive definite block has a positive, finite diagonal: the necessary condition, checked in
+  // O(nb B) before anything is written (an all-zero state would otherwise "update" to zeros).
+  if (finv.numel() > 0) {
+    const at::Tensor diag = at::diagonal(finv, 0, 1, 2);
+    TORCH_CHECK_VALUE(at::logical_and(at::isfinite(diag), diag > 0).all().item<bool>(),
+                      "finv is not positive definite: a diagonal entry is <= 0 or not finite (start from "
+                      "woodbury_inverse_fisher, or I / damp)");
+  }
 }
 
 }  // namespace fastprune

@@ -230,6 +230,23 @@ def test_bad_update_inputs_leave_finv_unchanged():
     assert torch.equal(finv, keep)
 
 
+@pytest.mark.parametrize("bad", ["zeros", "negative", "nan"])
+def test_update_refuses_a_state_that_is_not_positive_definite(bad):
+    # an all-zero state used to "update" to zeros silently
+    finv = torch.eye(4).repeat(5, 1, 1) * 10
+    if bad == "zeros":
+        finv.zero_()
+    elif bad == "negative":
+        finv[2, 1, 1] = -1.0
+    else:
+        finv[4, 3, 3] = float("nan")
+    keep = finv.clone()
+    for fn in (ops.woodbury_update_, torch.ops.fastprune.woodbury_update_):
+        with pytest.raises(ValueError, match="not positive definite"):
+            fn(finv, torch.randn(3, 20), 3.0)
+        assert torch.equal(finv.nan_to_num(), keep.nan_to_num())
+
+
 # ---------------------------------------------------------------- dispatcher integration
 
 

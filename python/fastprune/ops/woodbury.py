@@ -88,8 +88,8 @@ def woodbury_update_(finv: torch.Tensor, grads: torch.Tensor, num_samples: float
         num_samples: ``N`` of the Fisher's ``1/N`` (the total number of gradients to be fed).
 
     Returns:
-        ``finv``. Inputs are validated before anything is written; if ``finv`` is not positive
-        definite the op raises ``ValueError`` and blocks already processed may have been updated.
+        ``finv``. Inputs are validated before anything is written: a ``finv`` whose diagonal has an
+        entry <= 0 or not finite (so not positive definite) raises ``ValueError`` and is left as it was.
     """
     _check_float_tensor(finv, "finv", 3)
     _check_float_tensor(grads, "grads", 2)
