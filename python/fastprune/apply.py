@@ -6,7 +6,8 @@ anything changes, so a failing call leaves the model as it was:
 
 * a plan with masks: every named parameter must exist with the mask's shape; weight updates (an
   OBS step) are added first, then the masks are installed (torch's prune container, combined with
-  masks already there);
+  masks already there). The returned plan holds the masks in force and the sparsity the pruned
+  weights really have (zeros / entries), whatever was asked;
 * a plan with channel groups: every member must match the model's tensors; the channels are
   masked and, in compact mode, removed (:func:`fastprune.structure.compact`). The returned plan
   says what compaction really removed (a constant channel it cannot fold exactly is kept).
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from fastprune import plan as plan_module
-from fastprune.masks import add_to_weights, apply_masks, select_parameters
+from fastprune.masks import add_to_weights, apply_masks, current_mask, effective_weight, select_parameters
 from fastprune.plan import Plan
 from fastprune.structure.groups import Group, GroupList, as_inputs
 from fastprune.structure.surgery import compact, mask_channels
@@ -57,20 +58,26 @@ def apply(
         if weight_updates:
             raise ValueError("a channel plan takes no weight_updates")
         return _apply_channels(model, plan, example_inputs, trace)
-    _apply_masks(model, plan, weight_updates)
-    return plan
+    return _apply_masks(model, plan, weight_updates)
 
 
-def _apply_masks(model: nn.Module, plan: Plan, updates: Mapping[str, torch.Tensor] | None) -> None:
+def _apply_masks(model: nn.Module, plan: Plan, updates: Mapping[str, torch.Tensor] | None) -> Plan:
+    """Install the masks; the plan returned holds the masks now in force (combined with those the
+    model had: masks only grow) and the sparsity the pruned weights really have."""
     if not plan.masks:
         if updates:
             raise ValueError("weight_updates given for a plan that prunes nothing")
-        return
+        return plan
+    known = {r.name for r in select_parameters(model)} | {n.removesuffix("_orig") for n, _ in model.named_parameters()}
+    missing = [n for n in plan.masks if n not in known]
+    if missing:
+        raise ValueError(
+            f"the plan prunes {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which the model does not "
+            f"have: is the plan for another architecture?"
+        )
     refs = {r.name: r for r in select_parameters(model, include=list(plan.masks))}
     for name, mask in plan.masks.items():
-        ref = refs.get(name)
-        if ref is None:
-            raise ValueError(f"plan prunes {name}, which the model does not have")
+        ref = refs[name]
         raw = getattr(ref.module, ref.param_name + "_orig", getattr(ref.module, ref.param_name))
         if tuple(mask.shape) != tuple(raw.shape):
             raise ValueError(f"plan's mask for {name} has shape {tuple(mask.shape)}, the model's is {tuple(raw.shape)}")
@@ -84,6 +91,15 @@ def _apply_masks(model: nn.Module, plan: Plan, updates: Mapping[str, torch.Tenso
     if updates:
         add_to_weights(list(refs.values()), updates)
     apply_masks(list(refs.values()), plan.masks)
+    in_force = {n: current_mask(r.module, r.param_name) for n, r in refs.items()}
+    weights = [effective_weight(r.module, r.param_name) for r in refs.values()]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    total = sum(w.numel() for w in weights)
+    return dataclasses.replace(
+        plan,
+        masks={n: m.cpu() for n, m in in_force.items() if m is not None},
+        achieved_sparsity=zeros / total if total else 0.0,
+    )
 
 
 def _zeros_from_specs(specs: Any, model: nn.Module) -> tuple[torch.Tensor, ...]:

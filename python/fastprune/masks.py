@@ -22,6 +22,8 @@ __all__ = [
     "ParamRef",
     "add_to_weights",
     "apply_masks",
+    "check_finite_weights",
+    "check_not_below_current",
     "current_mask",
     "effective_weight",
     "finalize",
@@ -84,6 +86,15 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _in_module(module_name: str, pattern: str) -> bool:
+    """Whether the module, or a module it sits in, matches the pattern (``"encoder"`` covers
+    ``"encoder.layer.0.attention"``)."""
+    parts = module_name.split(".") if module_name else []
+    return any(_matches(".".join(parts[:i]), (pattern,)) for i in range(len(parts), 0, -1)) or (
+        not parts and _matches("", (pattern,))
+    )
+
+
 def _as_patterns(x: str | Iterable[str] | None, arg: str) -> tuple[str, ...] | None:
     if x is None:
         return None
@@ -104,10 +115,14 @@ def select_parameters(
 
     Default: every ``weight`` with at least two dimensions (Linear, ConvNd, ConvTransposeNd,
     Embedding, ...) outside normalisation layers; biases and norm parameters are never selected by
-    default. ``include`` / ``exclude`` take module names or glob patterns (``"features.*"``),
-    matched against the module name and against ``"<module>.<param>"``; ``include`` may select any
-    floating-point parameter by its full name. A pattern that matches nothing is a ``ValueError``
-    naming it. A Parameter shared by several modules appears once, with all its owners.
+    default. ``include`` / ``exclude`` take module names or glob patterns (``"features.*"``) that
+    select modules and everything inside them (``"encoder"`` covers ``"encoder.layer.0.output"``):
+    an included module contributes its default parameters, so ``"encoder.*"`` prunes
+    the encoder's weight matrices and not its biases or LayerNorm weights. Pruning another
+    floating-point parameter is an explicit opt-in: a pattern whose last part is that parameter's
+    name (``"fc.bias"``, ``"*.bias"``). ``exclude`` also matches full parameter names. A pattern
+    that matches nothing is a ``ValueError`` naming it. A Parameter shared by several modules
+    appears once, with all its owners.
     """
     inc = _as_patterns(include, "include")
     exc = _as_patterns(exclude, "exclude")
@@ -136,14 +151,16 @@ def select_parameters(
                 owners[key].append((mname, module))
             default = pname == "weight" and param.dim() >= 2 and not isinstance(module, _NORM_TYPES)
             if inc is not None:
-                hit = [p for p in inc if _matches(full, (p,)) or (pname == "weight" and _matches(mname, (p,)))]
-                used_inc.update(hit)
-                # a module pattern selects that module's default parameters; a full name selects that one
-                chosen = any(_matches(full, (p,)) for p in hit) or (bool(hit) and default)
+                # a pattern matching the module selects its default parameters; one that ends in this
+                # parameter's name ("fc.bias", "*.bias") selects the parameter itself
+                by_module = [p for p in inc if _in_module(mname, p)]
+                by_name = [p for p in inc if p.rsplit(".", 1)[-1] == pname and _matches(full, (p,))]
+                used_inc.update(by_module + by_name)
+                chosen = bool(by_name) or (bool(by_module) and default)
             else:
                 chosen = default
             if exc is not None:
-                hit = [p for p in exc if _matches(full, (p,)) or _matches(mname, (p,))]
+                hit = [p for p in exc if _matches(full, (p,)) or _in_module(mname, p)]
                 used_exc.update(hit)
                 chosen = chosen and not hit
             if chosen:
@@ -194,6 +211,31 @@ def sparsity_of(masks: Mapping[str, torch.Tensor]) -> float:
     total = sum(m.numel() for m in masks.values())
     zeros = sum(int((~m).sum()) for m in masks.values())
     return zeros / total if total else 0.0
+
+
+def check_not_below_current(refs: Sequence[ParamRef], sparsity: float, scope: str) -> None:
+    """ValueError when ``sparsity`` asks for fewer zeros than the selected weights already hold
+    (over all of them for ``scope="global"``, per layer for ``"layer"``): masks only grow, so such
+    a call could not reach its target, and used to report the target while the model stayed sparser."""
+    groups = [[r] for r in refs] if scope == "layer" else [list(refs)]
+    for group in groups:
+        zeros = sum(int((effective_weight(r.module, r.param_name) == 0).sum()) for r in group)
+        total = sum(effective_weight(r.module, r.param_name).numel() for r in group)
+        if total and round(sparsity * total) < zeros:
+            where = group[0].name if scope == "layer" else "the selected weights"
+            raise ValueError(
+                f"{where} {'is' if scope == 'layer' else 'are'} already {zeros / total:.2%} sparse; "
+                f"sparsity={sparsity} asks for fewer zeros, and masks only grow: ask for at least "
+                f"{zeros / total:.4f}, or prune a dense copy"
+            )
+
+
+def check_finite_weights(refs: Sequence[ParamRef]) -> None:
+    """ValueError naming the first selected weight that holds NaN or Inf (scores of such weights
+    are meaningless, and the NaNs would survive pruning)."""
+    for r in refs:
+        if not bool(torch.isfinite(effective_weight(r.module, r.param_name)).all()):
+            raise ValueError(f"{r.name} holds NaN or Inf: fix the weights before pruning")
 
 
 def add_to_weights(refs: Sequence[ParamRef], deltas: Mapping[str, torch.Tensor]) -> None:

@@ -8,8 +8,11 @@ a method changes (OBS updates, fine-tuning) travel in the ``state_dict``.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import math
+import os
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,14 +29,36 @@ FORMAT_VERSION = 1
 
 def _encode_mask(mask: torch.Tensor) -> dict[str, Any]:
     flat = mask.detach().to("cpu", torch.bool).reshape(-1).numpy()
-    return {"shape": list(mask.shape), "bits": base64.b64encode(np.packbits(flat).tobytes()).decode("ascii")}
+    packed = np.packbits(flat).tobytes()
+    return {
+        "shape": list(mask.shape),
+        "bits": base64.b64encode(packed).decode("ascii"),
+        # a checksum of the packed bits: an edited or corrupted mask is refused, not decoded differently
+        "crc32": zlib.crc32(packed),
+    }
 
 
-def _decode_mask(obj: Mapping[str, Any]) -> torch.Tensor:
-    shape = tuple(int(s) for s in obj["shape"])
+def _decode_mask(name: str, obj: Any, source: str) -> torch.Tensor:
+    where = f"{source}: mask {name!r}"
+    if not isinstance(obj, Mapping) or "shape" not in obj or "bits" not in obj:
+        raise ValueError(f"{where} must be an object with 'shape' and 'bits'")
+    shape = obj["shape"]
+    if not isinstance(shape, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape):
+        raise ValueError(f"{where}: 'shape' must be a list of non-negative ints, got {shape!r}")
     n = math.prod(shape)
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(obj["bits"]), dtype=np.uint8))[:n]
+    try:
+        packed = base64.b64decode(obj["bits"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: 'bits' is not valid base64 ({e})") from e
+    if len(packed) != (n + 7) // 8:
+        raise ValueError(f"{where}: {len(packed)} bytes of bits for shape {shape} ({n} entries need {(n + 7) // 8})")
+    if "crc32" in obj and obj["crc32"] != zlib.crc32(packed):
+        raise ValueError(f"{where}: the bits do not match their checksum (the file was edited or corrupted)")
+    bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[:n]
     return torch.from_numpy(bits.astype(np.bool_)).reshape(shape)
+
+
+_FIELDS = ("method", "config", "target_sparsity", "achieved_sparsity", "masks")
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,7 @@ class Plan:
             "groups": [dict(g) for g in self.groups],
         }
 
-    def to_json(self, path: str | None = None) -> str:
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """The plan as JSON (masks bit-packed and base64-encoded); also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=1)
         if path is not None:
@@ -93,22 +118,44 @@ class Plan:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> Plan:
-        """Inverse of :meth:`to_json`: a JSON string, or the path of a file holding one."""
-        text = text_or_path
-        if not text.lstrip().startswith("{"):
-            with open(text_or_path, encoding="utf-8") as f:
-                text = f.read()
-        obj = json.loads(text)
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> Plan:
+        """Inverse of :meth:`to_json`: a JSON string, or the path of a file holding one. Anything
+        else (a missing file, invalid JSON, a missing field, a mask that does not match its shape
+        or its checksum) is a ValueError naming the file (or "plan JSON") and the field."""
+        if isinstance(text_or_path, os.PathLike) or not str(text_or_path).lstrip().startswith("{"):
+            source = os.fspath(text_or_path)
+            try:
+                with open(source, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as e:
+                raise ValueError(f"cannot read plan file {source!r}: {e.strerror or e}") from e
+        else:
+            source, text = "plan JSON", str(text_or_path)
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a fastprune plan (invalid JSON: {e})") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{source}: not a fastprune plan (a JSON {type(obj).__name__}, not an object)")
         if obj.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported plan format {obj.get('format')!r} (this fastprune reads {FORMAT_VERSION})")
+            raise ValueError(
+                f"{source}: unsupported plan format {obj.get('format')!r} (this fastprune reads {FORMAT_VERSION})"
+            )
+        missing = [k for k in _FIELDS if k not in obj]
+        if missing:
+            raise ValueError(f"{source}: not a complete plan: missing {', '.join(missing)}")
+        if not isinstance(obj["masks"], dict) or not isinstance(obj["config"], dict):
+            raise ValueError(f"{source}: 'masks' and 'config' must be JSON objects")
+        groups = obj.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError(f"{source}: 'groups' must be a list of objects")
         return cls(
             method=obj["method"],
             config=obj["config"],
             target_sparsity=obj["target_sparsity"],
             achieved_sparsity=obj["achieved_sparsity"],
-            masks={k: _decode_mask(v) for k, v in obj["masks"].items()},
-            groups=tuple(obj.get("groups", ())),
+            masks={k: _decode_mask(k, v, source) for k, v in obj["masks"].items()},
+            groups=tuple(groups),
         )
 
     # -- replay

@@ -18,7 +18,7 @@ from torch import nn
 
 from fastprune._checks import check_min_remaining, check_scope, check_sparsity, normalise_patterns
 from fastprune.importance.magnitude import block_scores, magnitude_scores
-from fastprune.masks import select_parameters, sparsity_of
+from fastprune.masks import check_finite_weights, check_not_below_current, select_parameters, sparsity_of
 from fastprune.methods.registry import MethodResult, register_method
 from fastprune.plan import Plan
 from fastprune.select import threshold_masks, topk_masks
@@ -81,11 +81,13 @@ def run_magnitude(model: nn.Module, cfg: MagnitudeConfig) -> MethodResult:
     refs = select_parameters(model, cfg.include, cfg.exclude)
     if not refs:
         raise ValueError("the model has no prunable parameters (weights of Linear/Conv layers) under include/exclude")
+    check_finite_weights(refs)
     names = [r.name for r in refs]
     if cfg.threshold_std is not None:
         masks = threshold_masks(refs, cfg.threshold_std, cfg.min_remaining, cfg.block)
     else:
         assert cfg.sparsity is not None  # the config checks that one of the two is given
+        check_not_below_current(refs, cfg.sparsity, cfg.scope)
         scores = [block_scores(s, cfg.block) for s in magnitude_scores(refs)]
         masks = topk_masks(names, scores, cfg.sparsity, cfg.scope, cfg.min_remaining)
     return MethodResult(Plan("magnitude", dataclasses.asdict(cfg), cfg.sparsity, sparsity_of(masks), masks))

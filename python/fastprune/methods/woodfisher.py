@@ -26,7 +26,16 @@ from fastprune._checks import (
     normalise_patterns,
 )
 from fastprune.importance.woodfisher import collect_fisher, obs_updates
-from fastprune.masks import ParamRef, add_to_weights, apply_masks, effective_weight, select_parameters, sparsity_of
+from fastprune.masks import (
+    ParamRef,
+    add_to_weights,
+    apply_masks,
+    check_finite_weights,
+    check_not_below_current,
+    effective_weight,
+    select_parameters,
+    sparsity_of,
+)
 from fastprune.methods.registry import MethodResult, register_method
 from fastprune.plan import Plan
 from fastprune.select import topk_masks
@@ -119,6 +128,9 @@ def _data_refs(model: nn.Module, cfg: _FisherDataConfig) -> list[ParamRef]:
     refs = select_parameters(model, cfg.include, cfg.exclude)
     if not refs:
         raise ValueError("the model has no prunable parameters (weights of Linear/Conv layers) under include/exclude")
+    check_finite_weights(refs)
+    assert cfg.sparsity is not None  # the config requires it
+    check_not_below_current(refs, cfg.sparsity, cfg.scope)
     frozen = [
         r.name
         for r in refs
