@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,25 +25,65 @@ def load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict
     mask is installed on the fresh model first (torch's prune container), then the state dict is
     loaded. A finalised (mask-free) state dict loads as usual. Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     modules = dict(model.named_modules())
+    masks = _validate(model, modules, state_dict, strict)  # everything checked: nothing changes on failure
     _resize_to(model, modules, state_dict)
-    for key, value in state_dict.items():
-        if not key.endswith("_mask"):
-            continue
-        base = key[: -len("_mask")]
-        if base + "_orig" not in state_dict:
-            continue
-        mname, _, pname = base.rpartition(".")
-        module = modules.get(mname)
-        if module is None or not hasattr(module, pname):
-            raise ValueError(f"state_dict holds a mask for {base}, which the model does not have")
+    for key, (module, pname) in masks.items():
         if not is_pruned(module, pname):
             param = getattr(module, pname)
-            if tuple(param.shape) != tuple(value.shape):
-                raise ValueError(f"mask {key} has shape {tuple(value.shape)}, model's {base} has {tuple(param.shape)}")
+            value = state_dict[key]
             torch_prune.custom_from_mask(module, pname, value.to(device=param.device, dtype=param.dtype))
     model.load_state_dict(dict(state_dict), strict=strict)
     return model
+
+
+def _validate(
+    model: nn.Module, modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any], strict: bool
+) -> dict[str, tuple[nn.Module, str]]:
+    """Check the whole state dict against the model before anything is changed; returns the masks
+    to install: ``{"<module>.<param>_mask": (module, param name)}``."""
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"state_dict values must be tensors; not for {', '.join(map(str, bad[:3]))}")
+    masks: dict[str, tuple[nn.Module, str]] = {}
+    for key, value in state_dict.items():
+        if key.endswith("_mask"):
+            base = key[: -len("_mask")]
+            if base + "_orig" not in state_dict:
+                raise ValueError(f"state_dict holds {key} without {base}_orig: a pruned checkpoint has both")
+            mname, _, pname = base.rpartition(".")
+            module = modules.get(mname)
+            if module is None or not hasattr(module, pname):
+                raise ValueError(f"state_dict holds a mask for {base}, which the model does not have")
+            orig = state_dict[base + "_orig"]
+            if tuple(orig.shape) != tuple(value.shape):
+                raise ValueError(f"mask {key} has shape {tuple(value.shape)}, its {base}_orig {tuple(orig.shape)}")
+            masks[key] = (module, pname)
+        elif key.endswith("_orig") and key[: -len("_orig")] + "_mask" not in state_dict:
+            raise ValueError(f"state_dict holds {key} without {key[: -len('_orig')]}_mask: a pruned checkpoint has both")
+    if strict:
+        expected = set()
+        pruned_here = {k[: -len("_mask")] for k in masks}
+        for key in model.state_dict():
+            base = key[: -len("_orig")] if key.endswith("_orig") else key
+            if key.endswith("_mask"):
+                continue
+            if base in pruned_here or key.endswith("_orig"):
+                expected |= {base + "_orig", base + "_mask"}
+            else:
+                expected.add(key)
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            parts = ([f"missing {', '.join(missing[:5])}"] if missing else []) + (
+                [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []
+            )
+            raise ValueError(f"state_dict does not fit the model (strict=True): {'; '.join(parts)}")
+    return masks
 
 
 def _resize_to(model: nn.Module, modules: Mapping[str, nn.Module], state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -105,3 +105,32 @@ def test_a_plan_for_another_architecture_says_so():
     with pytest.raises(ValueError, match="2.weight, 4.weight, which the model does not have: is the plan for another"):
         plan.apply(other)
     assert not hasattr(other[0], "weight_mask")
+
+
+@pytest.mark.parametrize("defect", ["mask_without_orig", "extra_key", "not_a_tensor", "missing_key"])
+def test_load_pruned_changes_nothing_when_it_fails(defect):
+    src = mlp()
+    fastprune.prune(src, "magnitude", sparsity=0.5)
+    sd = dict(src.state_dict())
+    if defect == "mask_without_orig":
+        sd["0.bias_mask"] = torch.ones(30)
+        match = "without 0.bias_orig"
+    elif defect == "extra_key":
+        sd["extra.weight"] = torch.zeros(3)
+        match = "unexpected extra.weight"
+    elif defect == "not_a_tensor":
+        sd["0.bias"] = [1.0] * 30
+        match = "must be tensors"
+    else:
+        del sd["2.bias"]
+        match = "missing 2.bias"
+    fresh = mlp()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        fastprune.load_pruned(fresh, sd)
+    # used to install masks before failing
+    assert not any(hasattr(m, "weight_mask") for m in fresh.modules())
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    if defect == "extra_key":
+        fastprune.load_pruned(fresh, sd, strict=False)  # strict=False ignores it, as torch does
+        assert hasattr(fresh[0], "weight_mask")
