@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 
@@ -11,6 +12,21 @@ import torch
 
 import fastprune
 from fastprune.cli import main
+
+
+def assert_user_error(capsys, argv, match):
+    """The command fails as a user error: exit status 2 and exactly one line on stderr, no traceback."""
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("fastprune: error: "), err
+    assert re.search(match, lines[0]), (match, lines[0])
+    return lines[0]
 
 
 @pytest.fixture
@@ -26,6 +42,13 @@ def user_model(tmp_path, monkeypatch):
 
         def not_a_model():
             return 3
+
+        def loader():
+            g = torch.Generator().manual_seed(0)
+            return [(torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(4)]
+
+        def broken():
+            raise RuntimeError("no GPU here")
     """)
     )
     monkeypatch.chdir(tmp_path)
@@ -50,21 +73,15 @@ def test_prune_command_writes_state_dict_and_plan(user_model, capsys):
     assert plan["method"] == "magnitude" and plan["target_sparsity"] == 0.75
 
 
-def test_prune_command_errors_are_clear(user_model):
-    with pytest.raises(SystemExit, match="package.module:factory"):
-        main(["prune", "usermodels", "--sparsity", "0.5", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="cannot import"):
-        main(["prune", "nosuchmodule:make", "--sparsity", "0.5", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="not a torch.nn.Module"):
-        main(["prune", "usermodels:not_a_model", "--sparsity", "0.5", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="sparsity"):
-        main(["prune", "usermodels:make", "--sparsity", "1.5", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="unknown method"):
-        main(["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="block"):
-        main(["prune", "usermodels:make", "--sparsity", "0.5", "--block", "0", "-o", "x.pt"])
-    with pytest.raises(SystemExit, match="--block applies to --method magnitude"):
-        main(
+def test_prune_command_errors_are_clear(user_model, capsys):
+    assert_user_error(capsys, ["prune", "usermodels", "--sparsity", "0.5", "-o", "x.pt"], "package.module:factory")
+    assert_user_error(capsys, ["prune", "nosuchmodule:make", "--sparsity", "0.5", "-o", "x.pt"], "cannot import")
+    assert_user_error(capsys, ["prune", "usermodels:not_a_model", "--sparsity", "0.5", "-o", "x.pt"], "not a torch.nn.Module")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "1.5", "-o", "x.pt"], "sparsity")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"], "unknown method")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "0.5", "--block", "0", "-o", "x.pt"], "block")
+    assert_user_error(
+        capsys,
             [
                 "prune",
                 "usermodels:make",
@@ -78,8 +95,9 @@ def test_prune_command_errors_are_clear(user_model):
                 "2,8",
                 "-o",
                 "x.pt",
-            ]
-        )
+            ],
+        "--block applies to --method magnitude",
+    )
 
 
 def test_prune_command_block(user_model):
@@ -98,8 +116,7 @@ def test_prune_command_block(user_model):
 
 def test_prune_command_structured(user_model, capsys):
     out = user_model / "slim.pt"
-    with pytest.raises(SystemExit, match="--input-shape"):
-        main(["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)])
+    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)], "--input-shape")
     assert (
         main(
             [
@@ -148,21 +165,17 @@ def test_bench_command(user_model, capsys):
         == 0
     )
     assert "fastprune.sparsify" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="block"):
-        main(["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"])
+    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"], "block")
     assert (
         main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "2", "--min-run-time", "0.05"]) == 0
     )
     assert "run 2 sample(s) at a time" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="positive int"):
-        main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"])
-    with pytest.raises(SystemExit, match="input shape"):
-        main(["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"])
+    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"], "micro-batch: must be >= 1")
+    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"], "input shape")
     (user_model / "scripted.py").write_text(
         "import torch\nfrom torch import nn\ndef make():\n    return torch.jit.script(nn.Linear(3, 2))\n"
     )
-    with pytest.raises(SystemExit, match="TorchScript"):
-        main(["bench", "scripted:make", "--input-shape", "1,3"])
+    assert_user_error(capsys, ["bench", "scripted:make", "--input-shape", "1,3"], "TorchScript")
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -183,8 +196,58 @@ def test_methods_command_lists_the_registry(capsys):
     assert "WoodFisherConfig" in out and "L1FilterConfig" in out
 
 
-def test_unknown_method_is_one_line(user_model, tmp_path):
+def test_unknown_method_is_one_line(user_model, tmp_path, capsys):
+    msg = assert_user_error(
+        capsys, ["prune", "usermodels:make", "--method", "nisp_soon", "--sparsity", "0.5", "-o", "x.pt"], "unknown"
+    )
+    assert msg.startswith("fastprune: error: unknown method 'nisp_soon'")
+
+
+@pytest.mark.parametrize("argv", [[], ["demo"], ["methods"], ["prune"], ["bench"]])
+def test_every_help_works(argv, capsys):
+    # `fastprune prune --help` used to crash on a '%' in a help string
     with pytest.raises(SystemExit) as e:
-        main(["prune", "usermodels:make", "--method", "nisp_soon", "--sparsity", "0.5", "-o", str(tmp_path / "x.pt")])
-    msg = str(e.value)
-    assert msg.startswith("fastprune: unknown method 'nisp_soon'") and "\n" not in msg
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: fastprune" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(user_model, capsys):
+    import usermodels
+
+    (user_model / "raising.py").write_text("x = 1 / 0\n")
+    other = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    torch.save(other.state_dict(), user_model / "other.pt")
+    prune = ["prune", "usermodels:make", "--sparsity", "0.5"]
+    bench = ["bench", "usermodels:make", "--input-shape", "4,8"]
+    assert_user_error(capsys, ["prune", "raising:make", "--sparsity", "0.5", "-o", "x.pt"],
+                      r"cannot import 'raising': ZeroDivisionError: division by zero")
+    assert_user_error(capsys, ["prune", "usermodels:broken", "--sparsity", "0.5", "-o", "x.pt"],
+                      r"usermodels:broken raised RuntimeError: no GPU here")
+    assert_user_error(capsys, [*prune, "--weights", "other.pt", "-o", "x.pt"], r"weights 'other.pt' do not fit")
+    assert_user_error(capsys, [*prune, "-o", "no/such/folder/x.pt"], r"output folder .* does not exist")
+    assert not (user_model / "no").exists()
+    assert_user_error(capsys, [*prune, "--method", "l1_filter", "--input-shape", "2,x", "-o", "x.pt"],
+                      r"--input-shape: expected comma-separated positive ints")
+    assert_user_error(capsys, [*prune, "--method", "l1_filter", "--input-shape", "0,8", "-o", "x.pt"],
+                      r"every dimension must be >= 1")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "abc", "-o", "x.pt"], r"--sparsity")
+    assert_user_error(capsys, [*bench, "--threads", "0"], r"--threads: must be >= 1")
+    assert_user_error(capsys, [*bench, "--min-run-time", "-1"], r"--min-run-time: must be a finite number > 0")
+    assert_user_error(capsys, ["demo", "--threads", "0"], r"--threads: must be >= 1")
+    assert_user_error(capsys, ["frobnicate"], r"invalid choice")
+    assert usermodels.make() is not None
+
+
+def test_data_driven_methods_take_data(user_model, capsys):
+    out = user_model / "wf.pt"
+    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5",
+                               "-o", str(out)], r"reads data: pass --data")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "0.5", "--data", "usermodels:loader",
+                               "-o", str(out)], r"'magnitude' reads no data")
+    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5",
+                               "--data", "usermodels:not_a_model", "-o", str(out)], r"not an iterable of batches")
+    assert main(["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5", "--data",
+                 "usermodels:loader", "-o", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    assert float((state["0.weight_mask"] == 0).float().mean()) > 0.2

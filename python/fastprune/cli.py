@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -29,32 +31,107 @@ from fastprune.methods.registry import table
 from fastprune.nn import sparsify, sparsify_report
 from fastprune.train import evaluate, fit
 
-__all__ = ["main"]
+__all__ = ["UserError", "main"]
 
 
-def _load_factory(spec: str) -> nn.Module:
-    if ":" not in spec:
-        raise SystemExit(f"fastprune: MODEL must be 'package.module:factory', got {spec!r}")
+class UserError(Exception):
+    """A mistake in the command line or its inputs: printed as one line ``fastprune: error: ...``, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fastprune: error: {message}\n")
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,224,224, got {text!r}")
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
+    return dims
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _import_callable(spec: str, what: str) -> Any:
+    """``package.module:name`` -> the callable it names (any failure of the import is one line)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UserError(f"{what} must be 'package.module:factory', got {spec!r}")
     mod_name, _, attr = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise SystemExit(f"fastprune: cannot import {mod_name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything while importing
+        raise UserError(f"cannot import {mod_name!r}: {_one_line(e)}") from e
     finally:
         sys.path.pop(0)
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise SystemExit(f"fastprune: {mod_name!r} has no callable {attr!r}")
-    model = factory()
+        raise UserError(f"{mod_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _call_factory(spec: str, factory: Any) -> Any:
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+        raise UserError(f"{spec} raised {_one_line(e)}") from e
+
+
+def _load_factory(spec: str) -> nn.Module:
+    model = _call_factory(spec, _import_callable(spec, "MODEL"))
     if isinstance(model, torch.jit.ScriptModule):
-        raise SystemExit(
-            "fastprune: TorchScript models cannot be pruned or have their layers swapped in place; "
-            "pass the eager nn.Module factory"
+        raise UserError(
+            "TorchScript models cannot be pruned or have their layers swapped in place; pass the eager nn.Module factory"
         )
     if not isinstance(model, nn.Module):
-        raise SystemExit(f"fastprune: {spec} returned {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _load_data(spec: str) -> Any:
+    """``--data package.module:factory``: a function returning an iterable of batches (a DataLoader)."""
+    data = _call_factory(spec, _import_callable(spec, "--data"))
+    if not hasattr(data, "__iter__"):
+        raise UserError(f"{spec} returned {type(data).__name__}, not an iterable of batches (a DataLoader)")
+    return data
 
 
 def _load_model(spec: str, weights: str | None) -> nn.Module:
@@ -64,9 +141,20 @@ def _load_model(spec: str, weights: str | None) -> nn.Module:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - report any load failure clearly
-            raise SystemExit(f"fastprune: cannot load weights {weights!r}: {e}") from e
-        fastprune.load_pruned(model, state)
+            raise UserError(f"cannot load weights {weights!r}: {_one_line(e)}") from e
+        try:
+            fastprune.load_pruned(model, state)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise UserError(f"weights {weights!r} do not fit {spec}: {_one_line(e)}") from e
     return model
+
+
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"the output folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"the output {path!r} is a folder; give a file name")
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -265,33 +353,39 @@ def _plot_demo(path: str, dense_acc: float, curves: dict[str, list[tuple[float, 
 def cmd_prune(args: argparse.Namespace) -> int:
     args.scope_given = args.scope is not None
     args.scope = args.scope or "global"
+    if args.method not in fastprune.method_names():
+        raise UserError(f"unknown method {args.method!r}; known methods: {', '.join(fastprune.method_names())}")
+    _check_output(args.output)
+    config_cls = spec_for(args.method).config_cls
+    needs_data = "data" in {f.name for f in dataclasses.fields(config_cls)}
+    if needs_data and not args.data:
+        raise UserError(
+            f"method {args.method!r} reads data: pass --data package.module:factory (a function returning a "
+            "DataLoader of (inputs, targets) batches)"
+        )
+    if args.data and not needs_data:
+        raise UserError(f"method {args.method!r} reads no data; --data is for data-driven methods")
 
     model = _load_model(args.model, args.weights)
-    kwargs = {"sparsity": args.sparsity, "scope": args.scope}
-    if args.method not in fastprune.method_names():
-        raise SystemExit(
-            f"fastprune: unknown method {args.method!r}; known methods: {', '.join(fastprune.method_names())}"
-        )
-    structured = issubclass(spec_for(args.method).config_cls, ChannelConfig)
+    kwargs: dict[str, Any] = {"sparsity": args.sparsity, "scope": args.scope}
+    if needs_data:
+        kwargs["data"] = _load_data(args.data)
+    structured = issubclass(config_cls, ChannelConfig)
     if structured:
         if not args.input_shape:
-            raise SystemExit(
-                f"fastprune: method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)"
+            raise UserError(f"method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)"
             )
         kwargs["example_inputs"] = torch.randn(*args.input_shape)
         kwargs["scope"] = args.scope if args.scope_given else "layer"
     if args.block != 1:
         if args.method != "magnitude":
-            raise SystemExit("fastprune: --block applies to --method magnitude")
+            raise UserError("--block applies to --method magnitude")
         kwargs["block"] = args.block
     if args.include:
         kwargs["include"] = args.include
     if args.exclude:
         kwargs["exclude"] = args.exclude
-    try:
-        plan = fastprune.prune(model, args.method, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"fastprune: {e}") from e
+    plan = fastprune.prune(model, args.method, **kwargs)  # its ValueError / TypeError: one line (main)
     if structured:
         x = kwargs["example_inputs"]
         macs, params = fastprune.count(model, x)
@@ -316,26 +410,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fastprune.finalize(model)
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
-        raise SystemExit("fastprune: the model has no Linear or Conv2d layers to run sparse")
+        raise UserError("the model has no Linear or Conv2d layers to run sparse")
     zeros = sum(int((m.weight == 0).sum()) for m in layers)
     total = sum(m.weight.numel() for m in layers)
     pruned_here = zeros / total < 0.5
     if pruned_here:  # dense weights: magnitude-prune each layer to --sparsity first
-        try:
-            fastprune.prune(model, "magnitude", sparsity=args.sparsity, scope="layer", block=args.block)
-        except (ValueError, TypeError) as e:
-            raise SystemExit(f"fastprune: {e}") from e
+        fastprune.prune(model, "magnitude", sparsity=args.sparsity, scope="layer", block=args.block)
         fastprune.finalize(model)
     x = torch.randn(*args.input_shape)
     try:
         with torch.no_grad():
             want = model(x)
-    except Exception as e:  # noqa: BLE001
-        raise SystemExit(f"fastprune: the model does not run on input shape {tuple(x.shape)}: {e}") from e
-    try:
-        sparse = sparsify(model, example_inputs=x[:1] if args.micro_batch else x, micro_batch=args.micro_batch)
-    except ValueError as e:
-        raise SystemExit(f"fastprune: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's model may raise anything on a wrong shape
+        raise UserError(f"the model does not run on input shape {tuple(x.shape)}: {_one_line(e)}") from e
+    sparse = sparsify(model, example_inputs=x[:1] if args.micro_batch else x, micro_batch=args.micro_batch)
 
     def t(fn) -> float:
         return float(
@@ -375,12 +463,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastprune", description="Prune neural networks fast.")
+    p = _Parser(prog="fastprune", description="Prune neural networks fast.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="train the digits MLP, prune it (magnitude, WoodFisher), print a table")
     d.add_argument("--out", default="fastprune-demo", help="folder for the plot (default: ./fastprune-demo)")
     d.add_argument("--quick", action="store_true", help="fewer epochs")
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=_positive_int, default=2)
     d.add_argument(
         "--no-progress", action="store_true", help="no progress bars (the default when stderr is not a terminal)"
     )
@@ -389,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
     q = sub.add_parser("prune", help="prune a model given as package.module:factory")
     q.add_argument("model", help="package.module:factory returning the nn.Module")
-    q.add_argument("--method", default="magnitude")
-    q.add_argument("--sparsity", type=float, required=True)
+    q.add_argument("--method", default="magnitude", help="a registered method (see: fastprune methods)")
+    q.add_argument("--sparsity", type=_fraction, required=True, help="in [0, 1)")
     q.add_argument(
         "--scope",
         choices=["global", "layer"],
@@ -398,16 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="global (default for weight pruning) or layer (default for channel methods)",
     )
     q.add_argument(
-        "--input-shape",
-        type=lambda v: [int(t) for t in v.split(",")],
-        help="example input shape for channel (structured) methods, e.g. 1,3,224,224",
+        "--input-shape", type=_shape, help="example input shape for channel (structured) methods, e.g. 1,3,224,224"
+    )
+    q.add_argument(
+        "--data",
+        help="package.module:factory returning a DataLoader of (inputs, targets) batches, for methods that read "
+        "data (woodfisher, fisher_diag)",
     )
     q.add_argument(
         "--block",
-        type=int,
+        type=_positive_int,
         default=1,
         help="magnitude: prune groups of this many output channels together (4: rows that share a pattern, "
-        "about 2x faster sparse kernels at 90 %)",
+        "about 2x faster sparse kernels at 90 %%)",
     )
     q.add_argument("--include", nargs="*", help="module names or glob patterns")
     q.add_argument("--exclude", nargs="*", help="module names or glob patterns")
@@ -417,32 +508,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_prune)
     b = sub.add_parser("bench", help="time a model dense vs sparse (fastprune.sparsify) on random inputs")
     b.add_argument("model", help="package.module:factory returning the nn.Module")
+    b.add_argument("--input-shape", required=True, type=_shape, help="e.g. 1,3,224,224")
     b.add_argument(
-        "--input-shape", required=True, type=lambda v: [int(t) for t in v.split(",")], help="e.g. 1,3,224,224"
+        "--sparsity", type=_fraction, default=0.9, help="per-layer magnitude pruning when the weights are dense"
     )
-    b.add_argument("--sparsity", type=float, default=0.9, help="per-layer magnitude pruning when the weights are dense")
     b.add_argument(
         "--block",
-        type=int,
+        type=_positive_int,
         default=1,
         help="with dense weights: magnitude-prune groups of this many output channels together",
     )
     b.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
     b.add_argument(
         "--micro-batch",
-        type=int,
+        type=_positive_int,
         default=None,
         help="run the sparse model this many samples at a time (models proven per-sample only)",
     )
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--min-run-time", type=float, default=1.0)
+    b.add_argument("--threads", type=_positive_int, default=1)
+    b.add_argument("--min-run-time", type=_positive_float, default=1.0, help="seconds per timing (> 0)")
     b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a user error (bad arguments, a model or file that does not fit, a value a
+    method refuses) is one line on stderr, ``fastprune: error: ...``, and exit status 2."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        message = str(e)
+    except (ValueError, TypeError) as e:  # fastprune's own checks name the argument
+        message = _one_line(e) if not str(e) else " ".join(str(e).split())
+    except OSError as e:
+        message = _one_line(e)
+    print(f"fastprune: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
