@@ -49,7 +49,7 @@ def _shape(text: str) -> list[int]:
     try:
         dims = [int(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,224,224, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,224,224, got {text!r}") from None
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
     return dims
@@ -59,7 +59,7 @@ def _positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return v
@@ -69,7 +69,7 @@ def _positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v > 0 or v == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
