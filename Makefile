@@ -53,8 +53,8 @@ lint: $(LINT_DEPS)
 	$(VENV)/bin/mypy
 
 format: $(LINT_DEPS)
-	$(VENV)/bin/ruff check --fix python tests benchmarks tools
 	$(VENV)/bin/ruff format python tests benchmarks tools
+	$(VENV)/bin/ruff check --fix python tests benchmarks tools
 
 cuda-check: $(DEPS)
 	PY=$(PY) bash tools/cuda_check.sh

@@ -76,26 +76,30 @@ def test_prune_command_writes_state_dict_and_plan(user_model, capsys):
 def test_prune_command_errors_are_clear(user_model, capsys):
     assert_user_error(capsys, ["prune", "usermodels", "--sparsity", "0.5", "-o", "x.pt"], "package.module:factory")
     assert_user_error(capsys, ["prune", "nosuchmodule:make", "--sparsity", "0.5", "-o", "x.pt"], "cannot import")
-    assert_user_error(capsys, ["prune", "usermodels:not_a_model", "--sparsity", "0.5", "-o", "x.pt"], "not a torch.nn.Module")
+    assert_user_error(
+        capsys, ["prune", "usermodels:not_a_model", "--sparsity", "0.5", "-o", "x.pt"], "not a torch.nn.Module"
+    )
     assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "1.5", "-o", "x.pt"], "sparsity")
-    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"], "unknown method")
+    assert_user_error(
+        capsys, ["prune", "usermodels:make", "--method", "nope", "--sparsity", "0.5", "-o", "x.pt"], "unknown method"
+    )
     assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "0.5", "--block", "0", "-o", "x.pt"], "block")
     assert_user_error(
         capsys,
-            [
-                "prune",
-                "usermodels:make",
-                "--method",
-                "l1_filter",
-                "--sparsity",
-                "0.5",
-                "--block",
-                "4",
-                "--input-shape",
-                "2,8",
-                "-o",
-                "x.pt",
-            ],
+        [
+            "prune",
+            "usermodels:make",
+            "--method",
+            "l1_filter",
+            "--sparsity",
+            "0.5",
+            "--block",
+            "4",
+            "--input-shape",
+            "2,8",
+            "-o",
+            "x.pt",
+        ],
         "--block applies to --method magnitude",
     )
 
@@ -116,7 +120,11 @@ def test_prune_command_block(user_model):
 
 def test_prune_command_structured(user_model, capsys):
     out = user_model / "slim.pt"
-    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)], "--input-shape")
+    assert_user_error(
+        capsys,
+        ["prune", "usermodels:make", "--method", "l1_filter", "--sparsity", "0.5", "-o", str(out)],
+        "--input-shape",
+    )
     assert (
         main(
             [
@@ -165,13 +173,21 @@ def test_bench_command(user_model, capsys):
         == 0
     )
     assert "fastprune.sparsify" in capsys.readouterr().out
-    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"], "block")
+    assert_user_error(
+        capsys, ["bench", "usermodels:make", "--input-shape", "4,8", "--block", "0", "--min-run-time", "0.05"], "block"
+    )
     assert (
         main(["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "2", "--min-run-time", "0.05"]) == 0
     )
     assert "run 2 sample(s) at a time" in capsys.readouterr().out
-    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"], "micro-batch: must be >= 1")
-    assert_user_error(capsys, ["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"], "input shape")
+    assert_user_error(
+        capsys,
+        ["bench", "usermodels:make", "--input-shape", "4,8", "--micro-batch", "0", "--min-run-time", "0.05"],
+        "micro-batch: must be >= 1",
+    )
+    assert_user_error(
+        capsys, ["bench", "usermodels:make", "--input-shape", "4,9", "--min-run-time", "0.05"], "input shape"
+    )
     (user_model / "scripted.py").write_text(
         "import torch\nfrom torch import nn\ndef make():\n    return torch.jit.script(nn.Linear(3, 2))\n"
     )
@@ -220,17 +236,27 @@ def test_user_errors_are_one_line(user_model, capsys):
     torch.save(other.state_dict(), user_model / "other.pt")
     prune = ["prune", "usermodels:make", "--sparsity", "0.5"]
     bench = ["bench", "usermodels:make", "--input-shape", "4,8"]
-    assert_user_error(capsys, ["prune", "raising:make", "--sparsity", "0.5", "-o", "x.pt"],
-                      r"cannot import 'raising': ZeroDivisionError: division by zero")
-    assert_user_error(capsys, ["prune", "usermodels:broken", "--sparsity", "0.5", "-o", "x.pt"],
-                      r"usermodels:broken raised RuntimeError: no GPU here")
+    assert_user_error(
+        capsys,
+        ["prune", "raising:make", "--sparsity", "0.5", "-o", "x.pt"],
+        r"cannot import 'raising': ZeroDivisionError: division by zero",
+    )
+    assert_user_error(
+        capsys,
+        ["prune", "usermodels:broken", "--sparsity", "0.5", "-o", "x.pt"],
+        r"usermodels:broken raised RuntimeError: no GPU here",
+    )
     assert_user_error(capsys, [*prune, "--weights", "other.pt", "-o", "x.pt"], r"weights 'other.pt' do not fit")
     assert_user_error(capsys, [*prune, "-o", "no/such/folder/x.pt"], r"output folder .* does not exist")
     assert not (user_model / "no").exists()
-    assert_user_error(capsys, [*prune, "--method", "l1_filter", "--input-shape", "2,x", "-o", "x.pt"],
-                      r"--input-shape: expected comma-separated positive ints")
-    assert_user_error(capsys, [*prune, "--method", "l1_filter", "--input-shape", "0,8", "-o", "x.pt"],
-                      r"every dimension must be >= 1")
+    assert_user_error(
+        capsys,
+        [*prune, "--method", "l1_filter", "--input-shape", "2,x", "-o", "x.pt"],
+        r"--input-shape: expected comma-separated positive ints",
+    )
+    assert_user_error(
+        capsys, [*prune, "--method", "l1_filter", "--input-shape", "0,8", "-o", "x.pt"], r"every dimension must be >= 1"
+    )
     assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "abc", "-o", "x.pt"], r"--sparsity")
     assert_user_error(capsys, [*bench, "--threads", "0"], r"--threads: must be >= 1")
     assert_user_error(capsys, [*bench, "--min-run-time", "-1"], r"--min-run-time: must be a finite number > 0")
@@ -241,13 +267,48 @@ def test_user_errors_are_one_line(user_model, capsys):
 
 def test_data_driven_methods_take_data(user_model, capsys):
     out = user_model / "wf.pt"
-    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5",
-                               "-o", str(out)], r"reads data: pass --data")
-    assert_user_error(capsys, ["prune", "usermodels:make", "--sparsity", "0.5", "--data", "usermodels:loader",
-                               "-o", str(out)], r"'magnitude' reads no data")
-    assert_user_error(capsys, ["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5",
-                               "--data", "usermodels:not_a_model", "-o", str(out)], r"not an iterable of batches")
-    assert main(["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5", "--data",
-                 "usermodels:loader", "-o", str(out)]) == 0
+    assert_user_error(
+        capsys,
+        ["prune", "usermodels:make", "--method", "woodfisher", "--sparsity", "0.5", "-o", str(out)],
+        r"reads data: pass --data",
+    )
+    assert_user_error(
+        capsys,
+        ["prune", "usermodels:make", "--sparsity", "0.5", "--data", "usermodels:loader", "-o", str(out)],
+        r"'magnitude' reads no data",
+    )
+    assert_user_error(
+        capsys,
+        [
+            "prune",
+            "usermodels:make",
+            "--method",
+            "woodfisher",
+            "--sparsity",
+            "0.5",
+            "--data",
+            "usermodels:not_a_model",
+            "-o",
+            str(out),
+        ],
+        r"not an iterable of batches",
+    )
+    assert (
+        main(
+            [
+                "prune",
+                "usermodels:make",
+                "--method",
+                "woodfisher",
+                "--sparsity",
+                "0.5",
+                "--data",
+                "usermodels:loader",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     state = torch.load(out, weights_only=True)
     assert float((state["0.weight_mask"] == 0).float().mean()) > 0.2

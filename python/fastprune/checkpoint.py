@@ -64,7 +64,9 @@ def _validate(
                 raise ValueError(f"mask {key} has shape {tuple(value.shape)}, its {base}_orig {tuple(orig.shape)}")
             masks[key] = (module, pname)
         elif key.endswith("_orig") and key[: -len("_orig")] + "_mask" not in state_dict:
-            raise ValueError(f"state_dict holds {key} without {key[: -len('_orig')]}_mask: a pruned checkpoint has both")
+            raise ValueError(
+                f"state_dict holds {key} without {key[: -len('_orig')]}_mask: a pruned checkpoint has both"
+            )
     if strict:
         expected = set()
         pruned_here = {k[: -len("_mask")] for k in masks}

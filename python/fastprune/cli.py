@@ -49,7 +49,9 @@ def _shape(text: str) -> list[int]:
     try:
         dims = [int(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,224,224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints like 1,3,224,224, got {text!r}"
+        ) from None
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
     return dims
@@ -79,7 +81,7 @@ def _fraction(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}") from None
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return v
@@ -119,7 +121,8 @@ def _load_factory(spec: str) -> nn.Module:
     model = _call_factory(spec, _import_callable(spec, "MODEL"))
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError(
-            "TorchScript models cannot be pruned or have their layers swapped in place; pass the eager nn.Module factory"
+            "TorchScript models cannot be pruned or have their layers swapped in place; "
+            "pass the eager nn.Module factory"
         )
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -373,8 +376,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     structured = issubclass(config_cls, ChannelConfig)
     if structured:
         if not args.input_shape:
-            raise UserError(f"method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)"
-            )
+            raise UserError(f"method {args.method!r} removes channels and needs --input-shape (e.g. 1,3,224,224)")
         kwargs["example_inputs"] = torch.randn(*args.input_shape)
         kwargs["scope"] = args.scope if args.scope_given else "layer"
     if args.block != 1:
