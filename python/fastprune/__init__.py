@@ -29,7 +29,8 @@ from fastprune.methods import (
     method_names,
     register_method,
 )
-from fastprune.nn.sparsify import sparsify
+from fastprune.methods.woodfisher import fisher_statistics
+from fastprune.nn.sparsify import sparsify, sparsify_report
 from fastprune.plan import Plan
 from fastprune.pruner import BasePruner, Pruner
 from fastprune.report import SparsityReport, sparsity_report
@@ -60,6 +61,7 @@ __all__ = [
     "data",
     "finalize",
     "find_groups",
+    "fisher_statistics",
     "importance",
     "load_pruned",
     "method_names",
@@ -75,6 +77,7 @@ __all__ = [
     "select",
     "sensitivity",
     "sparsify",
+    "sparsify_report",
     "sparsity_report",
     "structure",
     "train",

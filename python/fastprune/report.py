@@ -105,11 +105,13 @@ def dead_neurons(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Per-layer and global sparsity of every Linear / Conv weight (masked or plainly zero)."""
+    """Per-layer and global sparsity of every Linear / Conv weight, and of every other pruned weight
+    (masked or plainly zero)."""
     layers = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, _LAYER_TYPES):
+        # Linear / Conv layers, and any other module whose weight is pruned (GPT-2's Conv1D, ...)
+        if not isinstance(module, _LAYER_TYPES) and not is_pruned(module, "weight"):
             continue
         raw = getattr(module, "weight_orig", None) if is_pruned(module, "weight") else getattr(module, "weight", None)
         if raw is None or id(raw) in seen:

@@ -1,39 +1,171 @@
-"""WoodFisher: second-order (Optimal Brain Surgeon) pruning with the empirical Fisher.
+"""WoodFisher: second-order (Optimal Brain Surgeon) pruning with the empirical (or sampled) Fisher.
 
 Reference: Singh & Alistarh, "WoodFisher: Efficient Second-Order Approximation for Neural Network
 Compression", NeurIPS 2020 (arXiv:2004.14340).
 
-Pipeline: per-sample (or per-mini-batch) gradients of the selected weights, computed with
-``torch.func`` in chunks and streamed into :class:`fastprune.FisherInverse` (never an ``N x d``
-matrix); OBS saliency ``rho_q = w_q^2 / (2 [F^-1]_qq)``; selection (global or per layer); the OBS
-weight update ``dw = -F^-1 sum_{q in Q} (w_q / [F^-1]_qq) e_q`` (the reference code's summed
-single-weight updates, default) or the exact joint update within a block
-``dw = -F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (``joint=True``).
+Pipeline: per-sample (or per-mini-batch) gradients of the selected weights, streamed in chunks into
+:class:`fastprune.FisherInverse` (never an ``N x d`` matrix); OBS saliency
+``rho_q = w_q^2 / (2 [F^-1]_qq)``; selection (global or per layer); the OBS weight update
+``dw = -F^-1 sum_{q in Q} (w_q / [F^-1]_qq) e_q`` (the reference code's summed single-weight
+updates, default) or the exact joint update within a block ``dw = -F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q``
+(``joint=True``).
+
+Per-sample gradients: ``torch.func.vmap(grad(...))`` where the model allows it, else (``per_sample=
+"auto"``: after vmap refused the first chunk, with one logged line) one ordinary backward per
+gradient, which works for any model (HuggingFace BERT's attention mask has data-dependent control
+flow that vmap refuses). The Fisher: ``"empirical"`` (the paper's: gradients of the loss at the
+data's targets) or ``"sampled"`` (targets drawn from the model's own predictive distribution,
+categorical over logits or a unit Gaussian around the outputs: the "true" Fisher, which does not
+vanish at a model that fits its targets exactly, e.g. a distillation loss to itself).
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 from tqdm.auto import tqdm
 
 from fastprune._modes import restore_modes, training_flags
+from fastprune.batches import Batch, as_batch, output_tensor
 from fastprune.fisher import FisherInverse
 from fastprune.masks import ParamRef, effective_weight, is_pruned
 
-__all__ = ["FisherStats", "collect_fisher", "obs_updates", "per_sample_gradients"]
+__all__ = [
+    "FisherStats",
+    "collect_fisher",
+    "default_loss",
+    "obs_updates",
+    "per_sample_gradients",
+]
+
+log = logging.getLogger("fastprune")
+
+LossOfBatch = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 def _param_key(ref: ParamRef) -> str:
-    """The name functional_call must substitute: ``*_orig`` for a pruned parameter (the hook then
-    multiplies by the mask, so gradients of pruned entries are exactly zero)."""
+    """The name to substitute: ``*_orig`` for a pruned parameter (the hook then multiplies by the
+    mask, so gradients of pruned entries are exactly zero)."""
     name = ref.param_name + "_orig" if is_pruned(ref.module, ref.param_name) else ref.param_name
     return f"{ref.module_name}.{name}" if ref.module_name else name
+
+
+def _raw_param(ref: ParamRef) -> torch.Tensor:
+    return getattr(ref.module, ref.param_name + "_orig" if is_pruned(ref.module, ref.param_name) else ref.param_name)
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy, mean over the samples; token logits ``(..., T, V)`` with targets ``(..., T)``
+    are flattened, and targets ``-100`` ignored (HuggingFace's convention)."""
+    if outputs.dim() >= 3 or (outputs.dim() == 2 and targets.dim() == 2):
+        return nn.functional.cross_entropy(outputs.flatten(0, -2), targets.flatten(), ignore_index=-100)
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+def _gaussian_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The negative log-likelihood of a unit Gaussian around the outputs (up to a constant), summed
+    over each sample's outputs and averaged over the samples."""
+    return 0.5 * (outputs - targets).pow(2).flatten(1).sum(1).mean()
+
+
+def batch_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    fisher: Literal["empirical", "sampled"] = "empirical",
+    likelihood: Literal["categorical", "gaussian"] = "categorical",
+    upcast: bool = False,
+) -> LossOfBatch:
+    """The mean loss of a :class:`~fastprune.batches.Batch` that the gradients are taken of.
+
+    ``forward(model, batch)`` (the batch as the loader yielded it) replaces everything: it returns
+    the batch's mean loss. Otherwise the model runs on the batch's inputs and ``loss_fn(outputs,
+    targets)`` (default :func:`default_loss`) reads its output tensor (a HuggingFace output's
+    ``logits``). With ``fisher="sampled"`` the targets were drawn from the model (see
+    :func:`sample_targets`) and the loss is the likelihood's (cross entropy, or a unit Gaussian's)."""
+    if forward is not None:
+        return lambda model, b: forward(model, b.rebuild())
+    if fisher == "sampled":
+        fn = default_loss if likelihood == "categorical" else _gaussian_loss
+    else:
+        fn = loss_fn or default_loss
+
+    def run(model: nn.Module, b: Batch) -> torch.Tensor:
+        if b.targets is None:
+            raise ValueError(
+                "the batches carry no targets: give (inputs, targets) batches or a dict with 'labels', "
+                "fisher='sampled' (targets drawn from the model: no labels needed), or forward=(model, batch) -> loss"
+            )
+        out = output_tensor(model(*b.args, **b.kwargs))
+        return fn(out.float() if upcast else out, b.targets)
+
+    return run
+
+
+def sample_targets(
+    model: nn.Module, b: Batch, likelihood: Literal["categorical", "gaussian"], generator: torch.Generator
+) -> Batch:
+    """``b`` with targets drawn from the model's predictive distribution at its inputs: a class from
+    ``softmax(logits)`` per sample (and token), or ``outputs + N(0, 1)``."""
+    with torch.no_grad():
+        out = output_tensor(model(*b.args, **b.kwargs)).float()
+    if likelihood == "categorical":
+        probs = torch.softmax(out, dim=-1).reshape(-1, out.shape[-1])
+        y = torch.multinomial(probs.cpu(), 1, generator=generator).reshape(out.shape[:-1]).to(out.device)
+    else:
+        y = out + torch.randn(out.shape, generator=generator).to(device=out.device)
+    return b.with_targets(y)
+
+
+def batch_gradients(
+    model: nn.Module,
+    refs: Sequence[ParamRef],
+    b: Batch,
+    loss: LossOfBatch,
+    fisher_batch_size: int = 1,
+    engine: Literal["vmap", "loop"] = "vmap",
+) -> list[torch.Tensor]:
+    """Gradients of ``loss`` w.r.t. each selected weight, one row per sample (or per group of
+    ``fisher_batch_size`` samples, averaged): a list of ``(k, numel)`` tensors, no autograd graph.
+
+    ``engine="vmap"``: ``torch.func.vmap(grad(...))`` with the weights substituted
+    (``_reparametrize_module``); ``"loop"``: one ``torch.autograd.grad`` per row. The model runs as
+    it is (call ``model.eval()`` first for BN statistics to stay fixed)."""
+    m = fisher_batch_size
+    n = (b.size // m) * m
+    if n == 0:
+        return [torch.zeros(0, effective_weight(r.module, r.param_name).numel()) for r in refs]
+    keys = [_param_key(r) for r in refs]
+    half = all(effective_weight(r.module, r.param_name).dtype in (torch.float16, torch.bfloat16) for r in refs)
+    if engine == "loop":
+        raws = [_raw_param(r) for r in refs]
+        rows: list[list[torch.Tensor]] = [[] for _ in refs]
+        for start in range(0, n, m):
+            with torch.enable_grad():
+                gs = torch.autograd.grad(loss(model, b.slice(start, start + m)), raws, allow_unused=True)
+            for i, (g, raw) in enumerate(zip(gs, raws, strict=True)):
+                rows[i].append((torch.zeros_like(raw) if g is None else g).reshape(-1))
+        return [torch.stack(r).to(torch.float32 if half else r[0].dtype) for r in rows]
+    tensors, rebuild = b.sample_tensors()
+    xs = [t[:n].reshape(n // m, m, *t.shape[1:]) for t in tensors]
+    params = {k: effective_weight(r.module, r.param_name) for k, r in zip(keys, refs, strict=True)}
+
+    def loss_of(p: dict[str, torch.Tensor], *ts: torch.Tensor) -> torch.Tensor:
+        with _reparametrize_module(model, p, tie_weights=True):
+            return loss(model, rebuild(list(ts), m))
+
+    # The outer no_grad stops autograd from recording a graph back to the parameters that are not
+    # substituted (biases, norm layers): torch.func.grad computes its own gradients regardless.
+    with torch.no_grad():
+        grads = vmap(grad(loss_of), in_dims=(None, *([0] * len(xs))))(params, *xs)
+    return [grads[k].reshape(n // m, -1).to(torch.float32 if half else grads[k].dtype) for k in keys]
 
 
 def per_sample_gradients(
@@ -44,56 +176,55 @@ def per_sample_gradients(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     fisher_batch_size: int = 1,
 ) -> list[torch.Tensor]:
-    """Gradients of the loss w.r.t. each selected weight, one row per sample (or per group of
-    ``fisher_batch_size`` samples, averaged): a list of ``(k, numel)`` float32/64 tensors.
-
-    Uses ``torch.func.vmap(grad(...))`` over ``functional_call``; the model runs as it is (call
-    ``model.eval()`` first for BN statistics to stay fixed)."""
-    m = fisher_batch_size
-    n = (inputs.shape[0] // m) * m
-    if n == 0:
-        return [torch.zeros(0, effective_weight(r.module, r.param_name).numel()) for r in refs]
-    x = inputs[:n].reshape(n // m, m, *inputs.shape[1:])
-    y = targets[:n].reshape(n // m, m, *targets.shape[1:])
-    keys = [_param_key(r) for r in refs]
-    params = {k: effective_weight(r.module, r.param_name) for k, r in zip(keys, refs, strict=True)}
-    acc = torch.float32 if all(p.dtype in (torch.float16, torch.bfloat16) for p in params.values()) else None
-
-    def loss_of(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, (xb,))
-        return loss_fn(out.float() if acc else out, yb)
-
-    # The outer no_grad stops autograd from recording a graph back to the parameters that are not
-    # substituted (biases, norm layers): torch.func.grad computes its own gradients regardless.
-    with torch.no_grad():
-        grads = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
-    return [grads[k].reshape(n // m, -1).to(acc or grads[k].dtype) for k in keys]
+    """:func:`batch_gradients` for one input tensor and its targets with ``loss_fn(outputs,
+    targets)`` (vmap): a list of ``(k, numel)`` tensors."""
+    half = all(effective_weight(r.module, r.param_name).dtype in (torch.float16, torch.bfloat16) for r in refs)
+    b = Batch((inputs,), {}, targets, int(inputs.shape[0]), "tuple")
+    return batch_gradients(model, refs, b, batch_loss(loss_fn, upcast=half), fisher_batch_size, "vmap")
 
 
 @dataclass
 class FisherStats:
     """What :func:`collect_fisher` gathered: one FisherInverse per layer (``blocks="layer"``) or
-    one for all (``blocks="global"``), and the diagonal empirical Fisher for the baseline."""
+    one for all (``blocks="global"``), and the diagonal Fisher for the baseline. ``names`` and
+    ``sizes`` identify the weights (``"<module>.<param>"``, numel), so that the statistics of one
+    model can prune copies of it (``prune(copy, "woodfisher", fisher_inverse=stats)``)."""
 
     refs: list[ParamRef]
     inverses: list[FisherInverse]  # per layer, or a single one
     blocks: str
     fisher_diag: list[torch.Tensor]  # (numel,) per layer: (1/N) sum g^2
     num_grads: int
+    kind: str = "empirical"
+    names: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = [r.name for r in self.refs]
+        if not self.sizes:
+            self.sizes = [_numel(r) for r in self.refs]
+
+    @property
+    def block_size(self) -> int:
+        return self.inverses[0].block_size
+
+    @property
+    def damp(self) -> float:
+        return self.inverses[0].damp
 
     def inverse_diag(self) -> list[torch.Tensor]:
         """Diagonal of F^-1, per layer, flattened."""
         if self.blocks == "layer":
             return [fi.diag() for fi in self.inverses]
-        d = self.inverses[0].diag()
-        return list(torch.split(d, [_numel(r) for r in self.refs]))
+        return list(torch.split(self.inverses[0].diag(), self.sizes))
 
     def matvec(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """F^-1 v for per-layer vectors v (flattened)."""
         if self.blocks == "layer":
             return [fi.matvec(v.reshape(-1).to(fi.dtype)) for fi, v in zip(self.inverses, vs, strict=True)]
         out = self.inverses[0].matvec(torch.cat([v.reshape(-1) for v in vs]).to(self.inverses[0].dtype))
-        return list(torch.split(out, [_numel(r) for r in self.refs]))
+        return list(torch.split(out, self.sizes))
 
 
 def _numel(ref: ParamRef) -> int:
@@ -103,8 +234,8 @@ def _numel(ref: ParamRef) -> int:
 def collect_fisher(
     model: nn.Module,
     refs: Sequence[ParamRef],
-    data: Iterable,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Iterable[Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     num_grads: int,
     block_size: int,
@@ -113,13 +244,24 @@ def collect_fisher(
     fisher_batch_size: int = 1,
     need_inverse: bool = True,
     progress: bool = True,
-    max_chunk_floats: int = 1 << 25,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    fisher: Literal["empirical", "sampled"] = "empirical",
+    likelihood: Literal["categorical", "gaussian"] = "categorical",
+    per_sample: Literal["auto", "vmap", "loop"] = "auto",
+    max_memory: int = 1 << 30,
+    seed: int = 0,
 ) -> FisherStats:
     """Stream ``num_grads`` gradients (each the mean over ``fisher_batch_size`` samples) from
-    ``data`` (an iterable of ``(inputs, targets)``) into block inverse Fishers. The model is put in
-    eval mode while gradients are taken (BN uses its running statistics) and restored after.
-    Working memory: the Fisher blocks plus one chunk of at most ``max_chunk_floats`` gradient
-    entries. Raises ValueError on an empty loader or a non-finite loss/gradient."""
+    ``data`` (batches in any format of :mod:`fastprune.batches`) into block inverse Fishers.
+
+    The model is put in eval mode while gradients are taken (BN uses its running statistics) and
+    restored after. Gradients are gathered across loader batches into chunks of up to
+    ``max_memory`` bytes before each Woodbury update (a rank-k update costs little more than a
+    rank-1 one: larger chunks are faster); working memory is the Fisher blocks plus about twice
+    that. See the module docstring for ``fisher``, ``likelihood`` and ``per_sample``; ``seed``
+    fixes the sampled targets. Raises ValueError on an empty loader or a non-finite gradient;
+    warns when the Fisher's mean diagonal is far below ``damp`` (it then carries no information
+    and the saliencies are magnitude's)."""
     sizes = [_numel(r) for r in refs]
     d_total = sum(sizes)
     fdtype = (
@@ -133,21 +275,60 @@ def collect_fisher(
     else:
         inverses = [FisherInverse(d_total, block_size, damp, num_grads, dtype=fdtype, device=device)]
     diag = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
-    rows_per_chunk = max(1, max_chunk_floats // max(d_total, 1))
+    half = all(effective_weight(r.module, r.param_name).dtype in (torch.float16, torch.bfloat16) for r in refs)
+    loss = batch_loss(loss_fn, forward, fisher, likelihood, upcast=half)
+    elem = 8 if fdtype == torch.float64 else 4
+    # the buffered chunk and the vmap output of one loader slice: about 2 rows per row kept
+    rows_per_chunk = max(1, max_memory // max(1, 2 * d_total * elem))
+    engine: Literal["vmap", "loop"] = "loop" if per_sample == "loop" else "vmap"
+    gen = torch.Generator().manual_seed(seed)
+    buffered: list[list[torch.Tensor]] = [[] for _ in refs]
+    n_buffered = 0
     seen = 0
+
+    def flush() -> None:
+        nonlocal n_buffered
+        if n_buffered == 0:
+            return
+        gs = [torch.cat(rows) for rows in buffered]
+        for i in range(len(buffered)):
+            buffered[i] = []
+        n_buffered = 0
+        if need_inverse:
+            if blocks == "layer":
+                for fi, g in zip(inverses, gs, strict=True):
+                    fi.update(g)
+            else:
+                inverses[0].update(torch.cat(gs, dim=1))
+
     flags = training_flags(model)
     model.eval()
     bar = tqdm(total=num_grads, desc="gradients", unit="grad", disable=not progress, leave=False)
     try:
-        for batch in data:
+        for raw in data:
             if seen >= num_grads:
                 break
-            x, y = batch[0], batch[1]
+            b = as_batch(raw) if forward is None else _opaque(raw)
             need = (num_grads - seen) * fisher_batch_size
-            x, y = x[:need], y[:need]
-            for start in range(0, x.shape[0], rows_per_chunk * fisher_batch_size):
-                sl = slice(start, start + rows_per_chunk * fisher_batch_size)
-                gs = per_sample_gradients(model, refs, x[sl], y[sl], loss_fn, fisher_batch_size)
+            b = b.slice(0, need)
+            step = rows_per_chunk * fisher_batch_size
+            for start in range(0, b.size, step):
+                piece = b.slice(start, start + step)
+                if fisher == "sampled":
+                    piece = sample_targets(model, piece, likelihood, gen)
+                try:
+                    gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
+                except Exception as e:  # noqa: BLE001 - vmap refuses many models: fall back below
+                    if engine != "vmap" or per_sample != "auto" or seen > 0:
+                        raise
+                    log.warning(
+                        "fastprune: torch.func.vmap cannot take per-sample gradients of this model (%s: %s); "
+                        "using one backward per gradient instead",
+                        type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "",
+                    )
+                    engine = "loop"
+                    gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
                 k = gs[0].shape[0]
                 if k == 0:
                     continue
@@ -156,21 +337,38 @@ def collect_fisher(
                         raise ValueError("a gradient is NaN or Inf (non-finite loss?): the Fisher cannot be built")
                 for i, g in enumerate(gs):
                     diag[i] += (g.double() ** 2).sum(0)
-                if need_inverse:
-                    if blocks == "layer":
-                        for fi, g in zip(inverses, gs, strict=True):
-                            fi.update(g)
-                    else:
-                        inverses[0].update(torch.cat(gs, dim=1))
+                    buffered[i].append(g)
+                n_buffered += k
                 seen += k
                 bar.update(k)
+                if n_buffered >= rows_per_chunk:
+                    flush()
+        flush()
     finally:
         bar.close()
         restore_modes(flags)
     if seen == 0:
         raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
     fdiag = [x / num_grads for x in diag]
-    return FisherStats(list(refs), inverses, blocks, fdiag, seen)
+    mean_diag = float(sum(x.sum() for x in fdiag)) / max(1, d_total)
+    if mean_diag < 1e-3 * damp:
+        warnings.warn(
+            f"the Fisher's mean diagonal ({mean_diag:.3g}) is below damp={damp:g} / 1000: "
+            "it carries no information, so WoodFisher degenerates to magnitude pruning (gradients ~0: a loss that "
+            "is minimal at these weights, such as distillation to the model itself?). Use fisher='sampled', "
+            "or a smaller damp",
+            stacklevel=2,
+        )
+    return FisherStats(list(refs), inverses, blocks, fdiag, seen, kind=fisher)
+
+
+def _opaque(raw: Any) -> Batch:
+    """A batch only a user's ``forward`` reads. One the defaults can take apart is split into samples;
+    any other is one gradient (of its mean loss)."""
+    try:
+        return as_batch(raw)
+    except TypeError:
+        return Batch((raw,), {}, None, 1, "tensor")
 
 
 def obs_updates(
@@ -208,5 +406,5 @@ def obs_updates(
             dw[lo:hi] = -(blk[:, q] @ sol)
         outs.append(dw)
     if stats.blocks == "global":
-        return list(torch.split(outs[0], [_numel(r) for r in stats.refs]))
+        return list(torch.split(outs[0], stats.sizes))
     return outs

@@ -25,7 +25,7 @@ from fastprune._checks import (
     check_sparsity,
     normalise_patterns,
 )
-from fastprune.importance.woodfisher import collect_fisher, obs_updates
+from fastprune.importance.woodfisher import FisherStats, collect_fisher, obs_updates
 from fastprune.masks import (
     ParamRef,
     add_to_weights,
@@ -40,12 +40,12 @@ from fastprune.methods.registry import MethodResult, register_method
 from fastprune.plan import Plan
 from fastprune.select import topk_masks
 
-__all__ = ["FisherDiagConfig", "WoodFisherConfig", "run_fisher_diag", "run_woodfisher"]
+__all__ = ["FisherDiagConfig", "WoodFisherConfig", "fisher_statistics", "run_fisher_diag", "run_woodfisher"]
 
 
 @dataclass(frozen=True)
 class _FisherDataConfig:
-    """Fields every empirical-Fisher method shares (see WoodFisherConfig for their meaning)."""
+    """Fields every Fisher method shares (see WoodFisherConfig for their meaning)."""
 
     sparsity: float | None = None
     data: Any = None
@@ -58,19 +58,47 @@ class _FisherDataConfig:
     exclude: tuple[str, ...] | None = None
     min_remaining: int = 1
     progress: bool = True
+    forward: Callable[..., Any] | None = None
+    fisher: Literal["empirical", "sampled"] = "empirical"
+    likelihood: Literal["categorical", "gaussian"] = "categorical"
+    per_sample: Literal["auto", "vmap", "loop"] = "auto"
+    max_memory: int = 1 << 30
+    seed: int = 0
+    fisher_inverse: FisherStats | None = None
 
     def __post_init__(self) -> None:
         if self.sparsity is None:
             raise ValueError(f"{type(self).__name__} needs sparsity=")
         check_sparsity(self.sparsity)
-        check_loader(self.data, type(self).__name__)
+        if self.fisher_inverse is None:
+            check_loader(self.data, type(self).__name__)
+        elif not isinstance(self.fisher_inverse, FisherStats):
+            raise TypeError(
+                "fisher_inverse must be the FisherStats of fastprune.fisher_statistics(model, data, ...), "
+                f"got {type(self.fisher_inverse).__name__}"
+            )
+        elif self.data is not None:
+            raise ValueError("give data= or fisher_inverse= (Fisher statistics computed before), not both")
         check_positive_int(self.num_grads, "num_grads")
         check_positive_int(self.fisher_batch_size, "fisher_batch_size")
+        check_positive_int(self.max_memory, "max_memory")
         check_damp(self.damp)
         check_scope(self.scope)
         check_min_remaining(self.min_remaining)
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise TypeError("loss_fn must be callable (outputs, targets) -> scalar loss")
+        for name in ("loss_fn", "forward"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable")
+        if self.fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {self.fisher!r}")
+        if self.likelihood not in ("categorical", "gaussian"):
+            raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {self.likelihood!r}")
+        if self.per_sample not in ("auto", "vmap", "loop"):
+            raise ValueError(f"per_sample must be 'auto', 'vmap' or 'loop', got {self.per_sample!r}")
+        if self.fisher == "sampled" and (self.forward is not None or self.loss_fn is not None):
+            raise ValueError(
+                "fisher='sampled' takes its loss from the likelihood (categorical or gaussian): "
+                "it cannot use loss_fn= or forward="
+            )
         normalise_patterns(self)
 
 
@@ -80,8 +108,25 @@ class WoodFisherConfig(_FisherDataConfig):
 
     Attributes:
         sparsity: fraction of the selected weights to zero (exact count), in [0, 1).
-        data: iterable of ``(inputs, targets)`` batches for the empirical Fisher.
-        loss_fn: ``(outputs, targets) -> loss`` (default: cross entropy, mean over the batch).
+        data: iterable of batches for the Fisher: tensors, ``(inputs..., targets)`` tuples, or dicts
+            of model keyword arguments with their ``labels`` (HuggingFace; see :mod:`fastprune.batches`).
+        loss_fn: ``(outputs, targets) -> loss`` (default: cross entropy, mean over the batch; token
+            logits flattened, targets -100 ignored); ``outputs`` is the model's output tensor (a
+            HuggingFace output's ``logits``).
+        forward: ``(model, batch) -> loss`` (the batch as the loader yields it): for batches or
+            models the defaults cannot read; replaces the batch parsing and ``loss_fn``.
+        fisher: ``"empirical"`` (the paper's: gradients at the data's targets) or ``"sampled"``
+            (targets drawn from the model's predictive distribution, no labels needed: the true
+            Fisher, which does not vanish where the model fits its targets, e.g. self-distillation).
+        likelihood: for ``fisher="sampled"``: ``"categorical"`` over the logits, or ``"gaussian"``
+            (unit variance around the outputs: regression, embeddings).
+        per_sample: ``"auto"`` (vmap, else one backward per gradient, with one logged line),
+            ``"vmap"`` or ``"loop"``.
+        max_memory: bytes of gradients gathered (across loader batches) before each Woodbury update.
+        seed: fixes the sampled targets.
+        fisher_inverse: statistics from :func:`fastprune.fisher_statistics` on this model (or one
+            it was copied from), instead of ``data``: prune to several sparsities from one Fisher.
+            Their block size, blocks and damp are the ones used.
         num_grads: N, gradients in the Fisher (each one sample, or the mean over
             ``fisher_batch_size`` samples: the paper's "fisher_mini_bsz").
         block_size: B, the Fisher block size along each layer's flattened weight (clipped to the
@@ -116,12 +161,14 @@ class WoodFisherConfig(_FisherDataConfig):
         check_positive_int(self.recompute_steps, "recompute_steps")
         if self.blocks not in ("layer", "global"):
             raise ValueError(f"blocks must be 'layer' or 'global', got {self.blocks!r}")
+        if self.fisher_inverse is not None and self.recompute_steps > 1:
+            raise ValueError("recompute_steps > 1 recomputes the Fisher at every step: it cannot use fisher_inverse=")
 
 
 @dataclass(frozen=True)
 class FisherDiagConfig(_FisherDataConfig):
-    """Diagonal empirical Fisher pruning: saliency ``w^2 F_qq / 2`` with
-    ``F_qq = damp + (1/N) sum g_q^2``, no weight update (WoodFisher's baseline)."""
+    """Diagonal Fisher pruning: saliency ``w^2 F_qq / 2`` with ``F_qq = damp + (1/N) sum g_q^2``,
+    no weight update (WoodFisher's baseline). Fields as :class:`WoodFisherConfig`."""
 
 
 def _data_refs(model: nn.Module, cfg: _FisherDataConfig) -> list[ParamRef]:
@@ -144,24 +191,100 @@ def _data_refs(model: nn.Module, cfg: _FisherDataConfig) -> list[ParamRef]:
     return refs
 
 
+_NOT_IN_PLAN = ("data", "loss_fn", "forward", "fisher_inverse")
+
+
+def _plan_config(cfg: _FisherDataConfig) -> dict[str, Any]:
+    """The config as plain data for the plan (callables, data and statistics left out)."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_PLAN}
+    st = cfg.fisher_inverse
+    if st is not None:
+        out["fisher_inverse"] = {
+            "num_grads": st.num_grads,
+            "kind": st.kind,
+            "blocks": st.blocks,
+            "block_size": st.block_size,
+            "damp": st.damp,
+        }
+    return out
+
+
+def _statistics(
+    model: nn.Module, refs: list[ParamRef], cfg: _FisherDataConfig, block_size: int, blocks: str, need_inverse: bool
+) -> FisherStats:
+    """The Fisher statistics for ``refs``: those given (checked against the weights) or collected."""
+    st = cfg.fisher_inverse
+    if st is not None:
+        names, sizes = [r.name for r in refs], [effective_weight(r.module, r.param_name).numel() for r in refs]
+        if st.names != names or st.sizes != sizes:
+            raise ValueError(
+                f"fisher_inverse holds statistics of {len(st.names)} other weights ({', '.join(st.names[:3])} ...); "
+                "compute it with the same include/exclude on this model, or on the model it was copied from"
+            )
+        if need_inverse and not st.inverses:
+            raise ValueError("fisher_inverse has no inverse blocks (collected with need_inverse=False)")
+        return st
+    return collect_fisher(
+        model,
+        refs,
+        cfg.data,
+        cfg.loss_fn,
+        num_grads=cfg.num_grads,
+        block_size=block_size,
+        damp=cfg.damp,
+        blocks="layer" if blocks == "layer" else "global",
+        fisher_batch_size=cfg.fisher_batch_size,
+        need_inverse=need_inverse,
+        progress=cfg.progress,
+        forward=cfg.forward,
+        fisher=cfg.fisher,
+        likelihood=cfg.likelihood,
+        per_sample=cfg.per_sample,
+        max_memory=cfg.max_memory,
+        seed=cfg.seed,
+    )
+
+
+def fisher_statistics(model: nn.Module, data: Any, **kwargs: Any) -> FisherStats:
+    """The Fisher statistics WoodFisher (and the diagonal Fisher) prune with, computed once:
+    ``stats = fastprune.fisher_statistics(model, loader, num_grads=1024)``, then
+    ``prune(copy_of_model, "woodfisher", sparsity=s, fisher_inverse=stats)`` for every ``s``.
+
+    Keywords: those of :class:`WoodFisherConfig` that shape the Fisher (``include``, ``exclude``,
+    ``loss_fn``, ``forward``, ``fisher``, ``likelihood``, ``num_grads``, ``block_size``,
+    ``blocks``, ``damp``, ``fisher_batch_size``, ``per_sample``, ``max_memory``, ``seed``,
+    ``progress``). The model is not changed."""
+    shaping = {
+        "include",
+        "exclude",
+        "loss_fn",
+        "forward",
+        "fisher",
+        "likelihood",
+        "num_grads",
+        "block_size",
+        "blocks",
+        "damp",
+        "fisher_batch_size",
+        "per_sample",
+        "max_memory",
+        "seed",
+        "progress",
+    }
+    unknown = sorted(set(kwargs) - shaping)
+    if unknown:
+        raise TypeError(f"fisher_statistics got unexpected keyword(s) {unknown}; valid: {', '.join(sorted(shaping))}")
+    cfg = WoodFisherConfig(sparsity=0.0, data=data, **kwargs)
+    refs = _data_refs(model, cfg)
+    return _statistics(model, refs, cfg, cfg.block_size, cfg.blocks, need_inverse=True)
+
+
 def _woodfisher_step(
     model: nn.Module, cfg: WoodFisherConfig, sparsity: float
 ) -> tuple[list[ParamRef], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """One OBS step: (masks, updates) for ``sparsity``, without changing the model."""
     refs = _data_refs(model, cfg)
-    loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
-    stats = collect_fisher(
-        model,
-        refs,
-        cfg.data,
-        loss_fn,
-        num_grads=cfg.num_grads,
-        block_size=cfg.block_size,
-        damp=cfg.damp,
-        blocks=cfg.blocks,
-        fisher_batch_size=cfg.fisher_batch_size,
-        progress=cfg.progress,
-    )
+    stats = _statistics(model, refs, cfg, cfg.block_size, cfg.blocks, need_inverse=True)
     weights = [effective_weight(r.module, r.param_name) for r in refs]
     inv_diag = stats.inverse_diag()
     sal = [(w.double() ** 2).reshape(-1) / (2 * dg.double()) for w, dg in zip(weights, inv_diag, strict=True)]
@@ -205,8 +328,8 @@ def run_woodfisher(model: nn.Module, cfg: WoodFisherConfig) -> MethodResult:
             if cfg.update_weights
             else None
         )
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
-    return MethodResult(Plan("woodfisher", config, cfg.sparsity, sparsity_of(masks), masks), weight_updates=updates)
+    plan = Plan("woodfisher", _plan_config(cfg), cfg.sparsity, sparsity_of(masks), masks)
+    return MethodResult(plan, weight_updates=updates)
 
 
 @register_method(
@@ -215,19 +338,7 @@ def run_woodfisher(model: nn.Module, cfg: WoodFisherConfig) -> MethodResult:
 def run_fisher_diag(model: nn.Module, cfg: FisherDiagConfig) -> MethodResult:
     assert cfg.sparsity is not None  # the config requires it
     refs = _data_refs(model, cfg)
-    loss_fn = cfg.loss_fn or torch.nn.functional.cross_entropy
-    stats = collect_fisher(
-        model,
-        refs,
-        cfg.data,
-        loss_fn,
-        num_grads=cfg.num_grads,
-        block_size=1,
-        damp=cfg.damp,
-        fisher_batch_size=cfg.fisher_batch_size,
-        need_inverse=False,
-        progress=cfg.progress,
-    )
+    stats = _statistics(model, refs, cfg, 1, "layer", need_inverse=False)
     weights = [effective_weight(r.module, r.param_name) for r in refs]
     sal = [
         (w.double() ** 2) * (cfg.damp + fd.reshape(w.shape)) / 2
@@ -235,5 +346,4 @@ def run_fisher_diag(model: nn.Module, cfg: FisherDiagConfig) -> MethodResult:
     ]
     names = [r.name for r in refs]
     masks = topk_masks(names, sal, cfg.sparsity, cfg.scope, cfg.min_remaining)
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data", "loss_fn")}
-    return MethodResult(Plan("fisher_diag", config, cfg.sparsity, sparsity_of(masks), masks))
+    return MethodResult(Plan("fisher_diag", _plan_config(cfg), cfg.sparsity, sparsity_of(masks), masks))
