@@ -246,3 +246,24 @@ def test_chunks_span_loader_batches_and_give_the_same_fisher():
     gathered = diag_of(model, small, max_memory=1 << 30)
     for a, b in zip(one_per_batch, gathered, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_sampled_fisher_without_labels_beats_magnitude_on_digits():
+    # the real task: WoodFisher from images alone (no labels read) against magnitude, 90 %, one shot,
+    # no fine-tuning. Measured (seeds 0 / 1): magnitude 90.6 / 88.1 %, sampled 94.7 / 91.4 %,
+    # empirical (with labels) 95.0 / 91.4 %
+    from fastprune import recipes
+    from fastprune.train import evaluate
+
+    data = fastprune.data.digits(seed=0)
+    dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=20, seed=0)
+    images = [x for x, _ in data.train_loader()]
+    acc = {}
+    for name, kw in (
+        ("magnitude", {}),
+        ("woodfisher", {"data": images, "num_grads": 512, "fisher": "sampled", "progress": False}),
+    ):
+        m = copy.deepcopy(dense)
+        fastprune.prune(m, name, sparsity=0.9, **kw)
+        acc[name] = evaluate(m, data.test_loader())
+    assert acc["woodfisher"] >= acc["magnitude"] + 0.012, acc
