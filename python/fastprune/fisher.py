@@ -65,6 +65,10 @@ class FisherInverse:
         self.num_samples = float(num_samples)
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        try:  # an unavailable device (cuda on a CPU-only build) fails here, not at the first update
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device {self.device} is not available here ({e})") from e
         self.num_blocks = (num_params + self.block_size - 1) // self.block_size
         self.seen = 0
         self._finv: torch.Tensor | None = None

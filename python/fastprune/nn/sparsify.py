@@ -149,7 +149,9 @@ def sparsify(
         with ``inplace=True`` the input model gets the swapped layers, never a fused flag. With
         ``micro_batch`` it is wrapped in a :class:`fastprune.nn.MicroBatch` (``.module``).
     """
-    if min_sparsity is not None and (isinstance(min_sparsity, bool) or not 0.0 <= float(min_sparsity) <= 1.0):
+    if min_sparsity is not None and (
+        isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0.0 <= min_sparsity <= 1.0
+    ):
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     if micro_batch is not None:
         check_size(micro_batch)

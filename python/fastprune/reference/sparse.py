@@ -20,8 +20,15 @@ def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def unpack_sparse(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
     """The dense (out, in_features) weight back from its packed form."""
     out = row_ptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(out, device=values.device), (row_ptr[1:] - row_ptr[:-1]).long())
     cols = col_idx.long() & 0xFFFF if col_idx.dtype == torch.int16 else col_idx.long()
+    # checked on real tensors only: fake / meta tensors (torch.compile, opcheck) hold no values
+    readable = type(col_idx) is torch.Tensor and col_idx.device.type != "meta" and not torch.compiler.is_compiling()
+    if readable and cols.numel() and int(cols.max()) >= in_features:
+        raise ValueError(
+            f"col_idx holds column {int(cols.max())}, but in_features = {in_features}: "
+            "the packed weight has more columns"
+        )
+    rows = torch.repeat_interleave(torch.arange(out, device=values.device), (row_ptr[1:] - row_ptr[:-1]).long())
     dense = values.new_zeros(out, in_features)
     dense[rows, cols] = values
     return dense

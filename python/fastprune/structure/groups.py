@@ -30,7 +30,7 @@ from torch import nn
 
 from fastprune._modes import eval_mode
 from fastprune.structure import handlers as H
-from fastprune.structure.trace import Graph, Ref, trace
+from fastprune.structure.trace import Graph, Ref, TraceError, trace
 
 __all__ = ["Group", "GroupList", "Member", "as_inputs", "find_groups"]
 
@@ -368,6 +368,8 @@ def find_groups(
         with eval_mode(model):
             graph = trace(model, inputs, H.is_handled)
             an = analyse(model, graph)
+    except TraceError:
+        raise  # says what failed, with the inputs' dtypes and shapes
     except RuntimeError as e:
         if "shape" in str(e) or "size" in str(e) or "channels" in str(e):
             raise ValueError(f"example_inputs do not fit the model: {e}") from e

@@ -17,6 +17,8 @@ analysis has one table for ``torch.add``, ``Tensor.add``, ``Tensor.__add__`` and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-class TraceError(RuntimeError):
+class TraceError(RuntimeError, ValueError):
     """Neither front end could build a graph of the model."""
 
 
@@ -176,12 +178,14 @@ def _propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
                 k: torch.empty_like(v, device="meta")
                 for k, v in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
             }
-            with _reparametrize_module(gm, meta, tie_weights=True):
+            # ShapeProp prints a traceback before it raises: the caller reports the error itself
+            with _reparametrize_module(gm, meta, tie_weights=True), contextlib.redirect_stderr(io.StringIO()):
                 _MetaShapeProp(gm).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs])
             return
         except Exception:  # noqa: BLE001 - no meta kernel, data-dependent code...: run it for real
             pass
-        ShapeProp(gm).propagate(*inputs)
+        with contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(*inputs)
 
 
 def trace_fx(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn.Module], bool]) -> Graph:
@@ -352,6 +356,20 @@ def trace_dynamic(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn
     return Graph(nodes, "dynamic")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _describe(inputs: Sequence[Any]) -> str:
+    return ", ".join(
+        f"{str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+        if isinstance(x, torch.Tensor)
+        else type(x).__name__
+        for x in inputs
+    )
+
+
 def trace(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn.Module], bool]) -> Graph:
     """FX first; on any tracing failure, the dynamic tracer (the reason is kept in ``notes``)."""
     try:
@@ -360,9 +378,11 @@ def trace(model: nn.Module, inputs: Sequence[Any], handled: Callable[[nn.Module]
         try:
             g = trace_dynamic(model, inputs, handled)
         except Exception as dyn_err:
+            # the model's own error first (usually the inputs do not fit it), FX's internals last
             raise TraceError(
-                f"could not trace {type(model).__name__}: torch.fx failed ({fx_err}); running it "
-                f"on the example inputs failed too ({type(dyn_err).__name__}: {dyn_err})"
+                f"could not trace {type(model).__name__} on example_inputs ({_describe(inputs)}): running it "
+                f"failed with {type(dyn_err).__name__}: {_first_line(dyn_err)} (torch.fx failed too: "
+                f"{type(fx_err).__name__})"
             ) from dyn_err
         g.notes.append(
             f"torch.fx could not trace the model ({type(fx_err).__name__}: {str(fx_err)[:200]}); "
