@@ -15,16 +15,26 @@ from fastprune.masks import effective_weight, is_pruned
 __all__ = ["LayerSparsity", "SparsityReport", "dead_neurons", "sparsity_report"]
 
 _LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
+_DEAD_NOTE = (
+    "dead out: output neurons / filters whose incoming weights are all zero (they emit only their bias); "
+    "dead in: inputs the layer no longer reads"
+)
 
 
 @dataclass(frozen=True)
 class LayerSparsity:
+    """One layer's weight: its entries, zeros, and the neurons pruning has disconnected.
+
+    ``dead_outputs``: output neurons / filters whose incoming weights are all zero (they emit only
+    their bias: structured pruning could remove them). ``dead_inputs``: input units / channels this
+    layer no longer reads (every weight from them is zero)."""
+
     name: str
     kind: str
     numel: int
     zeros: int
-    dead_outputs: int  # output neurons / filters whose incoming weights are all zero
-    dead_inputs: int  # input units / channels whose outgoing weights (in this layer) are all zero
+    dead_outputs: int
+    dead_inputs: int
 
     @property
     def sparsity(self) -> float:
@@ -59,6 +69,41 @@ class SparsityReport:
                 return layer
         raise KeyError(name)
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain data (JSON-ready): the totals and one entry per layer."""
+        return {
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "sparsity": self.sparsity,
+            "compression": self.compression if self.zeros < self.numel else None,
+            "layers": [
+                {
+                    "name": x.name,
+                    "kind": x.kind,
+                    "numel": x.numel,
+                    "zeros": x.zeros,
+                    "sparsity": x.sparsity,
+                    "dead_outputs": x.dead_outputs,
+                    "dead_inputs": x.dead_inputs,
+                }
+                for x in self.layers
+            ],
+        }
+
+    def to_markdown(self) -> str:
+        """A markdown table (one row per layer and a total), with what the dead columns mean."""
+        head = "| layer | type | weights | zeros | sparsity | dead out | dead in |\n|---|---|---|---|---|---|---|\n"
+        rows = "".join(
+            f"| {x.name or '(model)'} | {x.kind} | {x.numel} | {x.zeros} | {x.sparsity:.2%} | {x.dead_outputs} | "
+            f"{x.dead_inputs} |\n"
+            for x in self.layers
+        )
+        total = (
+            f"| total | | {self.numel} | {self.zeros} | {self.sparsity:.2%} | "
+            f"{sum(x.dead_outputs for x in self.layers)} | {sum(x.dead_inputs for x in self.layers)} |\n"
+        )
+        return head + rows + total + "\n" + _DEAD_NOTE + "\n"
+
     def __str__(self) -> str:
         rows = [("layer", "type", "weights", "zeros", "sparsity", "dead out", "dead in")]
         for layer in self.layers:
@@ -91,7 +136,7 @@ class SparsityReport:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines) + f"\ncompression: {self.compression:.2f}x fewer nonzero weights"
+        return "\n".join(lines) + f"\ncompression: {self.compression:.2f}x fewer nonzero weights\n{_DEAD_NOTE}"
 
 
 def dead_neurons(weight: torch.Tensor) -> tuple[int, int]:

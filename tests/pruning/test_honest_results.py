@@ -134,3 +134,19 @@ def test_load_pruned_changes_nothing_when_it_fails(defect):
     if defect == "extra_key":
         fastprune.load_pruned(fresh, sd, strict=False)  # strict=False ignores it, as torch does
         assert hasattr(fresh[0], "weight_mask")
+
+
+def test_sparsity_report_as_json_and_markdown():
+    import json
+
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[3] = 0  # one dead output neuron of layer 2
+    fastprune.prune(model, "magnitude", sparsity=0.5, exclude="2")
+    rep = fastprune.sparsity_report(model)
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["zeros"] == rep.zeros and [x["name"] for x in d["layers"]] == ["0", "2", "4"]
+    assert d["layers"][1]["dead_outputs"] == 1
+    md = rep.to_markdown()
+    assert md.count("\n| ") == 4 and "| 2 | Linear | 450 | 30 |" in md and "dead out: output neurons" in md
+    assert "dead in: inputs the layer no longer reads" in str(rep)
