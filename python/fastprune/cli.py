@@ -172,16 +172,24 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _stage(k: int, n: int, text: str) -> float:
+    """One line per stage of the demo (visible when stderr is not a terminal and the bars are off)."""
+    print(f"[{k}/{n}] {text}", flush=True)
+    return time.perf_counter()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     args.no_progress = args.no_progress or not sys.stderr.isatty()
+    progress = not args.no_progress
+    start = time.perf_counter()
     data = fastprune.data.digits(seed=0)
     epochs = 10 if args.quick else 30
     retrain = 8 if args.quick else 20
     print(f"digits: {len(data.train_y)} train / {len(data.test_y)} test images; LeNet-300-100-like MLP (64-300-100-10)")
-    t0 = time.perf_counter()
-    dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=epochs, progress=not args.no_progress)
+    t0 = _stage(1, 5, "training the dense MLP")
+    dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=epochs, progress=progress)
     dense_acc = evaluate(dense, data.test_loader())
     t_dense = time.perf_counter() - t0
     total = fastprune.sparsity_report(dense).numel
@@ -189,7 +197,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("method", "sparsity", "accuracy", "before retrain", "nonzero weights", "time s"),
         ("dense", "0.0%", f"{dense_acc:.2%}", "-", f"{total}", f"{t_dense:.1f}"),
     ]
-    curves: dict[str, list[tuple[float, float]]] = {}
     fisher = {"data": data.train_loader(), "num_grads": 256 if args.quick else 512}
     runs = (
         ("magnitude one-shot + retrain", recipes.one_shot, {}),
@@ -198,10 +205,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ("woodfisher gradual (4 steps)", recipes.iterative, {"method": "woodfisher", "method_kwargs": fisher}),
     )
     kept: dict[str, nn.Module] = {}
-    for sparsity in (0.9,) if args.quick else (0.9, 0.95):
+    sparsities = (0.9,) if args.quick else (0.9, 0.95)
+    _stage(2, 5, f"pruning it with {len(runs)} recipes at {', '.join(f'{s:.0%}' for s in sparsities)}, then retraining")
+    for sparsity in sparsities:
         for name, fn, kw in runs:
             t0 = time.perf_counter()
-            pruned, out = fn(dense, data, sparsity, retrain_epochs=retrain, progress=not args.no_progress, **kw)
+            pruned, out = fn(dense, data, sparsity, retrain_epochs=retrain, progress=progress, **kw)
             kept[f"{name} {sparsity:.0%}"] = pruned
             rows.append(
                 (
@@ -213,20 +222,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     f"{time.perf_counter() - t0:.1f}",
                 )
             )
-            curves.setdefault(name, []).append((sparsity, out.acc_retrained))
     print()
     print(_table(rows))
+    print("(360 test images: one image is 0.28 points of accuracy)\n")
+    seeds = (0, 1) if args.quick else (0, 1, 2)
+    sweep = (0.5, 0.9, 0.98) if args.quick else (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+    _stage(3, 5, f"accuracy vs sparsity for the plot: {len(sweep)} sparsities x {len(seeds)} seeds, one-shot + retrain")
+    dense_accs, curves = _accuracy_sweep(data, seeds, sweep, epochs, retrain, fisher, progress)
     path = os.path.join(args.out, "demo_accuracy.png")
-    _plot_demo(path, dense_acc, curves)
-    print(f"\nplot: {path}")
+    _plot_demo(path, dense_accs, curves)
+    print(f"plot: {path}\n")
+    _stage(4, 5, "structured pruning of the digits CNN")
+    print(_table(_structured_demo(data, epochs, 3 if args.quick else 8, progress)))
     print()
-    print(_table(_structured_demo(data, epochs, 3 if args.quick else 8, not args.no_progress)))
-    print()
-    print(_table(_sparse_demo(data, dense, kept, quick=args.quick)))
+    _stage(5, 5, "sparse execution")
+    sparse_rows, noisy = _sparse_demo(data, dense, kept, quick=args.quick)
+    print(_table(sparse_rows))
+    if noisy:
+        print(
+            "* timings that varied more than 20 % between repeats: the machine is busy, read them as rough "
+            "(benchmarks/bench_sparse.py measures properly)"
+        )
+    print(f"\ndemo done in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _median_time(fn, repeats: int = 15) -> float:
+def _accuracy_sweep(
+    data: Any,
+    seeds: Sequence[int],
+    sparsities: Sequence[float],
+    epochs: int,
+    retrain: int,
+    fisher: dict[str, Any],
+    progress: bool,
+) -> tuple[list[float], dict[str, dict[float, list[float]]]]:
+    """Test accuracy after one-shot pruning + retraining, per method, sparsity and seed (dense per seed too)."""
+    dense_accs: list[float] = []
+    curves: dict[str, dict[float, list[float]]] = {"magnitude": {}, "woodfisher": {}}
+    for seed in seeds:
+        dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=epochs, seed=seed, progress=progress)
+        dense_accs.append(evaluate(dense, data.test_loader()))
+        for method, kw in (("magnitude", {}), ("woodfisher", {"method": "woodfisher", "method_kwargs": fisher})):
+            for sparsity in sparsities:
+                _, out = recipes.one_shot(
+                    dense, data, sparsity, retrain_epochs=retrain, seed=seed, progress=progress, **kw
+                )
+                curves[method].setdefault(sparsity, []).append(out.acc_retrained)
+    return dense_accs, curves
+
+
+def _median_time(fn, repeats: int = 15) -> tuple[float, bool]:
+    """(median seconds, noisy): noisy when the interquartile range of the repeats exceeds 20 % of
+    the median (a busy machine)."""
     with torch.no_grad():
         for _ in range(3):
             fn()
@@ -235,11 +282,17 @@ def _median_time(fn, repeats: int = 15) -> float:
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    ts.sort()
+    med = ts[len(ts) // 2]
+    q1, q3 = ts[len(ts) // 4], ts[(3 * len(ts)) // 4]
+    return med, (q3 - q1) > 0.2 * med
 
 
-def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bool) -> list[tuple[str, ...]]:
-    """Sparse execution (fastprune.sparsify) of the pruned digits MLPs and of a ResNet-50-like model."""
+def _sparse_demo(
+    data: Any, dense: nn.Module, pruned: dict[str, nn.Module], quick: bool
+) -> tuple[list[tuple[str, ...]], bool]:
+    """Sparse execution (fastprune.sparsify) of the pruned digits MLPs and of a ResNet-50-like model;
+    also whether any timing was noisy."""
     side = 112 if quick else 224
     print(
         f"sparse execution: the pruned MLPs with every pruned layer sparse (one image, and the 360-image test set), "
@@ -248,20 +301,22 @@ def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bo
         f"{torch.get_num_threads()} thread(s)"
     )
     rows = [("model", "input", "dense ms", "sparse ms", "speedup", "sparse layers")]
+    noisy = False
     one = data.test_x[:1]
     for name in [k for k in pruned if k.startswith("magnitude one-shot")]:
         model = pruned[name].eval()
         fastprune.finalize(model)
         sparse = sparsify(model, min_sparsity=0.5)  # every pruned layer sparse, to show the kernels on it
         for label, x in (("1 image", one), ("360 images", data.test_x)):
-            td = _median_time(lambda m=model, x=x: m(x))
-            ts = _median_time(lambda s=sparse, x=x: s(x))
+            td, nd = _median_time(lambda m=model, x=x: m(x))
+            ts, ns = _median_time(lambda s=sparse, x=x: s(x))
+            noisy = noisy or nd or ns
             rows.append(
                 (
                     f"MLP, {name}",
                     label,
-                    f"{1e3 * td:.3f}",
-                    f"{1e3 * ts:.3f}",
+                    f"{1e3 * td:.3f}{'*' if nd else ''}",
+                    f"{1e3 * ts:.3f}{'*' if ns else ''}",
                     f"{td / ts:.2f}x",
                     str(len(sparsify_report(sparse))),
                 )
@@ -275,18 +330,19 @@ def _sparse_demo(data, dense: nn.Module, pruned: dict[str, nn.Module], quick: bo
         fastprune.prune(net, "magnitude", sparsity=0.9, scope="layer", exclude="conv1", block=block)
         fastprune.finalize(net)
         sparse = sparsify(net, example_inputs=x)
-        td, ts = _median_time(lambda n=net: n(x), 5), _median_time(lambda s=sparse: s(x), 5)
+        (td, nd), (ts, ns) = _median_time(lambda n=net: n(x), 7), _median_time(lambda s=sparse: s(x), 7)
+        noisy = noisy or nd or ns
         rows.append(
             (
                 f"ResNet-50-like, 90 %, {label}",
                 f"1x3x{side}x{side}",
-                f"{1e3 * td:.1f}",
-                f"{1e3 * ts:.1f}",
+                f"{1e3 * td:.1f}{'*' if nd else ''}",
+                f"{1e3 * ts:.1f}{'*' if ns else ''}",
                 f"{td / ts:.2f}x",
                 str(len(sparsify_report(sparse))),
             )
         )
-    return rows
+    return rows, noisy
 
 
 def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[tuple[str, ...]]:
@@ -334,20 +390,49 @@ def _structured_demo(data, epochs: int, finetune: int, progress: bool) -> list[t
     return rows
 
 
-def _plot_demo(path: str, dense_acc: float, curves: dict[str, list[tuple[float, float]]]) -> None:
+def _plot_demo(path: str, dense_accs: list[float], curves: dict[str, dict[float, list[float]]]) -> None:
+    """Accuracy vs sparsity, mean and standard deviation over seeds, the dense model as a labelled band."""
     import matplotlib  # optional (the demo extra), and slow to import: only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after choosing the Agg backend
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.axhline(100 * dense_acc, color="gray", linestyle="--", label="dense")
-    for name, pts in curves.items():
-        ax.plot([100 * s for s, _ in pts], [100 * a for _, a in pts], marker="o", label=name)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits MLP: pruning + retraining")
-    ax.legend()
+    def stats(v: list[float]) -> tuple[float, float]:
+        t = torch.tensor(v, dtype=torch.float64) * 100
+        return float(t.mean()), float(t.std()) if len(v) > 1 else 0.0
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dm, ds = stats(dense_accs)
+    ax.axhspan(dm - ds, dm + ds, color="gray", alpha=0.2, lw=0)
+    ax.axhline(dm, color="gray", linestyle="--", lw=1)
+    lows = [dm - ds]
+    styles = {"magnitude": ("o", "tab:blue", -0.4), "woodfisher": ("s", "tab:orange", 0.4)}
+    for name, by_s in curves.items():
+        xs = sorted(by_s)
+        ms = [stats(by_s[x]) for x in xs]
+        marker, color, dx = styles.get(name, ("^", None, 0.0))
+        ax.errorbar(
+            [100 * x + dx for x in xs],
+            [m for m, _ in ms],
+            yerr=[e for _, e in ms],
+            marker=marker,
+            color=color,
+            capsize=3,
+            lw=1.5,
+            ms=5,
+            label=f"{name} one-shot + retrain",
+        )
+        lows += [m - e for m, e in ms]
+    xmax = 100 * max(x for by_s in curves.values() for x in by_s)
+    ax.text(xmax + 0.5, dm, f" dense {dm:.1f} %", va="center", ha="left", color="dimgray", fontsize=8)
+    ax.set_xlim(100 * min(x for by_s in curves.values() for x in by_s) - 2, xmax + 7)
+    ax.set_ylim(max(0.0, min(lows) - 2.0), 100.0)
+    ax.set_xlabel("sparsity (% of weights removed)")
+    ax.set_ylabel("test accuracy (%), mean +- std over seeds")
+    n = len(dense_accs)
+    ax.set_title(f"digits MLP (LeNet-300-100-like), {n} seed{'s' if n > 1 else ''}; 360 test images")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
