@@ -62,6 +62,7 @@ cuda-check: $(DEPS)
 bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/bench_woodbury.py
 	$(PY) benchmarks/bench_woodfisher.py
+	$(PY) benchmarks/bench_fisher_engines.py
 	$(PY) benchmarks/quality_magnitude.py
 	$(PY) benchmarks/quality_woodfisher.py
 	$(PY) benchmarks/bench_structured.py
