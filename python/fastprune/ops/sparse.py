@@ -148,6 +148,11 @@ def sparse_conv2d(
     phases so that every nonzero tap reads a contiguous run (no im2col). ``residual`` (the
     output's shape) is added before the optional ReLU. Differentiable with respect to ``input``,
     ``bias`` and ``residual``; not with respect to the packed weight.
+
+    The packed form does not record how many columns its weight had: a ``weight_shape`` with fewer
+    columns (in/groups * kh * kw) than a packed column index is an error, but one with more cannot
+    be told from the right one (keep the shape with the packed tensors, as
+    :class:`fastprune.nn.SparseConv2d` does).
     """
     _float_tensor(input, "input")
     if input.dim() != 4:
