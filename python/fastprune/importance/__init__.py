@@ -17,6 +17,7 @@ from fastprune.importance.channels import (
     scatter_to_group,
 )
 from fastprune.importance.magnitude import block_scores, magnitude_scores
+from fastprune.importance.nisp import inf_fs
 
 __all__ = [
     "ActivationCriterion",
@@ -26,6 +27,7 @@ __all__ = [
     "RandomScores",
     "block_scores",
     "group_scores",
+    "inf_fs",
     "magnitude_scores",
     "make_criterion",
     "scatter_to_group",
