@@ -29,6 +29,9 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int[] weight_shape, "
         "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool relu=False, "
         "Tensor? residual=None) -> Tensor");
+  // NISP score propagation through one layer: weight (out, in/groups, *kernel), scores (m, out) or (out,)
+  // -> (m, in) or (in,) with S_in[:, c] = sum_o S_out[:, o] * sum_k |W[o, c, k]| within each group.
+  m.def("nisp_propagate(Tensor weight, Tensor scores, int groups=1) -> Tensor");
 }
 
 // The shared object is a Python extension so that `import fastprune._C` loads it; the ops are reached

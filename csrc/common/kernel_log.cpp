@@ -35,6 +35,7 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kWoodburyInverseFisher: return "woodbury_inverse_fisher";
     case KernelOp::kSparseLinear: return "sparse_linear";
     case KernelOp::kSparseConv2d: return "sparse_conv2d";
+    case KernelOp::kNispPropagate: return "nisp_propagate";
     default: return "?";
   }
 }

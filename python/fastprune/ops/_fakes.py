@@ -66,3 +66,13 @@ def _sparse_conv2d_fake(
     hout = (input.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wout = (input.shape[3] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return input.new_empty((input.shape[0], o, hout, wout))
+
+
+@torch.library.register_fake("fastprune::nisp_propagate")
+def _nisp_propagate_fake(weight: torch.Tensor, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    torch._check(weight.dim() >= 2, lambda: "weight must be (out, in/groups, *kernel)")
+    torch._check(scores.dim() in (1, 2), lambda: "scores must be (out,) or (m, out)")
+    torch._check(groups >= 1 and weight.shape[0] % groups == 0, lambda: "groups must divide the outputs")
+    torch._check(scores.shape[-1] == weight.shape[0], lambda: "scores must have one entry per output")
+    inputs = weight.shape[1] * groups
+    return scores.new_empty((inputs,) if scores.dim() == 1 else (scores.shape[0], inputs))
