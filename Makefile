@@ -63,6 +63,7 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/bench_woodbury.py
 	$(PY) benchmarks/bench_woodfisher.py
 	$(PY) benchmarks/bench_fisher_engines.py
+	$(PY) benchmarks/bench_nisp.py
 	$(PY) benchmarks/quality_magnitude.py
 	$(PY) benchmarks/quality_woodfisher.py
 	$(PY) benchmarks/bench_structured.py
