@@ -312,3 +312,12 @@ def test_data_driven_methods_take_data(user_model, capsys):
     )
     state = torch.load(out, weights_only=True)
     assert float((state["0.weight_mask"] == 0).float().mean()) > 0.2
+
+
+def test_nisp_from_the_command_line(user_model, capsys):
+    out = user_model / "nisp.pt"
+    argv = ["prune", "usermodels:make", "--method", "nisp", "--sparsity", "0.5", "--input-shape", "2,8"]
+    assert_user_error(capsys, [*argv, "-o", str(out)], r"'nisp' reads data: pass --data")
+    assert main([*argv, "--data", "usermodels:loader", "-o", str(out)]) == 0
+    assert "nisp: 50.0% of the removable channels removed" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)["0.weight"].shape == (8, 8)

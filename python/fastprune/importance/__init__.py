@@ -17,7 +17,7 @@ from fastprune.importance.channels import (
     scatter_to_group,
 )
 from fastprune.importance.magnitude import block_scores, magnitude_scores
-from fastprune.importance.nisp import inf_fs
+from fastprune.importance.nisp import inf_fs, nisp_scores
 
 __all__ = [
     "ActivationCriterion",
@@ -30,5 +30,6 @@ __all__ = [
     "inf_fs",
     "magnitude_scores",
     "make_criterion",
+    "nisp_scores",
     "scatter_to_group",
 ]

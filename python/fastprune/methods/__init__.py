@@ -5,12 +5,13 @@ Each module holds its frozen config class(es) and its runner, registered by conf
 
 * :mod:`~fastprune.methods.magnitude`: ``magnitude`` (Han et al. 2015);
 * :mod:`~fastprune.methods.woodfisher`: ``woodfisher`` (Singh & Alistarh 2020) and ``fisher_diag``;
-* :mod:`~fastprune.methods.channels`: ``l1_filter``, ``l2_filter``, ``bn_scale``, ``random`` (structured).
+* :mod:`~fastprune.methods.channels`: ``l1_filter``, ``l2_filter``, ``bn_scale``, ``random`` (structured);
+* :mod:`~fastprune.methods.nisp`: ``nisp`` (Yu et al. 2018, structured, data-driven).
 
 ``python -m fastprune.methods`` (or ``fastprune methods``) prints the registry.
 """
 
-from fastprune.methods import channels, magnitude, woodfisher
+from fastprune.methods import channels, magnitude, nisp, woodfisher
 from fastprune.methods.channels import (
     BNScaleConfig,
     ChannelConfig,
@@ -20,6 +21,7 @@ from fastprune.methods.channels import (
     run_channels,
 )
 from fastprune.methods.magnitude import MagnitudeConfig
+from fastprune.methods.nisp import NISPConfig
 from fastprune.methods.registry import (
     MethodResult,
     MethodSpec,
@@ -43,6 +45,7 @@ __all__ = [
     "MagnitudeConfig",
     "MethodResult",
     "MethodSpec",
+    "NISPConfig",
     "RandomChannelConfig",
     "WoodFisherConfig",
     "channels",
@@ -51,6 +54,7 @@ __all__ = [
     "method_for_config",
     "method_names",
     "methods",
+    "nisp",
     "register_method",
     "run_channels",
     "spec_for",
