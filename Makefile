@@ -66,6 +66,7 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/bench_nisp.py
 	$(PY) benchmarks/quality_magnitude.py
 	$(PY) benchmarks/quality_woodfisher.py
+	$(PY) benchmarks/quality_nisp.py
 	$(PY) benchmarks/bench_structured.py
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_sparse_jit.py

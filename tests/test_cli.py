@@ -198,7 +198,7 @@ def test_demo_quick(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "magnitude one-shot + retrain" in printed and "iterative" in printed
-    assert "50 % channels removed" in printed and "faster" in printed
+    assert "L1 filter, 50 % channels" in printed and "NISP, 50 % channels" in printed and "faster" in printed
     assert "ResNet-50-like, 90 %, unstructured" in printed and "4 rows share" in printed
     assert "MLP, magnitude one-shot" in printed
     assert (tmp_path / "demo_accuracy.png").stat().st_size > 0

@@ -143,23 +143,25 @@ def test_nan_responses_are_refused():
         fastprune.prune(model, "nisp", sparsity=0.5, data=loader(), example_inputs=torch.randn(1, 2, 4, 4))
 
 
-def test_nisp_beats_random_channels_on_digits():
-    # the paper's claim in direction (NISP beats random), on the digits CNN (10 epochs) at 50 % of
-    # channels with a 2-epoch fine-tune, mean of 2 seeds. Measured (seeds 0 / 1 / 2): NISP 91.9 / 96.7 /
-    # 93.1 %, random 90.3 / 92.2 / 91.4 %, L1 filter 95.6 / 93.6 / 96.1 % (no claim against L1 here)
+def test_nisp_beats_random_and_layer_by_layer_on_digits():
+    # the paper's claim in direction: NISP beats random and layer-by-layer (each layer judged by its
+    # own output) pruning. Digits MLP, 70 % of the hidden neurons removed, no fine-tune; measured
+    # (benchmarks/quality_nisp.py, seeds 0 / 1 / 2): NISP 90.8 / 82.5 / 92.2 %, activation_norm 77.2 /
+    # 66.1 / 64.2 %, random 42.5 / 66.9 / 61.9 %, L1 filter 92.8 / 81.1 / 89.7 % (a tie: no claim against it)
     from fastprune import recipes
-    from fastprune.train import evaluate, fit
+    from fastprune.train import evaluate
 
     data = fastprune.data.digits(seed=0)
+    dense = recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=30, seed=0).eval()
     x = torch.as_tensor(data.test_x[:1])
-    acc: dict[str, list[float]] = {"nisp": [], "random": []}
-    for seed in (0, 1):
-        dense = recipes.train_dense(fastprune.models.small_cnn, data, epochs=10, seed=seed).eval()
-        for name, kw in (("nisp", {"data": data.train_loader(), "num_batches": 8}), ("random", {"seed": seed})):
-            m = copy.deepcopy(dense)
-            fastprune.prune(m, name, sparsity=0.5, example_inputs=x, **kw)
-            torch.manual_seed(seed)
-            fit(m, data.train_loader(), epochs=2, lr=0.02, l2=1e-4, progress=False)
-            acc[name].append(evaluate(m, data.test_loader()))
-    mean = {k: sum(v) / len(v) for k, v in acc.items()}
-    assert mean["nisp"] >= mean["random"] + 0.01, acc
+    acc = {}
+    for name, kw in (
+        ("nisp", {"data": data.train_loader(), "num_batches": 8}),
+        ("activation_norm", {"data": data.train_loader(), "num_batches": 8}),
+        ("random", {"seed": 0}),
+    ):
+        m = copy.deepcopy(dense)
+        fastprune.prune(m, name, sparsity=0.7, example_inputs=x, **kw)
+        acc[name] = evaluate(m, data.test_loader())
+    assert acc["nisp"] >= acc["random"] + 0.10, acc
+    assert acc["nisp"] >= acc["activation_norm"] + 0.05, acc

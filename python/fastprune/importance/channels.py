@@ -35,6 +35,7 @@ from fastprune.structure.handlers import WEIGHT_ATTRS
 
 __all__ = [
     "ActivationCriterion",
+    "ActivationNorm",
     "BNScale",
     "Criterion",
     "FilterNorm",
@@ -239,6 +240,34 @@ class ActivationCriterion:
         if seen == 0:
             raise ValueError(f"{type(self).__name__}: data yielded no batches")
         return self.score(model, groups)
+
+
+class ActivationNorm(ActivationCriterion):
+    """Mean |output| of each channel of each producing layer over the data: a layer-by-layer
+    criterion (each layer judged by its own output alone, the baseline NISP is compared with)."""
+
+    def __init__(self, num_batches: int | None = None, reduction: Reduction = "sum") -> None:
+        super().__init__(num_batches)
+        check_reduction(reduction)
+        self.reduction = reduction
+
+    def reset(self, model: nn.Module, groups: Sequence[Group]) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def observe(self, name: str, module: nn.Module, output: torch.Tensor, channel_dim: int) -> None:
+        per = output.abs().movedim(channel_dim, -1).reshape(-1, output.shape[channel_dim]).to(torch.float64)
+        self._sums[name] = self._sums.get(name, 0) + per.sum(0)
+        self._counts[name] = self._counts.get(name, 0) + per.shape[0]
+
+    def score(self, model: nn.Module, groups: Sequence[Group]) -> dict[int, torch.Tensor]:
+        out = {}
+        for g in groups:
+            per = [(m, self._sums[m.module] / self._counts[m.module]) for m in g.producers if m.module in self._sums]
+            s = scatter_to_group(g, per, self.reduction)
+            if s is not None:
+                out[g.id] = s
+        return out
 
 
 def make_criterion(name: str, *, reduction: Reduction = "sum", seed: int = 0) -> Criterion:

@@ -21,14 +21,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fastprune._checks import check_scope, check_sparsity, normalise_patterns
-from fastprune.importance.channels import BNScale, Criterion, FilterNorm, RandomScores, check_reduction, group_scores
+from fastprune._checks import check_loader, check_scope, check_sparsity, normalise_patterns
+from fastprune.importance.channels import (
+    ActivationNorm,
+    BNScale,
+    Criterion,
+    FilterNorm,
+    RandomScores,
+    check_reduction,
+    group_scores,
+)
 from fastprune.methods.registry import MethodResult, method_for_config, register_method
 from fastprune.plan import Plan
 from fastprune.select import select_channels
 from fastprune.structure.groups import as_inputs, find_groups
 
 __all__ = [
+    "ActivationNormConfig",
     "BNScaleConfig",
     "ChannelConfig",
     "L1FilterConfig",
@@ -143,6 +152,25 @@ class RandomChannelConfig(ChannelConfig):
         return RandomScores(self.seed)
 
 
+@dataclass(frozen=True)
+class ActivationNormConfig(ChannelConfig):
+    """``activation_norm``: each channel's mean |output| over ``data`` (at most ``num_batches``
+    batches): a layer-by-layer, data-driven criterion (NISP's comparison baseline)."""
+
+    data: Any = None
+    num_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_loader(self.data, "activation_norm")
+
+    def criterion(self) -> Criterion:
+        return ActivationNorm(self.num_batches, self.reduction)
+
+    def calibration_data(self) -> Iterable[Any] | None:
+        return self.data
+
+
 def input_specs(inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
     """Shapes and dtypes of the example inputs, as plain data for the plan."""
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
@@ -183,5 +211,6 @@ for _cls, _name, _desc in (
     (L2FilterConfig, "l2_filter", "L2 norm of each filter, structured"),
     (BNScaleConfig, "bn_scale", "|BatchNorm gamma| (Liu et al. 2017), structured"),
     (RandomChannelConfig, "random", "random channels (the control), structured"),
+    (ActivationNormConfig, "activation_norm", "mean |activation| of each channel on data, structured"),
 ):
     register_method(_cls, name=_name, description=_desc)(run_channels)
