@@ -129,18 +129,23 @@ def select_channels(
     *,
     scope: str = "layer",
     round_to: int | None = None,
+    per_group: Mapping[int, float] | None = None,
 ) -> dict[int, list[int]]:
     """Channels to remove per group id: the lowest-scoring ``floor(sparsity * n)`` of each group's
-    n removable channels (``scope="layer"``), or the lowest ``floor(sparsity * N)`` of all N
-    removable channels with scores normalised by each group's mean (``scope="global"``).
-    ``round_to`` keeps every group's remaining channel count a multiple of it. Refuses (ValueError)
-    a selection that would empty a group. Ties break by channel index."""
+    n removable channels (``scope="layer"``; ``per_group`` overrides the ratio of the groups it
+    names), or the lowest ``floor(sparsity * N)`` of all N removable channels with scores
+    normalised by each group's mean (``scope="global"``). ``round_to`` keeps every group's
+    remaining channel count a multiple of it. Refuses (ValueError) a selection that would empty a
+    group. Ties break by channel index."""
     out: dict[int, list[int]] = {}
     scored = [g for g in groups if g.id in scores and g.prunable]
+    if per_group and scope != "layer":
+        raise ValueError("per-group ratios need scope='layer'")
     if scope == "layer":
         for g in scored:
             cand = g.prunable
-            k = _keep_after_rounding(g.channels, math.floor(sparsity * len(cand) + 1e-9), round_to)
+            ratio = per_group.get(g.id, sparsity) if per_group else sparsity
+            k = _keep_after_rounding(g.channels, math.floor(ratio * len(cand) + 1e-9), round_to)
             k = min(k, len(cand))
             s = scores[g.id][cand]
             order = sorted(range(len(cand)), key=lambda i: (float(s[i]), cand[i]))

@@ -383,3 +383,27 @@ def test_the_base_supports_soft_pruning_where_zeroed_filters_regrow():
     fit(model, _loader(), epochs=2, lr=0.05, progress=False, callbacks=[soft, Probe(model)])
     assert regrown == [True, True]  # trained back from zero: no mask held them
     assert not hasattr(model[0], "weight_mask")
+
+
+def test_per_layer_ratios_as_nisp_prunes():
+    x = torch.randn(1, 1, 8, 8)
+    m = fastprune.models.small_cnn().eval()
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    plan = fastprune.prune(
+        m, "nisp", sparsity=0.5, data=data, example_inputs=x, layer_sparsity={"down.*": 0.25, "stem.0": 0.75}
+    )
+    # stem.0 writes the residual stream (with block.conv2): that group takes 0.75; block.conv1 the default
+    assert (m.stem[0].out_channels, m.down[0].out_channels, m.block.conv1.out_channels) == (4, 24, 8)
+    assert plan.config["layer_sparsity"] == {"down.*": 0.25, "stem.0": 0.75}
+    with pytest.raises(ValueError, match="match no prunable layer"):
+        fastprune.prune(
+            fastprune.models.small_cnn().eval(),
+            "l1_filter",
+            sparsity=0.5,
+            example_inputs=x,
+            layer_sparsity={"nope": 0.2},
+        )
+    with pytest.raises(ValueError, match="scope='layer'"):
+        fastprune.L1FilterConfig(sparsity=0.5, example_inputs=x, scope="global", layer_sparsity={"down.*": 0.2})
+    with pytest.raises(ValueError, match=r"layer_sparsity\['down.\*'\]"):
+        fastprune.L1FilterConfig(sparsity=0.5, example_inputs=x, layer_sparsity={"down.*": 1.2})

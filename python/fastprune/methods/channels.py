@@ -14,7 +14,8 @@ returns its criterion, registered with ``register_method(TheConfig, name=...)(ru
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,7 +35,7 @@ from fastprune.importance.channels import (
 from fastprune.methods.registry import MethodResult, method_for_config, register_method
 from fastprune.plan import Plan
 from fastprune.select import select_channels
-from fastprune.structure.groups import as_inputs, find_groups
+from fastprune.structure.groups import Group, as_inputs, find_groups
 
 __all__ = [
     "ActivationNormConfig",
@@ -68,6 +69,9 @@ class ChannelConfig:
             and leaves BN alone, so they can regrow (soft filter pruning, as SFP does).
         allow_approximate: let compaction fold a constant channel where that is not exact (reported).
         reduction: how member scores combine into a group channel's score: sum, mean or max.
+        layer_sparsity: per-layer ratios, as NISP's paper prunes: ``{module name or glob: fraction}``;
+            a group takes the ratio of the first pattern matching one of its producing layers, else
+            ``sparsity`` (``scope="layer"`` only; a pattern that matches no group is an error).
     """
 
     sparsity: float | None = None
@@ -80,6 +84,7 @@ class ChannelConfig:
     hard: bool = True
     allow_approximate: bool = False
     reduction: Literal["sum", "mean", "max"] = "sum"
+    layer_sparsity: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         if type(self) is ChannelConfig:
@@ -108,6 +113,14 @@ class ChannelConfig:
             raise ValueError(f"mode must be 'compact' or 'mask', got {self.mode!r}")
         check_reduction(self.reduction)
         normalise_patterns(self)
+        if self.layer_sparsity is not None:
+            if not isinstance(self.layer_sparsity, Mapping) or not all(isinstance(k, str) for k in self.layer_sparsity):
+                raise TypeError("layer_sparsity must map module names or glob patterns to fractions")
+            for k, v in self.layer_sparsity.items():
+                check_sparsity(v, f"layer_sparsity[{k!r}]")
+            if self.scope != "layer":
+                raise ValueError("layer_sparsity sets each layer's ratio: it needs scope='layer'")
+            object.__setattr__(self, "layer_sparsity", dict(self.layer_sparsity))
 
     def criterion(self) -> Criterion:
         """The criterion that scores this method's channels."""
@@ -179,6 +192,23 @@ def input_specs(inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
 _NOT_IN_PLAN = ("example_inputs", "data", "loss_fn")
 
 
+def _per_group_sparsity(groups: Sequence[Group], ratios: Mapping[str, float]) -> dict[int, float]:
+    """Each group's ratio: the first pattern (in the mapping's order) matching one of its producers."""
+    out: dict[int, float] = {}
+    used: set[str] = set()
+    for g in groups:
+        names = [m.module for m in g.producers]
+        for pattern, ratio in ratios.items():
+            if any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names):
+                out[g.id] = float(ratio)
+                used.add(pattern)
+                break
+    missing = [p for p in ratios if p not in used]
+    if missing:
+        raise ValueError(f"layer_sparsity pattern(s) {missing} match no prunable layer of the model")
+    return out
+
+
 def run_channels(model: nn.Module, cfg: ChannelConfig) -> MethodResult:
     """Score and select; the model is not changed. The result carries the groups (its ``trace``):
     their trace lets compaction prove that removed channels are zeros without running the model."""
@@ -196,7 +226,8 @@ def run_channels(model: nn.Module, cfg: ChannelConfig) -> MethodResult:
         raise ValueError(
             f"criterion {name!r} scores none of the {len(groups)} groups (bn_scale needs BatchNorm layers)"
         )
-    removed = select_channels(groups, scores, cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to)
+    per_group = _per_group_sparsity(groups, cfg.layer_sparsity) if cfg.layer_sparsity else None
+    removed = select_channels(groups, scores, cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to, per_group=per_group)
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_PLAN}
     config["input_specs"] = input_specs(inputs)
     total = sum(len(g.prunable) for g in groups if g.id in scores)
