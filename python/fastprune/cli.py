@@ -17,7 +17,7 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -57,34 +57,26 @@ def _shape(text: str) -> list[int]:
     return dims
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(
+    convert: Callable[[str], float], ok: Callable[[float], bool], expected: str, rule: str
+) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, then check it (each failure one line naming the rule)."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a positive int", ">= 1")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number", "a finite number > 0")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a sparsity in [0, 1)", "in [0, 1)")
 
 
 def _one_line(e: BaseException) -> str:
