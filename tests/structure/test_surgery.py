@@ -256,7 +256,7 @@ def test_zero_analysis_agrees_with_a_measured_forward(name: str) -> None:
     seen, _ = _capture_inputs(model, {n: torch.tensor(sorted(p)) for n, p in need.items()}, (x,))
     for module, is_zero in known.items():
         if is_zero and module in seen:
-            assert all(not hi.any() and not lo.any() for hi, lo in seen[module]), module
+            assert all(not hi.any() and not lo.any() for hi, lo, _ in seen[module]), module
 
 
 def test_prune_needs_no_forward_when_zeros_are_provable() -> None:

@@ -83,6 +83,38 @@ class MobileNetV2ish(nn.Module):
         return self.classifier(x)
 
 
+class MBConv(nn.Module):
+    """EfficientNet's block: expansion -> BN -> SiLU -> depthwise -> BN -> SiLU -> squeeze-excite
+    gate -> projection -> BN (+ the input when the shapes allow)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int, se: int = 4) -> None:
+        super().__init__()
+        hid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.expand = nn.Sequential(nn.Conv2d(cin, hid, 1, bias=False), _bn(hid), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), _bn(hid), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(hid, se, 1), nn.Conv2d(se, hid, 1)
+        self.project = nn.Sequential(nn.Conv2d(hid, cout, 1, bias=False), _bn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(self.expand(x))
+        s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(h, 1)))))
+        y = self.project(h * s)
+        return x + y if self.use_res else y
+
+
+class EfficientNetish(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), _bn(16), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(16, 16, 1, 1), MBConv(16, 24, 2, 4), MBConv(24, 24, 1, 4))
+        self.head = nn.Sequential(nn.Conv2d(24, 48, 1, bias=False), _bn(48), nn.SiLU())
+        self.fc = nn.Linear(48, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.head(self.blocks(self.stem(x))), 1).flatten(1))
+
+
 class DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int) -> None:
         super().__init__()
@@ -216,6 +248,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 ZOO = {
     "resnet": (ResNetish, (2, 3, 16, 16)),
     "mobilenetv2": (MobileNetV2ish, (2, 3, 16, 16)),
+    "efficientnet": (EfficientNetish, (2, 3, 16, 16)),
     "densenet": (DenseNetish, (2, 3, 8, 8)),
     "unet": (UNetish, (2, 3, 16, 16)),
     "mlp": (MLP, (4, 20)),

@@ -30,7 +30,7 @@ from torch import nn
 
 from fastprune._modes import eval_mode
 from fastprune.structure import handlers as H
-from fastprune.structure.trace import Graph, Ref, TraceError, trace
+from fastprune.structure.trace import Graph, Ref, TraceError, refs_in, trace
 
 __all__ = ["Group", "GroupList", "Member", "as_inputs", "find_groups"]
 
@@ -228,18 +228,6 @@ def _layout_of(layouts: dict[Ref, Any], a: Any) -> Any:
     return layouts.get(a) if isinstance(a, Ref) else None
 
 
-def _refs_in(x: Any) -> list[Ref]:
-    if isinstance(x, Ref):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [r for v in x for r in _refs_in(v)]
-    if isinstance(x, dict):
-        return [r for v in x.values() for r in _refs_in(v)]
-    if isinstance(x, slice):
-        return _refs_in((x.start, x.stop, x.step))
-    return []
-
-
 def analyse(model: nn.Module, graph: Graph) -> Analysis:
     an = Analysis(model)
     layouts: dict[Ref, Any] = {}
@@ -248,7 +236,7 @@ def analyse(model: nn.Module, graph: Graph) -> Analysis:
         if node.op == "input":
             continue  # inputs carry no tracked channels: whatever meets them keeps its channels
         if node.op == "output":
-            for r in _refs_in(node.args):
+            for r in refs_in(node.args):
                 lay = layouts.get(r)
                 if lay is not None:
                     an.pin(lay.ids, "<outputs>", "the model's outputs keep their channels")

@@ -8,20 +8,23 @@
   outputs the constant act(BN(0)) until training regrows it. (Zeroing gamma and beta too would stop
   the regrowth: a train-mode BN maps the all-zero channel to beta, ReLU'(0) = 0 blocks beta's
   gradient path, and gamma = 0 blocks the filter's.)
-* :func:`compact` removes channels whose producing filters are exactly zero. Such a channel is a
-  constant c per position (its bias, BN shift and activation applied to zero); removing it is exact
-  when c == 0, and when a consumer can absorb c into its bias (a Linear, or a conv without
-  padding: bias += W[:, p] * c). Otherwise the channel is kept, or with ``allow_approximate=True``
-  folded anyway and the output deviation it caused is measured and reported. Constants are read
-  from one forward pass on the example inputs; they do not depend on the inputs because every
-  filter writing the channel is zero.
+* :func:`compact` removes channels that reach every consumer input-independent: every producing
+  filter is exactly zero, or the analysis of :mod:`fastprune.structure.zeros` proves it through
+  channel-wise ops (a zero expansion filter -> BN -> act -> depthwise -> BN -> act -> projection,
+  with or without a squeeze-excite gate). Such a channel is a constant map c (its bias, BN shift and
+  activation applied to zero); removing it is exact when c == 0, and when c is uniform over space
+  and a consumer can absorb it (a Linear, or a conv without padding: bias += W[:, p] * c; a
+  bias-free conv read only by a BatchNorm takes it into the BN's running mean instead). Otherwise
+  the channel is kept, or with ``allow_approximate=True`` folded anyway (a non-uniform map by its
+  mean) and the output deviation it caused is measured and reported. The maps are read from one
+  forward pass on the example inputs; they do not depend on the inputs (that is what was proved).
 
 Every change is computed first and assigned at the end: a failure leaves the model as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +37,7 @@ from fastprune._modes import restore_modes, training_flags
 from fastprune.masks import finalize, is_pruned
 from fastprune.structure import handlers as H
 from fastprune.structure.groups import Group, Member, as_inputs, find_groups
-from fastprune.structure.zeros import zero_consumers
+from fastprune.structure.zeros import ChannelStates, channel_states, following_norm
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
 
@@ -232,11 +235,11 @@ def remove_channels(
 
 def _capture_inputs(
     model: nn.Module, need: Mapping[str, torch.Tensor], inputs: tuple
-) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], Any]:
-    """Per consumer module and call, the max and min of the input channels ``need[module]`` over
-    every other dimension (batch and space for a conv, every leading dimension for a Linear)."""
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], Any]:
+    """Per consumer module and call, the max, min and mean of the input channels ``need[module]``
+    over every other dimension (batch and space for a conv, every leading dimension for a Linear)."""
     modules = dict(model.named_modules())
-    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in need}
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in need}
     handles = []
     for n, pos in need.items():
         cdim = -1 if isinstance(modules[n], nn.Linear) else 1
@@ -248,7 +251,7 @@ def _capture_inputs(
             if isinstance(x, torch.Tensor) and x.numel():
                 v = x.detach().index_select(cdim, pos.to(x.device))
                 dims = tuple(d for d in range(v.dim()) if d != cdim % v.dim())
-                seen[n].append((v.amax(dims), v.amin(dims)))
+                seen[n].append((v.amax(dims), v.amin(dims), v.to(torch.float64).mean(dims)))
 
         handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -283,19 +286,81 @@ def _max_diff(a: Any, b: Any) -> float:
     return d
 
 
-def _constants(stats: list[tuple[torch.Tensor, torch.Tensor]], pos: list[int]) -> torch.Tensor | None:
-    """Per position, the constant value the consumer sees on that input channel (None: not constant
-    in some call, or the calls disagree)."""
+def _constants(
+    stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pos: list[int]
+) -> tuple[torch.Tensor | None, bool]:
+    """Per position, the value the consumer sees on that input channel, and whether it is the same
+    at every point of the map. The channel is input-independent (the caller proved it), so the
+    example inputs show its map exactly: uniform -> (the constant, True); varying over space ->
+    (its mean, False); calls that disagree (a module called twice) -> (None, False)."""
     if not stats:
-        return None
-    vals = []
-    for hi, lo in stats:
-        if not torch.equal(hi[pos], lo[pos]):
-            return None
-        vals.append(hi[pos])
+        return None, False
+    uniform = all(torch.equal(hi[pos], lo[pos]) for hi, lo, _ in stats)
+    vals = [hi[pos] if uniform else mean[pos] for hi, lo, mean in stats]
     if any(not torch.equal(vals[0], v) for v in vals[1:]):
-        return None
-    return vals[0]
+        return None, False
+    return vals[0], uniform
+
+
+def _nonzero_filters(modules: Mapping[str, nn.Module], g: Group) -> set[int]:
+    """Channels of ``g`` written by some nonzero filter (all of them when a producer is missing)."""
+    nonzero: set[int] = set()
+    for mem in g.producers:
+        t = _member_tensor(modules, mem)
+        if t is None:
+            return set(range(g.channels))
+        nz = t.detach().ne(0).movedim(mem.dim, 0).reshape(t.shape[mem.dim], -1).any(1).tolist()
+        nonzero.update(c for c, z in zip(mem.index, nz, strict=True) if z and c >= 0)
+    return nonzero
+
+
+def _fixed_at_consumers(states: ChannelStates, g: Group, chans: Iterable[int], roots: Sequence[int]) -> set[int]:
+    """Channels of ``chans`` that reach every consumer of ``g`` reading them input-independent."""
+    reads = [(m.module, {c for c in m.index if c >= 0}) for m in g.members if m.role == "in"]
+    out = set()
+    for c in chans:
+        consumers = [mod for mod, cs in reads if c in cs]
+        if consumers and all(states.fixed_everywhere(mod, roots[c]) is True for mod in consumers):
+            out.add(c)
+    return out
+
+
+def _all_zero(
+    states: ChannelStates,
+    by_id: Mapping[int, Group],
+    candidates: Mapping[int, Sequence[int]],
+    group_root: Mapping[int, Any],
+    need: Mapping[str, Any],
+) -> bool:
+    """Every consumer in ``need`` reads exact zeros on every candidate channel, in every call."""
+    roots = {group_root[g][c] for g, cs in candidates.items() for c in cs}
+    for n in need:
+        if n in states.reads:
+            if not all((present & roots) <= zero for present, zero, _ in states.reads[n]):
+                return False
+        elif not (n in states.heads and all(states.heads[n])):
+            return False
+    return True
+
+
+def _tensor_at(modules: Mapping[str, nn.Module], name: str) -> torch.Tensor | None:
+    mname, _, attr = name.rpartition(".")
+    t = getattr(modules[mname], attr, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _fold_dtype(modules: Mapping[str, nn.Module], name: str) -> torch.dtype:
+    t = _tensor_at(modules, name)
+    return t.dtype if t is not None else modules[name.rpartition(".")[0]].weight.dtype
+
+
+def _fold_target(model: nn.Module, modules: Mapping[str, nn.Module], trace: Any, consumer: str) -> tuple[str, float]:
+    """Where a constant added to ``consumer``'s output goes: its bias, or, for a bias-free layer
+    read only by a BatchNorm, that BN's running mean (BN(y + d) with mean mu is BN(y) with mean
+    mu - d; in training the batch mean absorbs d either way); else a new bias."""
+    if modules[consumer].bias is None and (bn := following_norm(model, trace, consumer)) is not None:
+        return f"{bn}.running_mean", -1.0
+    return f"{consumer}.bias", 1.0
 
 
 def _by_channel(mem: Member) -> dict[int, list[int]]:
@@ -328,8 +393,9 @@ def compact(
     channels: Mapping[int, Sequence[int]] | None = None,
     verify: bool = False,
 ) -> CompactionReport:
-    """Remove channels whose producing filters are exactly zero, in place (module classes and
-    attribute names are kept; tensors shrink).
+    """Remove channels that provably reach every consumer input-independent (all producing filters
+    zero, or zero upstream of a channel-wise chain: see the module docstring), in place (module
+    classes and attribute names are kept; tensors shrink).
 
     Args:
         model: the model; torch prune reparametrisations are made permanent first (the forward is
@@ -356,23 +422,28 @@ def compact(
         if groups is None:
             groups = find_groups(model, inputs)
         modules = dict(model.named_modules())
+        trace = getattr(groups, "_trace", None)
+        allowed_of = {
+            g.id: sorted((set(channels.get(g.id, ())) if channels is not None else set(g.prunable)) - set(g.pinned))
+            for g in groups
+        }
+        group_root = {g.id: trace[3][g.id] for g in groups} if trace is not None else {}
+        states = (
+            channel_states(model, trace, (group_root[g][c] for g, cs in allowed_of.items() for c in cs))
+            if trace is not None
+            else None
+        )
         candidates: dict[int, list[int]] = {}
         for g in groups:
-            allowed = set(channels.get(g.id, ())) if channels is not None else set(g.prunable)
-            prods = g.producers
-            if not prods or not allowed:
+            allowed = allowed_of[g.id]
+            if not allowed:
                 continue
-            nonzero: set[int] = set()
-            for mem in prods:
-                t = _member_tensor(modules, mem)
-                if t is None:
-                    nonzero = set(range(g.channels))
-                    break
-                nz = t.detach().ne(0).movedim(mem.dim, 0).reshape(t.shape[mem.dim], -1).any(1).tolist()
-                nonzero.update(c for c, z in zip(mem.index, nz, strict=True) if z and c >= 0)
-            zero = sorted(allowed - set(g.pinned) - nonzero)
+            zero = set(allowed) - _nonzero_filters(modules, g)
+            if states is not None:
+                # also channels that reach every consumer input-independent (see structure.zeros)
+                zero |= _fixed_at_consumers(states, g, set(allowed) - zero, group_root[g.id])
             if zero:
-                candidates[g.id] = zero
+                candidates[g.id] = sorted(zero)
         if not candidates:
             report.params_after = report.params_before
             return report
@@ -387,10 +458,9 @@ def compact(
                         need_np.setdefault(mem.module, set()).update(pos)
         need = {n: torch.tensor(sorted(p), dtype=torch.long) for n, p in need_np.items()}
         col = {n: {p: k for k, p in enumerate(v.tolist())} for n, v in need.items()}
-        known = zero_consumers(model, getattr(groups, "_trace", None), candidates)
-        if known is not None and not verify and all(known.get(n, False) for n in need):
+        if states is not None and not verify and _all_zero(states, by_id, candidates, group_root, need):
             # every consumer provably reads exact zeros (see fastprune.structure.zeros): no forward
-            seen = {n: [(torch.zeros(len(v)), torch.zeros(len(v)))] for n, v in need.items()}
+            seen = {n: [(torch.zeros(len(v)), torch.zeros(len(v)), torch.zeros(len(v)))] for n, v in need.items()}
             before = None
         else:
             seen, before = _capture_inputs(model, need, inputs)
@@ -406,7 +476,7 @@ def compact(
                     continue
                 # fast path: every checked position of this consumer read an exact 0 in every call
                 stats = seen.get(mem.module, [])
-                if stats and all(not bool(hi.any()) and not bool(lo.any()) for hi, lo in stats):
+                if stats and all(not bool(hi.any()) and not bool(lo.any()) for hi, lo, _ in stats):
                     continue
                 ins.append((mem, _by_channel(mem)))
             for c in chans:
@@ -417,21 +487,24 @@ def compact(
                     if not pos:
                         continue
                     mod = modules[mem.module]
-                    const = _constants(seen.get(mem.module, []), [col[mem.module][p] for p in pos])
+                    const, uniform = _constants(seen.get(mem.module, []), [col[mem.module][p] for p in pos])
                     if const is None:
                         ok = False
                         report.kept.append((gid, c, f"{mem.module} does not see a constant on this channel"))
                         break
-                    if not bool(const.any()):
+                    if uniform and not bool(const.any()):
                         continue
                     delta, exact = _fold(mod, mem, pos, const)
+                    if not uniform:
+                        exact = False  # the mean of a map that varies over space (a padded depthwise upstream)
                     if delta is None or (not exact and not allow_approximate):
                         ok = False
+                        what = "constant" if uniform else "input-independent but not uniform over space, mean"
                         report.kept.append(
                             (
                                 gid,
                                 c,
-                                f"constant {float(const.abs().max()):.3g} cannot be folded "
+                                f"{what} {float(const.abs().max()):.3g} cannot be folded "
                                 f"exactly into {mem.module} ({type(mod).__name__})",
                             )
                         )
@@ -443,17 +516,17 @@ def compact(
                 report.approximate |= approx
                 removed.setdefault(gid, []).append(c)
                 for mem, delta in plan:
-                    mod = modules[mem.module]
-                    name = f"{mem.module}.bias"
+                    name, sign = _fold_target(model, modules, trace, mem.module)
                     base = deltas.get(name)
                     if base is None:
-                        b = (
-                            mod.bias.detach()
-                            if mod.bias is not None
-                            else torch.zeros(mod.weight.shape[0], dtype=mod.weight.dtype, device=mod.weight.device)
+                        mod = modules[mem.module]
+                        old = _tensor_at(modules, name)
+                        base = (
+                            old.detach().to(torch.float64)
+                            if old is not None
+                            else torch.zeros(mod.weight.shape[0], dtype=torch.float64, device=mod.weight.device)
                         )
-                        base = b.to(torch.float64)
-                    deltas[name] = base + delta
+                    deltas[name] = base + sign * delta
         # a removed channel may leave a group with none (only when every channel was zero)
         for gid, chans in list(removed.items()):
             if len(chans) >= by_id[gid].channels:
@@ -462,12 +535,13 @@ def compact(
                 report.kept.append((gid, keep, "every channel of the group is zero; one is kept so no layer is empty"))
                 if not chans:
                     del removed[gid]
-        # keyed by "<module>.bias", which is also the bias's name in the groups (not for a bias
-        # tied across modules: such a consumer is refused below)
-        replace = {name: v.to(modules[name.rpartition(".")[0]].weight.dtype) for name, v in deltas.items()}
-        tied = [n for n in replace if len(_owners(model).get(id(modules[n.rpartition(".")[0]].bias), [])) > 1]
+        # keyed by the folded tensor's name ("<module>.bias", "<bn>.running_mean"), also its name in
+        # the groups (not for a tensor tied across modules: such a consumer is refused below)
+        replace = {name: v.to(_fold_dtype(modules, name)) for name, v in deltas.items()}
+        owners = _owners(model)
+        tied = [n for n in replace if (t := _tensor_at(modules, n)) is not None and len(owners.get(id(t), [])) > 1]
         if tied:
-            raise ValueError(f"cannot fold constants into biases shared by several modules: {tied}")
+            raise ValueError(f"cannot fold constants into tensors shared by several modules: {tied}")
         remove_channels(model, groups, removed, replace=replace)
         report.removed = removed
         report.folded = sorted(replace)

@@ -38,6 +38,7 @@ __all__ = [
     "Ref",
     "TraceError",
     "is_leaf",
+    "refs_in",
     "structure_tracer",
     "trace",
     "trace_dynamic",
@@ -102,6 +103,19 @@ _ALIASES = {
     "divide": "div",
     "true_divide": "div",
 }
+
+
+def refs_in(x: Any) -> list[Ref]:
+    """Every :class:`Ref` in a node's (nested) arguments."""
+    if isinstance(x, Ref):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [r for v in x for r in refs_in(v)]
+    if isinstance(x, dict):
+        return [r for v in x.values() for r in refs_in(v)]
+    if isinstance(x, slice):
+        return refs_in((x.start, x.stop, x.step))
+    return []
 
 
 def normalise(fn: Any) -> str:

@@ -1,50 +1,292 @@
-"""Which removed channels are provably exact zeros at their consumers, without running the model.
+"""What each consumer reads on each channel, proved from the traced graph without running the model.
 
-After :func:`~fastprune.structure.surgery.mask_channels` with ``zero_norm`` (filters, biases, BN
-gamma, beta and running mean zeroed), a removed channel leaves its producers as an exact zero. This
-pass follows those zeros through the traced graph: zero-preserving activations (f(0) = 0), pooling,
-reshapes, concatenation and splitting keep them, a sum stays zero where every operand is zero, a
-product where one factor is, a BatchNorm where its own channel was zeroed; anything else (a
-sigmoid, an unknown op) makes the channel unknown. When every consumer of every removed channel is
-known to read zeros, compaction removes them without a forward pass; otherwise it measures.
+Every channel value in the graph is in one of three states: **zero** (exactly 0 everywhere),
+**fixed** (the same for every model input: a constant map, not necessarily uniform over space) or
+**unknown**. The rules, channel by channel, in eval mode:
+
+* a conv / Linear / Embedding output channel whose filter is all zero is its bias: zero when the
+  bias is 0 (or absent), else fixed;
+* a depthwise conv reads only its own channel: fixed in -> fixed out (a padded kernel makes the
+  border differ from the interior, so the map need not be uniform), zero in -> its bias;
+* BatchNorm maps zero to ``beta - gamma * mean / sigma`` (zero only when that is 0) and fixed to
+  fixed; with gamma = 0 it outputs beta whatever comes in;
+* an elementwise function of a fixed value is fixed, of a zero value zero when f(0) = 0 (ReLU,
+  ReLU6, GELU, SiLU, tanh..., not sigmoid); pooling, padding with 0, reshapes, slicing,
+  concatenation, reductions over other dimensions keep both states;
+* a sum is zero / fixed where every operand is (a model parameter broadcast over the channels
+  counts as fixed); a product is zero where one factor is, fixed where all are.
+
+A value that reaches a consumer (a conv or Linear mixing channels) fixed is input-independent: it
+can be measured once and folded into the consumer's bias (exact for a Linear or an unpadded conv
+when the map is uniform). :func:`fastprune.compact` uses this to remove channels through
+channel-wise chains (expansion -> BN -> act -> depthwise -> BN -> act -> projection, with a
+squeeze-excite gate after the depthwise) and skips the measuring forward when every removed
+channel reads exact zeros.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from fastprune.structure import handlers as H
-from fastprune.structure.trace import Ref
+from fastprune.structure.trace import Ref, refs_in
 
-__all__ = ["zero_consumers"]
+__all__ = ["ChannelStates", "channel_states", "following_norm", "zero_consumers"]
 
-# f(0) == 0 exactly, channel by channel
-_PRESERVE = frozenset(
-    """relu relu6 gelu silu tanh hardswish hardtanh leaky_relu elu selu celu mish softsign
-tanhshrink dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity clone
-contiguous detach to float double half bfloat16 type_as abs neg square sin sqrt hardshrink softshrink
-flatten view reshape unflatten permute transpose swapaxes t movedim interpolate upsample pad
-max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
-adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
-max_pool2d_with_indices adaptive_max_pool2d_with_indices mean sum amax amin max min getitem split chunk
-tensor_split unbind cat stack""".split()
+# elementwise with f(0) == 0 exactly (clamp-like functions are checked on their bounds below)
+_ZERO_UNARY = frozenset(
+    """relu relu6 gelu silu tanh hardswish leaky_relu elu selu celu mish softsign tanhshrink dropout
+dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity clone contiguous detach to
+float double half bfloat16 type_as abs neg square sin sqrt sign erf hardshrink softshrink silu_ gelu_
+relu_ nan_to_num""".split()
 )
+_CLAMPS = {"hardtanh": (-1.0, 1.0), "clamp": (None, None), "clip": (None, None)}
+# channel-preserving ops whose output position reads only the same channel
+_SHAPE = frozenset(
+    """flatten view reshape unflatten permute transpose swapaxes t movedim getitem split chunk
+tensor_split unbind split_with_sizes cat stack interpolate upsample""".split()
+)
+_ZERO_REDUCTIONS = frozenset("mean sum amax amin max min prod norm std var".split())
 
 
-def _roots_of(layout: Any, root: Any) -> set[int]:
+@dataclass
+class ChannelStates:
+    """Per consumer module and call: ``(present, zero, fixed)``, the roots of interest its input
+    carries, those that are exactly zero and those that are fixed (zero ones included).
+    ``heads``: attention output projections, per call, whether every head whose value rows are
+    zero contributes exactly zero (those channels are judged by their producers' zeros)."""
+
+    reads: dict[str, list[tuple[frozenset[int], frozenset[int], frozenset[int]]]] = field(default_factory=dict)
+    heads: dict[str, list[bool]] = field(default_factory=dict)
+
+    def fixed_everywhere(self, module: str, r: int) -> bool | None:
+        """Whether root ``r`` is fixed in every call of ``module`` (None: the module was not seen)."""
+        calls = self.reads.get(module)
+        if calls is None:
+            return None
+        return all(r not in present or r in fixed for present, _, fixed in calls)
+
+    def zero_everywhere(self, module: str, r: int) -> bool:
+        calls = self.reads.get(module)
+        return calls is not None and all(r not in present or r in zero for present, zero, _ in calls)
+
+
+def _roots(layout: Any, root: np.ndarray) -> set[int]:
     return set(root[layout.ids].tolist()) if layout is not None else set()
 
 
-def _zero_roots_of(t: Any, ids: Any, root: Any, among: set[int]) -> set[int]:
-    """Roots r in ``among`` whose every position in ``t`` (1-D, aligned with ``ids``) is exactly 0."""
-    if t is None:
-        return set(among)
+def _all_roots(flags: torch.Tensor | np.ndarray, ids: np.ndarray, root: np.ndarray, among: set[int]) -> set[int]:
+    """Roots r in ``among`` for which every position of ``ids`` mapping to r has ``flags`` True."""
+    f = flags.cpu().numpy() if isinstance(flags, torch.Tensor) else np.asarray(flags)
+    if len(f) != len(ids):
+        return set()
     r = root[ids]
-    nz = set(r[(t.detach() != 0).cpu().numpy()].tolist())
-    return {x for x in among if x not in nz}
+    bad = set(r[~f].tolist())
+    return {x for x in among if x not in bad}
+
+
+def _is_zero_rows(t: torch.Tensor | None, dim: int, n: int) -> torch.Tensor:
+    """Per index along ``dim`` (length n): every element is exactly 0 (True for a missing tensor)."""
+    if t is None:
+        return torch.ones(n, dtype=torch.bool)
+    t = t.detach()
+    return ~t.ne(0).movedim(dim, 0).reshape(t.shape[dim], -1).any(1)
+
+
+def _scalar(a: Any) -> float | None:
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        return None
+    return float(a)
+
+
+def channel_states(model: nn.Module, trace: Any, roots: Iterable[int]) -> ChannelStates | None:
+    """The three-state analysis of the module docstring for the given union-find roots (the
+    channels asked about); None when the trace is not available."""
+    if trace is None:
+        return None
+    graph, layouts, root, _ = trace
+    interest = set(roots)
+    modules = dict(model.named_modules())
+    Z: dict[Ref, set[int]] = {}  # exact zeros
+    K: dict[Ref, set[int]] = {}  # fixed (input-independent), Z included
+    out = ChannelStates()
+
+    def here(ref: Ref) -> set[int]:
+        return _roots(layouts.get(ref), root) & interest
+
+    def zk(a: Any) -> tuple[set[int], set[int]]:
+        return (Z.get(a, set()), K.get(a, set())) if isinstance(a, Ref) else (set(), set())
+
+    def note(module: str, inp: Any) -> None:
+        lay = layouts.get(inp) if isinstance(inp, Ref) else None
+        present = _roots(lay, root) & interest
+        z, k = zk(inp)
+        out.reads.setdefault(module, []).append((frozenset(present), frozenset(z & present), frozenset(k & present)))
+
+    def put(ref: Ref, z: set[int], k: set[int]) -> None:
+        h = here(ref)
+        Z[ref], K[ref] = z & h, (k | z) & h
+
+    for i, node in enumerate(graph.nodes):
+        if node.op in ("input", "output"):
+            continue
+        if node.op == "module":
+            _module_node(modules[node.target], node, i, layouts, root, here, zk, note, put, out)
+            continue
+        _call_node(node, i, layouts, here, zk, put)
+    return out
+
+
+def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, here: Any, zk: Any, note: Any, put: Any,
+                 out: ChannelStates) -> None:  # fmt: skip
+    ref = Ref(i)
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    lay = layouts.get(ref)
+    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+        note(node.target, x)
+    if (spec := H.head_spec(mod)) is not None:
+        if spec.self_only:
+            q = k = v = x
+        else:
+            q = node.args[0] if node.args else node.kwargs.get("query")
+            k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
+            v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
+        for proj, inp in ((spec.q, q), (spec.k, k), (spec.v, v)):
+            note(f"{node.target}.{proj}", inp)
+        # a head whose v rows are zero has context softmax(.) @ v = its v bias: zero where that is
+        vproj = getattr(mod, spec.v)
+        dead = ~vproj.weight.detach().ne(0).any(1)
+        ok = vproj.bias is None or not bool(vproj.bias.detach()[dead].any())
+        o = Ref(i, 0)
+        if spec.out is not None:
+            out.heads.setdefault(f"{node.target}.{spec.out}", []).append(ok)
+            olay = layouts.get(o)
+            if olay is not None:
+                oproj = getattr(mod, spec.out)
+                n = oproj.weight.shape[0]
+                among = here(o)
+                fz = _all_roots(_is_zero_rows(oproj.weight, 0, n), olay.ids, root, among)
+                put(o, fz & _all_roots(_is_zero_rows(oproj.bias, 0, n), olay.ids, root, among), fz)
+        elif ok and layouts.get(o) is not None:
+            # the removed heads' context columns: zero (their v rows and bias are)
+            olay = layouts[o]
+            n = vproj.weight.shape[0]
+            z = _all_roots(dead & _is_zero_rows(vproj.bias, 0, n), olay.ids, root, here(o))
+            put(o, z, z)
+        return
+    if lay is None:
+        return
+    among = here(ref)
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        zin, kin = zk(x)
+        n = len(lay.ids)
+        beta0 = _all_roots(_is_zero_rows(mod.bias, 0, n), lay.ids, root, among)
+        gamma0 = _all_roots(_is_zero_rows(mod.weight, 0, n), lay.ids, root, among) if mod.weight is not None else set()
+        mean0 = _all_roots(_is_zero_rows(mod.running_mean, 0, n), lay.ids, root, among)
+        # BN(0) = beta - gamma * mean / sigma (batch statistics of a zero channel: mean 0)
+        zero_of_zero = beta0 & (gamma0 | mean0 | (among if mod.running_mean is None or mod.training else set()))
+        put(ref, (zin & zero_of_zero) | (gamma0 & beta0), kin | gamma0)
+        return
+    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
+        w = mod.weight
+        if isinstance(mod, nn.Embedding):
+            dim = 1
+        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed:
+            if mod.groups != 1:
+                return
+            dim = 1
+        else:
+            dim = 0
+        n = w.shape[dim]
+        fz = _all_roots(_is_zero_rows(w, dim, n), lay.ids, root, among)
+        bz = _all_roots(_is_zero_rows(getattr(mod, "bias", None), 0, n), lay.ids, root, among)
+        z, k = fz & bz, set(fz)
+        if (
+            isinstance(mod, nn.modules.conv._ConvNd)
+            and not mod.transposed
+            and mod.groups > 1
+            and mod.groups == mod.in_channels == mod.out_channels
+        ):
+            zin, kin = zk(x)  # depthwise: channel c reads only channel c
+            z |= zin & bz
+            k |= kin
+        put(ref, z, k)
+        return
+
+
+def _call_node(node: Any, i: int, layouts: Any, here: Any, zk: Any, put: Any) -> None:
+    ref = Ref(i)
+    name = node.target
+    args = [*node.args, *node.kwargs.values()]
+    refs = refs_in(args)
+    laid = [a for a in refs if layouts.get(a) is not None]
+    unlaid = [a for a in refs if layouts.get(a) is None]
+    params = [a for a in args if isinstance(a, tuple) and len(a) == 2 and a[0] == "param"]
+    scalars = [s for a in node.args if (s := _scalar(a)) is not None]
+    zsets = [zk(a)[0] for a in laid]
+    ksets = [zk(a)[1] for a in laid]
+
+    def inter(sets: Sequence[set[int]]) -> set[int]:
+        return set.intersection(*sets) if sets else set()
+
+    def union(sets: Sequence[set[int]]) -> set[int]:
+        return set.union(*sets) if sets else set()
+
+    z: set[int] = set()
+    k: set[int] = set()
+    if name in ("cat", "stack"):
+        z, k = union(zsets), union(ksets)  # each operand brings its own channels
+    elif name in _SHAPE or "pool" in name:
+        z, k = inter(zsets), inter(ksets)
+    elif name == "pad":
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+        k = inter(ksets)
+        z = inter(zsets) if value is None or _scalar(value) == 0.0 else set()
+    elif name in H.UNARY or name in ("softmax", "log_softmax") or name in H.REDUCTIONS:
+        if len(refs) == 1 and laid:  # one tensor in (other arguments are constants of the code)
+            k = set(ksets[0])
+            if name in _ZERO_UNARY or name in _ZERO_REDUCTIONS:
+                z = set(zsets[0])
+            elif name in _CLAMPS:
+                lo, hi = _CLAMPS[name]
+                lo = _scalar(node.args[1]) if len(node.args) > 1 else _scalar(node.kwargs.get("min", lo))
+                hi = _scalar(node.args[2]) if len(node.args) > 2 else _scalar(node.kwargs.get("max", hi))
+                if name == "hardtanh":  # hardtanh(x, min_val=-1, max_val=1)
+                    lo = _scalar(node.kwargs.get("min_val", lo if lo is not None else -1.0))
+                    hi = _scalar(node.kwargs.get("max_val", hi if hi is not None else 1.0))
+                if (lo is None or lo <= 0.0) and (hi is None or hi >= 0.0):
+                    z = set(zsets[0])
+    elif name in H.BINARY and laid:
+        constant_operands = not unlaid  # parameters and numbers are the same for every input
+        if name in ("add", "sub", "rsub", "maximum", "minimum"):
+            k = inter(ksets) if constant_operands else set()
+            if constant_operands and not params and all(s == 0.0 for s in scalars):
+                z = inter(zsets)
+        elif name == "mul":
+            z = union(zsets)
+            k = inter(ksets) if constant_operands else set()
+        elif name == "div":
+            num = node.args[0] if node.args else None
+            if isinstance(num, Ref) and layouts.get(num) is not None:
+                z = set(zk(num)[0])
+            k = inter(ksets) if constant_operands else set()
+        else:
+            k = inter(ksets) if constant_operands else set()
+    shapes = node.shapes
+    if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size):
+        for j in range(len(shapes)):
+            put(Ref(i, j), z, k)
+    put(ref, z, k)
+    if name == "getitem" and node.args and isinstance(node.args[0], Ref) and isinstance(node.args[1], int):
+        src = Ref(node.args[0].node, node.args[1])
+        zs, ks = zk(src)
+        put(ref, zs, ks)
 
 
 def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[int]]) -> dict[str, bool] | None:
@@ -52,105 +294,29 @@ def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[
     exact zero in every call. None when the trace is not available."""
     if trace is None:
         return None
-    graph, layouts, root, group_roots = trace
+    group_roots = trace[3]
     zero_roots = {group_roots[g][c] for g, chans in removed.items() for c in chans}
-    modules = dict(model.named_modules())
-    Z: dict[Ref, set[int]] = {}
-    seen_by: dict[str, list[bool]] = {}
+    states = channel_states(model, trace, zero_roots)
+    assert states is not None
+    known = {m: all(present <= zero for present, zero, _ in calls) for m, calls in states.reads.items()}
+    known.update({m: all(calls) for m, calls in states.heads.items()})
+    return known
 
-    def zs(a: Any) -> set[int] | None:
-        return Z.get(a) if isinstance(a, Ref) else None
 
-    def note(module: str, inp: Any) -> None:
-        lay = layouts.get(inp) if isinstance(inp, Ref) else None
-        needed = _roots_of(lay, root) & zero_roots
-        seen_by.setdefault(module, []).append(needed <= Z.get(inp, set()))
-
-    for i, node in enumerate(graph.nodes):
-        ref = Ref(i)
-        if node.op in ("input", "output"):
-            continue
-        if node.op == "module":
-            mod = modules[node.target]
-            x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-                note(node.target, x)
-            elif (spec := H.head_spec(mod)) is not None:
-                if spec.self_only:
-                    q = k = v = x
-                else:
-                    q = node.args[0] if node.args else node.kwargs.get("query")
-                    k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
-                    v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
-                for proj, inp in ((spec.q, q), (spec.k, k), (spec.v, v)):
-                    note(f"{node.target}.{proj}", inp)
-                # a removed head's v rows are zero: its context softmax(.) @ v is zero where v's bias is
-                vproj = getattr(mod, spec.v)
-                dead = ~vproj.weight.detach().ne(0).any(1)
-                ok = vproj.bias is None or not bool(vproj.bias.detach()[dead].any())
-                if spec.out is not None:
-                    seen_by.setdefault(f"{node.target}.{spec.out}", []).append(ok)
-                elif ok and layouts.get(Ref(i, 0)) is not None:
-                    Z[Ref(i, 0)] = _roots_of(layouts[Ref(i, 0)], root) & zero_roots
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                # BN(0) = beta - gamma * mean / sigma: zero where beta = 0 and gamma or mean = 0
-                lay = layouts.get(ref)
-                zin = (zs(x) or set()) & zero_roots
-                if lay is not None and zin:
-                    zb = _zero_roots_of(mod.bias, lay.ids, root, zin)
-                    zg = _zero_roots_of(mod.weight, lay.ids, root, zb) | _zero_roots_of(
-                        mod.running_mean, lay.ids, root, zb
-                    )
-                    Z[ref] = zg
-                continue
-            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
-                # a producer: its candidate channels have all-zero filters; zero where the bias is
-                lay = layouts.get(ref)
-                if lay is not None:
-                    Z[ref] = _zero_roots_of(
-                        getattr(mod, "bias", None), lay.ids, root, _roots_of(lay, root) & zero_roots
-                    )
-                continue
-            spec = H.head_spec(mod)
-            if spec is not None and spec.out is not None:
-                lay = layouts.get(Ref(i, 0))
-                if lay is not None:
-                    Z[Ref(i, 0)] = _zero_roots_of(
-                        getattr(mod, spec.out).bias, lay.ids, root, _roots_of(lay, root) & zero_roots
-                    )
-            continue
-        name = node.target
-        ins = [a for a in (*node.args, *node.kwargs.values())]
-        flat = []
-        for a in ins:
-            if isinstance(a, (list, tuple)):
-                flat += [b for b in a if isinstance(b, Ref)]
-            elif isinstance(a, Ref):
-                flat.append(a)
-        if name in _PRESERVE:
-            zsets = [Z.get(a, set()) for a in flat if layouts.get(a) is not None]
-            base = set.union(*zsets) if zsets else set()
-        elif name in ("add", "sub", "maximum", "minimum"):
-            scalars = [a for a in node.args[:2] if not isinstance(a, (Ref, tuple))]
-            if any(s != 0 for s in scalars):
-                base = set()
-            else:
-                zsets = [Z.get(a, set()) for a in flat if layouts.get(a) is not None]
-                base = set.intersection(*zsets) if zsets else set()
-                if any(layouts.get(a) is None for a in flat):
-                    base = set()
-        elif name == "mul":
-            zsets = [Z.get(a, set()) for a in flat if layouts.get(a) is not None]
-            base = set.union(*zsets) if zsets else set()
-        else:
-            base = set()
-        shapes = node.shapes
-        if isinstance(shapes, tuple) and not hasattr(shapes, "numel"):
-            for j in range(len(shapes)):
-                Z[Ref(i, j)] = base & _roots_of(layouts.get(Ref(i, j)), root)
-        Z[ref] = base & _roots_of(layouts.get(ref), root)
-        if name == "getitem" and isinstance(node.args[0], Ref) and isinstance(node.args[1], int):
-            src = Ref(node.args[0].node, node.args[1])
-            if src in Z:
-                Z[ref] = Z[src]
-    return {m: all(calls) for m, calls in seen_by.items()}
+def following_norm(model: nn.Module, trace: Any, module: str) -> str | None:
+    """The BatchNorm (with running statistics) that is the only reader of ``module``'s only call,
+    if there is one: a constant added to ``module``'s output can then go into its running mean."""
+    if trace is None:
+        return None
+    graph = trace[0]
+    calls = [i for i, n in enumerate(graph.nodes) if n.op == "module" and n.target == module]
+    if len(calls) != 1:
+        return None
+    i = calls[0]
+    users = [n for n in graph.nodes if any(r.node == i for r in refs_in([*n.args, *n.kwargs.values()]))]
+    if len(users) != 1 or users[0].op != "module" or not users[0].args or users[0].args[0] != Ref(i):
+        return None
+    bn = dict(model.named_modules()).get(users[0].target)
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None:
+        return None
+    return users[0].target
