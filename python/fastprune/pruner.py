@@ -17,7 +17,7 @@ fine-tune loops subclass :class:`BasePruner` the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -218,6 +218,7 @@ class SoftFilterPruner(BasePruner):
         self.zeroed: dict[int, list[int]] = {}
         self.rates: list[float] = []
         self.report: CompactionReport | None = None
+        self.accuracy: dict[str, float | None] = {}
 
     def zero_step(self, rate: float) -> dict[int, list[int]]:
         """Score every group's filters and zero the lowest ``rate`` of each (one pass per layer)."""
@@ -251,17 +252,28 @@ class SoftFilterPruner(BasePruner):
         super().on_epoch_end(epoch)
         self.zero_step(self.schedule(min(epoch + 1, self.epochs)))
 
-    def finalize(self) -> Plan:
+    def finalize(self, evaluate: Callable[[nn.Module], float] | None = None) -> Plan:
         """Remove the channels zeroed last, for real; returns the Plan (its ``groups`` say what was
         removed and what was kept, and why). ``self.report`` holds the compaction report (measured
-        output deviation where constants were folded)."""
+        output deviation where constants were folded).
+
+        ``evaluate``: a function model -> accuracy (e.g. ``lambda m: fastprune.train.evaluate(m,
+        loader)``), called on the zeroed model (what the papers report) and on the compact one;
+        ``self.accuracy`` and the plan's config then hold both (``accuracy_zeroed``,
+        ``accuracy_compact``). They agree when compaction was exact; ``allow_approximate`` folds
+        whose deviation shows there."""
         if not self.rates:
             raise RuntimeError("SoftFilterPruner.finalize before any zeroing step (call on_start / fit first)")
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"evaluate must be a callable model -> float, got {type(evaluate).__name__}")
+        acc_zeroed = float(evaluate(self.model)) if evaluate is not None else None
         super().finalize()
         report = compact(
             self.model, self.inputs, allow_approximate=self.allow_approximate, groups=self.groups, channels=self.zeroed
         )
         self.report = report
+        if evaluate is not None:
+            self.accuracy = {"zeroed": acc_zeroed, "compact": float(evaluate(self.model))}
         entries = tuple(
             {
                 **g.to_dict(),
@@ -282,5 +294,9 @@ class SoftFilterPruner(BasePruner):
             "input_specs": input_specs(self.inputs),
             "mode": "compact",
             "allow_approximate": self.allow_approximate,
+            "compaction_exact": not report.approximate,
+            "max_abs_diff": report.max_abs_diff,
+            "kept_zeroed_channels": len(report.kept),
+            **({f"accuracy_{k}": v for k, v in self.accuracy.items()} if self.accuracy else {}),
         }
         return Plan(str(config["method"]), config, self.sparsity, done / total if total else 0.0, groups=entries)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from fastprune._modes import eval_mode
 
-__all__ = ["Callback", "FitHistory", "evaluate", "fit"]
+__all__ = ["Callback", "FitHistory", "evaluate", "fit", "recalibrate_bn"]
 
 
 class Callback(Protocol):
@@ -119,3 +119,49 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
             correct += int((model(x).argmax(dim=1) == y).sum())
             count += len(y)
     return correct / count if count else float("nan")
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, *, num_batches: int | None = None) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``loader`` (inputs first in each
+    batch; labels ignored): the statistics are reset and recomputed as the plain average over the
+    batches (momentum None), the weights are not touched, modes and momenta are restored. For a
+    network whose channels were just zeroed or removed, whose stored statistics describe the network
+    before. Returns the number of batches used (0: the model has no BatchNorm with running stats)."""
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    used = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        for batch in loader:
+            if num_batches is not None and used >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+            used += 1
+        if not used:
+            raise ValueError("recalibrate_bn: the loader gave no batches")
+    except BaseException:
+        for m, mom, mean, var, n in saved:  # leave the model as it was
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+            m.momentum = mom
+        raise
+    finally:
+        for m, mom, *_ in saved:
+            m.momentum = mom
+        for m, t in flags:
+            m.training = t
+    return used

@@ -10,7 +10,7 @@ import torch
 
 import fastprune
 from fastprune import schedules
-from fastprune.train import fit
+from fastprune.train import evaluate, fit, recalibrate_bn
 
 
 def digits_cnn(epochs=3):
@@ -67,8 +67,15 @@ def test_as_a_fit_callback_then_finalize_removes_the_zeroed_channels():
     fit(model, data.train_loader(), epochs=4, lr=0.02, l2=1e-4, progress=False, callbacks=[sfp])
     assert sfp.rates[0] == 0.0 and sfp.rates == sorted(sfp.rates) and sfp.rates[-1] == pytest.approx(0.4)
     zeroed_model = copy.deepcopy(model).eval()
-    plan = sfp.finalize()
+    with pytest.raises(TypeError, match="evaluate"):
+        sfp.finalize(evaluate="accuracy")
+    assert not sfp.finalized
+    plan = sfp.finalize(evaluate=lambda m: evaluate(m, data.test_loader()))
     assert plan.method == "asfp" and plan.achieved_sparsity > 0.3
+    # (a) the zeroed model, what the paper reports, and (b) the compact one: equal when exact
+    assert set(sfp.accuracy) == {"zeroed", "compact"} and plan.config["accuracy_zeroed"] == sfp.accuracy["zeroed"]
+    assert plan.config["compaction_exact"] and sfp.accuracy["zeroed"] == sfp.accuracy["compact"]
+    assert plan.config["kept_zeroed_channels"] == len(sfp.report.kept)
     assert model.stem[0].out_channels < 16 and model.down[0].out_channels < 32
     with torch.no_grad():  # the compact model computes what the zeroed one did
         xb = torch.as_tensor(data.test_x[:32])
@@ -99,3 +106,30 @@ def test_bad_input_is_refused_and_the_model_untouched(kw, match):
     ok = fastprune.SoftFilterPruner(model, 0.4, example_inputs=torch.randn(1, 1, 8, 8), epochs=3)
     with pytest.raises(RuntimeError, match="before any zeroing step"):
         ok.finalize()
+
+
+def test_recalibrate_bn_recomputes_the_statistics_as_the_average_over_batches():
+    dense, data = digits_cnn(epochs=1)
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model.stem[0].weight[:4] = 0  # the stored statistics now describe another network
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = list(data.train_loader())[:3]
+    seen = []
+    h = model.stem[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    model.eval()
+    assert recalibrate_bn(model, batches) == 3
+    h.remove()
+    means = torch.stack([s.mean((0, 2, 3)) for s in seen])
+    torch.testing.assert_close(model.stem[1].running_mean, means.mean(0))
+    assert bool((model.stem[1].running_mean[:4] == 0).all())
+    assert not model.training and not model.stem[1].training and model.stem[1].momentum == 0.1
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    assert recalibrate_bn(model, batches, num_batches=1) == 1
+    assert recalibrate_bn(fastprune.models.lenet_300_100(), batches) == 0  # no BatchNorm
+    before = model.stem[1].running_var.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_bn(model, [])
+    assert torch.equal(model.stem[1].running_var, before)  # untouched on failure
+    with pytest.raises(ValueError, match="num_batches"):
+        recalibrate_bn(model, batches, num_batches=0)

@@ -37,7 +37,7 @@ from fastprune._modes import restore_modes, training_flags
 from fastprune.masks import finalize, is_pruned
 from fastprune.structure import handlers as H
 from fastprune.structure.groups import Group, Member, as_inputs, find_groups
-from fastprune.structure.zeros import ChannelStates, channel_states, following_norm
+from fastprune.structure.zeros import ChannelStates, channel_states, following_norm, zero_rows
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
 
@@ -302,14 +302,14 @@ def _constants(
     return vals[0], uniform
 
 
-def _nonzero_filters(modules: Mapping[str, nn.Module], g: Group) -> set[int]:
+def _nonzero_filters(modules: Mapping[str, nn.Module], g: Group, cache: dict | None = None) -> set[int]:
     """Channels of ``g`` written by some nonzero filter (all of them when a producer is missing)."""
     nonzero: set[int] = set()
     for mem in g.producers:
         t = _member_tensor(modules, mem)
         if t is None:
             return set(range(g.channels))
-        nz = t.detach().ne(0).movedim(mem.dim, 0).reshape(t.shape[mem.dim], -1).any(1).tolist()
+        nz = (~zero_rows(t, mem.dim, t.shape[mem.dim], cache)).tolist()
         nonzero.update(c for c, z in zip(mem.index, nz, strict=True) if z and c >= 0)
     return nonzero
 
@@ -428,20 +428,27 @@ def compact(
             for g in groups
         }
         group_root = {g.id: trace[3][g.id] for g in groups} if trace is not None else {}
+        candidates: dict[int, list[int]] = {}
+        rows: dict = {}  # zero filters per weight, shared by the two passes
+        zero_of = {g.id: set(allowed_of[g.id]) - _nonzero_filters(modules, g, rows) for g in groups if allowed_of[g.id]}
         states = (
-            channel_states(model, trace, (group_root[g][c] for g, cs in allowed_of.items() for c in cs))
+            channel_states(
+                model,
+                trace,
+                (group_root[g][c] for g, cs in allowed_of.items() for c in cs),
+                zero_filters={group_root[g][c] for g, cs in zero_of.items() for c in cs},
+                cache=rows,
+            )
             if trace is not None
             else None
         )
-        candidates: dict[int, list[int]] = {}
         for g in groups:
-            allowed = allowed_of[g.id]
-            if not allowed:
+            if not allowed_of[g.id]:
                 continue
-            zero = set(allowed) - _nonzero_filters(modules, g)
+            zero = zero_of[g.id]
             if states is not None:
                 # also channels that reach every consumer input-independent (see structure.zeros)
-                zero |= _fixed_at_consumers(states, g, set(allowed) - zero, group_root[g.id])
+                zero |= _fixed_at_consumers(states, g, set(allowed_of[g.id]) - zero, group_root[g.id])
             if zero:
                 candidates[g.id] = sorted(zero)
         if not candidates:

@@ -37,7 +37,7 @@ from torch import nn
 from fastprune.structure import handlers as H
 from fastprune.structure.trace import Ref, refs_in
 
-__all__ = ["ChannelStates", "channel_states", "following_norm", "zero_consumers"]
+__all__ = ["ChannelStates", "channel_states", "following_norm", "zero_consumers", "zero_rows"]
 
 # elementwise with f(0) == 0 exactly (clamp-like functions are checked on their bounds below)
 _ZERO_UNARY = frozenset(
@@ -91,12 +91,21 @@ def _all_roots(flags: torch.Tensor | np.ndarray, ids: np.ndarray, root: np.ndarr
     return {x for x in among if x not in bad}
 
 
-def _is_zero_rows(t: torch.Tensor | None, dim: int, n: int) -> torch.Tensor:
-    """Per index along ``dim`` (length n): every element is exactly 0 (True for a missing tensor)."""
+def zero_rows(
+    t: torch.Tensor | None, dim: int, n: int, cache: dict[tuple[int, int], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Per index along ``dim`` (length n): every element is exactly 0 (True for a missing tensor).
+    ``cache``: results by (tensor id, dim), for callers that ask about the same weights twice."""
     if t is None:
         return torch.ones(n, dtype=torch.bool)
-    t = t.detach()
-    return ~t.ne(0).movedim(dim, 0).reshape(t.shape[dim], -1).any(1)
+    key = (id(t), dim)
+    if cache is not None and key in cache:
+        return cache[key]
+    d = t.detach()
+    out = ~d.ne(0).movedim(dim, 0).reshape(d.shape[dim], -1).any(1)
+    if cache is not None:
+        cache[key] = out
+    return out
 
 
 def _scalar(a: Any) -> float | None:
@@ -105,13 +114,23 @@ def _scalar(a: Any) -> float | None:
     return float(a)
 
 
-def channel_states(model: nn.Module, trace: Any, roots: Iterable[int]) -> ChannelStates | None:
+def channel_states(
+    model: nn.Module,
+    trace: Any,
+    roots: Iterable[int],
+    *,
+    zero_filters: Iterable[int] = (),
+    cache: dict[tuple[int, int], torch.Tensor] | None = None,
+) -> ChannelStates | None:
     """The three-state analysis of the module docstring for the given union-find roots (the
-    channels asked about); None when the trace is not available."""
+    channels asked about); None when the trace is not available. ``zero_filters``: roots already
+    known to have every producing filter zero (their weights are not read again); ``cache``: see
+    :func:`zero_rows`."""
     if trace is None:
         return None
     graph, layouts, root, _ = trace
     interest = set(roots)
+    known_zero = set(zero_filters)
     modules = dict(model.named_modules())
     Z: dict[Ref, set[int]] = {}  # exact zeros
     K: dict[Ref, set[int]] = {}  # fixed (input-independent), Z included
@@ -137,14 +156,14 @@ def channel_states(model: nn.Module, trace: Any, roots: Iterable[int]) -> Channe
         if node.op in ("input", "output"):
             continue
         if node.op == "module":
-            _module_node(modules[node.target], node, i, layouts, root, here, zk, note, put, out)
+            _module_node(modules[node.target], node, i, layouts, root, here, zk, note, put, out, known_zero, cache)
             continue
         _call_node(node, i, layouts, here, zk, put)
     return out
 
 
 def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, here: Any, zk: Any, note: Any, put: Any,
-                 out: ChannelStates) -> None:  # fmt: skip
+                 out: ChannelStates, known_zero: set[int], cache: Any) -> None:  # fmt: skip
     ref = Ref(i)
     x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     lay = layouts.get(ref)
@@ -171,13 +190,13 @@ def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, her
                 oproj = getattr(mod, spec.out)
                 n = oproj.weight.shape[0]
                 among = here(o)
-                fz = _all_roots(_is_zero_rows(oproj.weight, 0, n), olay.ids, root, among)
-                put(o, fz & _all_roots(_is_zero_rows(oproj.bias, 0, n), olay.ids, root, among), fz)
+                fz = _all_roots(zero_rows(oproj.weight, 0, n), olay.ids, root, among)
+                put(o, fz & _all_roots(zero_rows(oproj.bias, 0, n), olay.ids, root, among), fz)
         elif ok and layouts.get(o) is not None:
             # the removed heads' context columns: zero (their v rows and bias are)
             olay = layouts[o]
             n = vproj.weight.shape[0]
-            z = _all_roots(dead & _is_zero_rows(vproj.bias, 0, n), olay.ids, root, here(o))
+            z = _all_roots(dead & zero_rows(vproj.bias, 0, n), olay.ids, root, here(o))
             put(o, z, z)
         return
     if lay is None:
@@ -186,9 +205,9 @@ def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, her
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
         zin, kin = zk(x)
         n = len(lay.ids)
-        beta0 = _all_roots(_is_zero_rows(mod.bias, 0, n), lay.ids, root, among)
-        gamma0 = _all_roots(_is_zero_rows(mod.weight, 0, n), lay.ids, root, among) if mod.weight is not None else set()
-        mean0 = _all_roots(_is_zero_rows(mod.running_mean, 0, n), lay.ids, root, among)
+        beta0 = _all_roots(zero_rows(mod.bias, 0, n), lay.ids, root, among)
+        gamma0 = _all_roots(zero_rows(mod.weight, 0, n), lay.ids, root, among) if mod.weight is not None else set()
+        mean0 = _all_roots(zero_rows(mod.running_mean, 0, n), lay.ids, root, among)
         # BN(0) = beta - gamma * mean / sigma (batch statistics of a zero channel: mean 0)
         zero_of_zero = beta0 & (gamma0 | mean0 | (among if mod.running_mean is None or mod.training else set()))
         put(ref, (zin & zero_of_zero) | (gamma0 & beta0), kin | gamma0)
@@ -204,8 +223,10 @@ def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, her
         else:
             dim = 0
         n = w.shape[dim]
-        fz = _all_roots(_is_zero_rows(w, dim, n), lay.ids, root, among)
-        bz = _all_roots(_is_zero_rows(getattr(mod, "bias", None), 0, n), lay.ids, root, among)
+        fz = among & known_zero
+        if among - fz:
+            fz |= _all_roots(zero_rows(w, dim, n, cache), lay.ids, root, among - fz)
+        bz = _all_roots(zero_rows(getattr(mod, "bias", None), 0, n), lay.ids, root, among)
         z, k = fz & bz, set(fz)
         if (
             isinstance(mod, nn.modules.conv._ConvNd)
