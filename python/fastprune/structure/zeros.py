@@ -128,186 +128,191 @@ def channel_states(
     :func:`zero_rows`."""
     if trace is None:
         return None
-    graph, layouts, root, _ = trace
-    interest = set(roots)
-    known_zero = set(zero_filters)
-    modules = dict(model.named_modules())
-    Z: dict[Ref, set[int]] = {}  # exact zeros
-    K: dict[Ref, set[int]] = {}  # fixed (input-independent), Z included
-    out = ChannelStates()
-
-    def here(ref: Ref) -> set[int]:
-        return _roots(layouts.get(ref), root) & interest
-
-    def zk(a: Any) -> tuple[set[int], set[int]]:
-        return (Z.get(a, set()), K.get(a, set())) if isinstance(a, Ref) else (set(), set())
-
-    def note(module: str, inp: Any) -> None:
-        lay = layouts.get(inp) if isinstance(inp, Ref) else None
-        present = _roots(lay, root) & interest
-        z, k = zk(inp)
-        out.reads.setdefault(module, []).append((frozenset(present), frozenset(z & present), frozenset(k & present)))
-
-    def put(ref: Ref, z: set[int], k: set[int]) -> None:
-        h = here(ref)
-        Z[ref], K[ref] = z & h, (k | z) & h
-
-    for i, node in enumerate(graph.nodes):
-        if node.op in ("input", "output"):
-            continue
+    walk = _Walk(model, trace, set(roots), set(zero_filters), cache)
+    for i, node in enumerate(walk.graph.nodes):
         if node.op == "module":
-            _module_node(modules[node.target], node, i, layouts, root, here, zk, note, put, out, known_zero, cache)
-            continue
-        _call_node(node, i, layouts, here, zk, put)
-    return out
+            walk.module_node(walk.modules[node.target], node, i)
+        elif node.op not in ("input", "output"):
+            walk.call_node(node, i)
+    return walk.out
 
 
-def _module_node(mod: nn.Module, node: Any, i: int, layouts: Any, root: Any, here: Any, zk: Any, note: Any, put: Any,
-                 out: ChannelStates, known_zero: set[int], cache: Any) -> None:  # fmt: skip
-    ref = Ref(i)
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-    lay = layouts.get(ref)
-    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
-        note(node.target, x)
-    if (spec := H.head_spec(mod)) is not None:
-        if spec.self_only:
-            q = k = v = x
-        else:
-            q = node.args[0] if node.args else node.kwargs.get("query")
-            k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
-            v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
-        for proj, inp in ((spec.q, q), (spec.k, k), (spec.v, v)):
-            note(f"{node.target}.{proj}", inp)
-        # a head whose v rows are zero has context softmax(.) @ v = its v bias: zero where that is
-        vproj = getattr(mod, spec.v)
-        dead = ~vproj.weight.detach().ne(0).any(1)
-        ok = vproj.bias is None or not bool(vproj.bias.detach()[dead].any())
-        o = Ref(i, 0)
-        if spec.out is not None:
-            out.heads.setdefault(f"{node.target}.{spec.out}", []).append(ok)
-            olay = layouts.get(o)
-            if olay is not None:
-                oproj = getattr(mod, spec.out)
-                n = oproj.weight.shape[0]
-                among = here(o)
-                fz = _all_roots(zero_rows(oproj.weight, 0, n), olay.ids, root, among)
-                put(o, fz & _all_roots(zero_rows(oproj.bias, 0, n), olay.ids, root, among), fz)
-        elif ok and layouts.get(o) is not None:
-            # the removed heads' context columns: zero (their v rows and bias are)
-            olay = layouts[o]
-            n = vproj.weight.shape[0]
-            z = _all_roots(dead & zero_rows(vproj.bias, 0, n), olay.ids, root, here(o))
-            put(o, z, z)
-        return
-    if lay is None:
-        return
-    among = here(ref)
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        zin, kin = zk(x)
-        n = len(lay.ids)
-        beta0 = _all_roots(zero_rows(mod.bias, 0, n), lay.ids, root, among)
-        gamma0 = _all_roots(zero_rows(mod.weight, 0, n), lay.ids, root, among) if mod.weight is not None else set()
-        mean0 = _all_roots(zero_rows(mod.running_mean, 0, n), lay.ids, root, among)
-        # BN(0) = beta - gamma * mean / sigma (batch statistics of a zero channel: mean 0)
-        zero_of_zero = beta0 & (gamma0 | mean0 | (among if mod.running_mean is None or mod.training else set()))
-        put(ref, (zin & zero_of_zero) | (gamma0 & beta0), kin | gamma0)
-        return
-    if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
-        w = mod.weight
-        if isinstance(mod, nn.Embedding):
-            dim = 1
-        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed:
-            if mod.groups != 1:
-                return
-            dim = 1
-        else:
-            dim = 0
-        n = w.shape[dim]
-        fz = among & known_zero
-        if among - fz:
-            fz |= _all_roots(zero_rows(w, dim, n, cache), lay.ids, root, among - fz)
-        bz = _all_roots(zero_rows(getattr(mod, "bias", None), 0, n), lay.ids, root, among)
-        z, k = fz & bz, set(fz)
-        if (
-            isinstance(mod, nn.modules.conv._ConvNd)
-            and not mod.transposed
-            and mod.groups > 1
-            and mod.groups == mod.in_channels == mod.out_channels
-        ):
-            zin, kin = zk(x)  # depthwise: channel c reads only channel c
-            z |= zin & bz
-            k |= kin
-        put(ref, z, k)
-        return
+class _Walk:
+    """The analysis' state: per value, its zero (Z) and fixed (K, Z included) roots of interest."""
 
+    def __init__(self, model: nn.Module, trace: Any, interest: set[int], known_zero: set[int], cache: Any) -> None:
+        self.graph, self.layouts, self.root, _ = trace
+        self.interest, self.known_zero, self.cache = interest, known_zero, cache
+        self.modules = dict(model.named_modules())
+        self.Z: dict[Ref, set[int]] = {}
+        self.K: dict[Ref, set[int]] = {}
+        self.out = ChannelStates()
 
-def _call_node(node: Any, i: int, layouts: Any, here: Any, zk: Any, put: Any) -> None:
-    ref = Ref(i)
-    name = node.target
-    args = [*node.args, *node.kwargs.values()]
-    refs = refs_in(args)
-    laid = [a for a in refs if layouts.get(a) is not None]
-    unlaid = [a for a in refs if layouts.get(a) is None]
-    params = [a for a in args if isinstance(a, tuple) and len(a) == 2 and a[0] == "param"]
-    scalars = [s for a in node.args if (s := _scalar(a)) is not None]
-    zsets = [zk(a)[0] for a in laid]
-    ksets = [zk(a)[1] for a in laid]
+    def here(self, ref: Ref) -> set[int]:
+        return _roots(self.layouts.get(ref), self.root) & self.interest
 
-    def inter(sets: Sequence[set[int]]) -> set[int]:
-        return set.intersection(*sets) if sets else set()
+    def zk(self, a: Any) -> tuple[set[int], set[int]]:
+        return (self.Z.get(a, set()), self.K.get(a, set())) if isinstance(a, Ref) else (set(), set())
 
-    def union(sets: Sequence[set[int]]) -> set[int]:
-        return set.union(*sets) if sets else set()
+    def note(self, module: str, inp: Any) -> None:
+        """``module`` reads ``inp``: record what it sees on the channels of interest."""
+        lay = self.layouts.get(inp) if isinstance(inp, Ref) else None
+        present = _roots(lay, self.root) & self.interest
+        z, k = self.zk(inp)
+        self.out.reads.setdefault(module, []).append(
+            (frozenset(present), frozenset(z & present), frozenset(k & present))
+        )
 
-    z: set[int] = set()
-    k: set[int] = set()
-    if name in ("cat", "stack"):
-        z, k = union(zsets), union(ksets)  # each operand brings its own channels
-    elif name in _SHAPE or "pool" in name:
-        z, k = inter(zsets), inter(ksets)
-    elif name == "pad":
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
-        k = inter(ksets)
-        z = inter(zsets) if value is None or _scalar(value) == 0.0 else set()
-    elif name in H.UNARY or name in ("softmax", "log_softmax") or name in H.REDUCTIONS:
-        if len(refs) == 1 and laid:  # one tensor in (other arguments are constants of the code)
-            k = set(ksets[0])
-            if name in _ZERO_UNARY or name in _ZERO_REDUCTIONS:
-                z = set(zsets[0])
-            elif name in _CLAMPS:
-                lo, hi = _CLAMPS[name]
-                lo = _scalar(node.args[1]) if len(node.args) > 1 else _scalar(node.kwargs.get("min", lo))
-                hi = _scalar(node.args[2]) if len(node.args) > 2 else _scalar(node.kwargs.get("max", hi))
-                if name == "hardtanh":  # hardtanh(x, min_val=-1, max_val=1)
-                    lo = _scalar(node.kwargs.get("min_val", lo if lo is not None else -1.0))
-                    hi = _scalar(node.kwargs.get("max_val", hi if hi is not None else 1.0))
-                if (lo is None or lo <= 0.0) and (hi is None or hi >= 0.0):
+    def put(self, ref: Ref, z: set[int], k: set[int]) -> None:
+        h = self.here(ref)
+        self.Z[ref], self.K[ref] = z & h, (k | z) & h
+
+    def module_node(self, mod: nn.Module, node: Any, i: int) -> None:
+        ref = Ref(i)
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        lay = self.layouts.get(ref)
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            self.note(node.target, x)
+        if (spec := H.head_spec(mod)) is not None:
+            if spec.self_only:
+                q = k = v = x
+            else:
+                q = node.args[0] if node.args else node.kwargs.get("query")
+                k = (node.args[1] if len(node.args) > 1 else node.kwargs.get("key")) or q
+                v = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value")) or k
+            for proj, inp in ((spec.q, q), (spec.k, k), (spec.v, v)):
+                self.note(f"{node.target}.{proj}", inp)
+            # a head whose v rows are zero has context softmax(.) @ v = its v bias: zero where that is
+            vproj = getattr(mod, spec.v)
+            dead = ~vproj.weight.detach().ne(0).any(1)
+            ok = vproj.bias is None or not bool(vproj.bias.detach()[dead].any())
+            o = Ref(i, 0)
+            if spec.out is not None:
+                self.out.heads.setdefault(f"{node.target}.{spec.out}", []).append(ok)
+                olay = self.layouts.get(o)
+                if olay is not None:
+                    oproj = getattr(mod, spec.out)
+                    n = oproj.weight.shape[0]
+                    among = self.here(o)
+                    fz = _all_roots(zero_rows(oproj.weight, 0, n), olay.ids, self.root, among)
+                    self.put(o, fz & _all_roots(zero_rows(oproj.bias, 0, n), olay.ids, self.root, among), fz)
+            elif ok and self.layouts.get(o) is not None:
+                # the removed heads' context columns: zero (their v rows and bias are)
+                olay = self.layouts[o]
+                n = vproj.weight.shape[0]
+                z = _all_roots(dead & zero_rows(vproj.bias, 0, n), olay.ids, self.root, self.here(o))
+                self.put(o, z, z)
+            return
+        if lay is None:
+            return
+        among = self.here(ref)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            zin, kin = self.zk(x)
+            n = len(lay.ids)
+            beta0 = _all_roots(zero_rows(mod.bias, 0, n), lay.ids, self.root, among)
+            gamma0 = (
+                _all_roots(zero_rows(mod.weight, 0, n), lay.ids, self.root, among) if mod.weight is not None else set()
+            )
+            mean0 = _all_roots(zero_rows(mod.running_mean, 0, n), lay.ids, self.root, among)
+            # BN(0) = beta - gamma * mean / sigma (batch statistics of a zero channel: mean 0)
+            zero_of_zero = beta0 & (gamma0 | mean0 | (among if mod.running_mean is None or mod.training else set()))
+            self.put(ref, (zin & zero_of_zero) | (gamma0 & beta0), kin | gamma0)
+            return
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
+            w = mod.weight
+            if isinstance(mod, nn.Embedding):
+                dim = 1
+            elif isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed:
+                if mod.groups != 1:
+                    return
+                dim = 1
+            else:
+                dim = 0
+            n = w.shape[dim]
+            fz = among & self.known_zero
+            if among - fz:
+                fz |= _all_roots(zero_rows(w, dim, n, self.cache), lay.ids, self.root, among - fz)
+            bz = _all_roots(zero_rows(getattr(mod, "bias", None), 0, n), lay.ids, self.root, among)
+            z, k = fz & bz, set(fz)
+            if (
+                isinstance(mod, nn.modules.conv._ConvNd)
+                and not mod.transposed
+                and mod.groups > 1
+                and mod.groups == mod.in_channels == mod.out_channels
+            ):
+                zin, kin = self.zk(x)  # depthwise: channel c reads only channel c
+                z |= zin & bz
+                k |= kin
+            self.put(ref, z, k)
+            return
+
+    def call_node(self, node: Any, i: int) -> None:
+        ref = Ref(i)
+        name = node.target
+        args = [*node.args, *node.kwargs.values()]
+        refs = refs_in(args)
+        laid = [a for a in refs if self.layouts.get(a) is not None]
+        unlaid = [a for a in refs if self.layouts.get(a) is None]
+        params = [a for a in args if isinstance(a, tuple) and len(a) == 2 and a[0] == "param"]
+        scalars = [s for a in node.args if (s := _scalar(a)) is not None]
+        zsets = [self.zk(a)[0] for a in laid]
+        ksets = [self.zk(a)[1] for a in laid]
+
+        def inter(sets: Sequence[set[int]]) -> set[int]:
+            return set.intersection(*sets) if sets else set()
+
+        def union(sets: Sequence[set[int]]) -> set[int]:
+            return set.union(*sets) if sets else set()
+
+        z: set[int] = set()
+        k: set[int] = set()
+        if name in ("cat", "stack"):
+            z, k = union(zsets), union(ksets)  # each operand brings its own channels
+        elif name in _SHAPE or "pool" in name:
+            z, k = inter(zsets), inter(ksets)
+        elif name == "pad":
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+            k = inter(ksets)
+            z = inter(zsets) if value is None or _scalar(value) == 0.0 else set()
+        elif name in H.UNARY or name in ("softmax", "log_softmax") or name in H.REDUCTIONS:
+            if len(refs) == 1 and laid:  # one tensor in (other arguments are constants of the code)
+                k = set(ksets[0])
+                if name in _ZERO_UNARY or name in _ZERO_REDUCTIONS:
                     z = set(zsets[0])
-    elif name in H.BINARY and laid:
-        constant_operands = not unlaid  # parameters and numbers are the same for every input
-        if name in ("add", "sub", "rsub", "maximum", "minimum"):
-            k = inter(ksets) if constant_operands else set()
-            if constant_operands and not params and all(s == 0.0 for s in scalars):
-                z = inter(zsets)
-        elif name == "mul":
-            z = union(zsets)
-            k = inter(ksets) if constant_operands else set()
-        elif name == "div":
-            num = node.args[0] if node.args else None
-            if isinstance(num, Ref) and layouts.get(num) is not None:
-                z = set(zk(num)[0])
-            k = inter(ksets) if constant_operands else set()
-        else:
-            k = inter(ksets) if constant_operands else set()
-    shapes = node.shapes
-    if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size):
-        for j in range(len(shapes)):
-            put(Ref(i, j), z, k)
-    put(ref, z, k)
-    if name == "getitem" and node.args and isinstance(node.args[0], Ref) and isinstance(node.args[1], int):
-        src = Ref(node.args[0].node, node.args[1])
-        zs, ks = zk(src)
-        put(ref, zs, ks)
+                elif name in _CLAMPS:
+                    lo, hi = _CLAMPS[name]
+                    lo = _scalar(node.args[1]) if len(node.args) > 1 else _scalar(node.kwargs.get("min", lo))
+                    hi = _scalar(node.args[2]) if len(node.args) > 2 else _scalar(node.kwargs.get("max", hi))
+                    if name == "hardtanh":  # hardtanh(x, min_val=-1, max_val=1)
+                        lo = _scalar(node.kwargs.get("min_val", lo if lo is not None else -1.0))
+                        hi = _scalar(node.kwargs.get("max_val", hi if hi is not None else 1.0))
+                    if (lo is None or lo <= 0.0) and (hi is None or hi >= 0.0):
+                        z = set(zsets[0])
+        elif name in H.BINARY and laid:
+            constant_operands = not unlaid  # parameters and numbers are the same for every input
+            if name in ("add", "sub", "rsub", "maximum", "minimum"):
+                k = inter(ksets) if constant_operands else set()
+                if constant_operands and not params and all(s == 0.0 for s in scalars):
+                    z = inter(zsets)
+            elif name == "mul":
+                z = union(zsets)
+                k = inter(ksets) if constant_operands else set()
+            elif name == "div":
+                num = node.args[0] if node.args else None
+                if isinstance(num, Ref) and self.layouts.get(num) is not None:
+                    z = set(self.zk(num)[0])
+                k = inter(ksets) if constant_operands else set()
+            else:
+                k = inter(ksets) if constant_operands else set()
+        shapes = node.shapes
+        if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size):
+            for j in range(len(shapes)):
+                self.put(Ref(i, j), z, k)
+        self.put(ref, z, k)
+        if name == "getitem" and node.args and isinstance(node.args[0], Ref) and isinstance(node.args[1], int):
+            src = Ref(node.args[0].node, node.args[1])
+            zs, ks = self.zk(src)
+            self.put(ref, zs, ks)
 
 
 def zero_consumers(model: nn.Module, trace: Any, removed: Mapping[int, Sequence[int]]) -> dict[str, bool] | None:
