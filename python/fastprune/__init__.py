@@ -33,7 +33,7 @@ from fastprune.methods import (
 from fastprune.methods.woodfisher import fisher_statistics
 from fastprune.nn.sparsify import sparsify, sparsify_report
 from fastprune.plan import Plan
-from fastprune.pruner import BasePruner, Pruner, SoftFilterPruner
+from fastprune.pruner import BasePruner, EntwinedPruner, Pruner, SoftFilterPruner
 from fastprune.report import SparsityReport, sparsity_report
 from fastprune.sensitivity import sensitivity
 from fastprune.structure import compact, count, find_groups
@@ -54,6 +54,7 @@ __all__ = [
     "Plan",
     "Pruner",
     "RandomChannelConfig",
+    "EntwinedPruner",
     "SoftFilterPruner",
     "SparsityReport",
     "WoodFisherConfig",

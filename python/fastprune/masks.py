@@ -25,6 +25,7 @@ __all__ = [
     "check_finite_weights",
     "check_not_below_current",
     "current_mask",
+    "detach_masked_weights",
     "effective_weight",
     "finalize",
     "is_pruned",
@@ -62,6 +63,16 @@ class ParamRef:
 def is_pruned(module: nn.Module, param_name: str) -> bool:
     """Whether ``module.<param_name>`` carries a torch prune reparametrisation."""
     return hasattr(module, param_name + "_orig") and hasattr(module, param_name + "_mask")
+
+
+def detach_masked_weights(model: nn.Module) -> None:
+    """A forward with autograd leaves ``weight = weight_orig * mask`` as a non-leaf tensor on every
+    torch-pruned module, which ``copy.deepcopy`` refuses; recompute it without a graph (same values)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            for hook in list(mod._forward_pre_hooks.values()):
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    setattr(mod, hook._tensor_name, hook.apply_mask(mod))
 
 
 def effective_weight(module: nn.Module, param_name: str) -> torch.Tensor:

@@ -17,7 +17,8 @@ fine-tune loops subclass :class:`BasePruner` the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,17 +26,20 @@ from torch import nn
 
 from fastprune import schedules
 from fastprune.api import prune
+from fastprune.apply import apply
 from fastprune.importance.channels import FilterNorm, group_scores
+from fastprune.masks import detach_masked_weights
 from fastprune.masks import finalize as finalize_masks
-from fastprune.methods.channels import input_specs
+from fastprune.methods.channels import ChannelConfig, channel_plan, channel_scores, input_specs
 from fastprune.methods.registry import config_from_kwargs, spec_for
 from fastprune.plan import Plan
 from fastprune.schedules import Schedule
 from fastprune.select import select_channels
-from fastprune.structure.groups import as_inputs, find_groups
+from fastprune.structure.count import count
+from fastprune.structure.groups import Group, GroupList, as_inputs, find_groups
 from fastprune.structure.surgery import CompactionReport, compact, mask_channels
 
-__all__ = ["BasePruner", "Pruner", "SoftFilterPruner"]
+__all__ = ["BasePruner", "EntwinedPruner", "Pruner", "SoftFilterPruner"]
 
 
 class BasePruner:
@@ -300,3 +304,231 @@ class SoftFilterPruner(BasePruner):
             **({f"accuracy_{k}": v for k, v in self.accuracy.items()} if self.accuracy else {}),
         }
         return Plan(str(config["method"]), config, self.sparsity, done / total if total else 0.0, groups=entries)
+
+
+class EntwinedPruner(BasePruner):
+    """Entwined pruning and fine-tuning (SInGE's flow, Yvinec et al. 2022): every :meth:`step`
+    scores the channels with a channel method, removes the lowest few, and the caller fine-tunes
+    before the next step, until the model is down to a parameter or MACs target (fractions of the
+    model it started from, measured with :func:`fastprune.count` on the compact model).
+
+    Args:
+        model: the model, pruned in place.
+        method: any registered channel method (``"singe"``, ``"taylor"``, ``"grad_weight"``,
+            ``"l1_filter"``, ``"random"``, ...); extra keywords go to its config (``data=``,
+            ``steps=``, ``include=``...).
+        example_inputs: the shapes the groups are traced and the model counted with.
+        target_params / target_macs: exactly one, in (0, 1]: stop once the compact model has at
+            most that fraction of the starting parameters / MACs.
+        step: a fraction (0, 1) of the channels still prunable, or a number of channels, removed per
+            step [choice: chosen over the whole model by group-normalised score, as
+            ``scope="global"``; ``scope="layer"`` takes the fraction (at least one channel) of every
+            group]. The last step removes only as many as the target needs (found by bisection on
+            trial copies), so every method ends at the same size.
+        mode: ``"compact"`` (default): every step removes the channels for real, the model shrinks
+            as it goes; call :meth:`step` between your fine-tunes (:func:`fastprune.recipes.entwined`
+            does). ``"mask"``: channels are masked (zero, held at zero) and removed by
+            :meth:`finalize`; the shapes never change, so the pruner can be a ``fit`` callback
+            (``on_start`` and every ``on_epoch_end`` take a step while the target is not met).
+        max_steps: a guard against a target the method cannot reach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "singe",
+        *,
+        example_inputs: Any,
+        target_params: float | None = None,
+        target_macs: float | None = None,
+        step: float | int = 0.05,
+        mode: Literal["compact", "mask"] = "compact",
+        max_steps: int = 1000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model)
+        if (target_params is None) == (target_macs is None):
+            raise ValueError("give exactly one of target_params= and target_macs= (a fraction of the starting model)")
+        target = target_params if target_params is not None else target_macs
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(f"the target must be a fraction in (0, 1], got {target!r}")
+        if isinstance(step, bool) or not isinstance(step, (int, float)):
+            raise ValueError(f"step must be a fraction in (0, 1) or a number of channels, got {step!r}")
+        if isinstance(step, float) and not 0.0 < step < 1.0 or isinstance(step, int) and step < 1:
+            raise ValueError(f"step must be a fraction in (0, 1) or a positive number of channels, got {step!r}")
+        if mode not in ("compact", "mask"):
+            raise ValueError(f"mode must be 'compact' or 'mask', got {mode!r}")
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+        for k in ("sparsity", "mode", "hard"):
+            if k in kwargs:
+                raise TypeError(f"EntwinedPruner sets {k}= itself; do not pass it")
+        spec = spec_for(method)
+        if not issubclass(spec.config_cls, ChannelConfig):
+            raise ValueError(f"entwined pruning removes channels: {method!r} is not a channel method")
+        self.inputs = as_inputs(example_inputs)
+        self.scope = kwargs.pop("scope", "global")
+        self.config = config_from_kwargs(
+            spec.config_cls,
+            {"sparsity": 0.0, "example_inputs": self.inputs, "mode": "compact", "scope": self.scope, **kwargs},
+        )
+        self.method = method
+        self.kind = "params" if target_params is not None else "macs"
+        self.target = float(target)
+        self.step_size = step
+        self.mode = mode
+        self.max_steps = max_steps
+        macs, params = count(model, self.inputs)
+        self.start_size = {"macs": macs, "params": params}
+        self.history: list[dict[str, Any]] = [{"step": 0, "removed": 0, "macs": macs, "params": params}]
+        self.removed: dict[int, set[int]] = {}  # mask mode: the channels masked so far
+        self._mask_groups: GroupList | None = None
+
+    # -- where we are
+    def size(self) -> dict[str, int]:
+        """MACs and parameters of the model as it stands (mask mode: of its compact form)."""
+        return dict(self.history[-1])
+
+    @property
+    def done(self) -> bool:
+        """The target is met."""
+        return self.history[-1][self.kind] <= self.target * self.start_size[self.kind]
+
+    def _measure(
+        self, groups: Sequence[Group] | None = None, removed: Mapping[int, Sequence[int]] | None = None
+    ) -> tuple[int, int]:
+        """(MACs, params) of the compact model, after also removing ``removed`` (on a copy)."""
+        if removed is None and self.mode == "compact":
+            return count(self.model, self.inputs)
+        every = self._all_removed(removed) if self.mode == "mask" else dict(removed or {})
+        if not every:
+            return count(self.model, self.inputs)
+        assert groups is not None
+        detach_masked_weights(self.model)  # (deepcopy refuses the graph a forward leaves on masked weights)
+        trial = copy.deepcopy(self.model)
+        mask_channels(trial, groups, every, hard=False, zero_norm=True)
+        finalize_masks(trial)
+        compact(trial, self.inputs, groups=groups, channels=every)
+        return count(trial, self.inputs)
+
+    def _all_removed(self, new: Mapping[int, Sequence[int]] | None) -> dict[int, list[int]]:
+        out = {g: set(v) for g, v in self.removed.items()}
+        for g, v in (new or {}).items():
+            out.setdefault(g, set()).update(v)
+        return {g: sorted(v) for g, v in out.items() if v}
+
+    # -- one step
+    def _select(self, groups: Sequence[Group], scores: Mapping[int, torch.Tensor], k_total: int | None) -> dict:
+        """Channels to remove this step: ``k_total`` over the model (global), or the step's fraction
+        of every group (layer); never a group's last live channel."""
+        live = [Group(g.id, g.channels, g.members, g.pinned | frozenset(self.removed.get(g.id, ()))) for g in groups]
+        live = [g for g in live if g.id in scores and g.prunable]
+        if not live:
+            return {}
+        if self.scope == "layer":
+            frac = self.step_size if isinstance(self.step_size, float) else None
+            per = {}
+            for g in live:
+                n = len(g.prunable)
+                want = max(1, round(frac * n)) if frac is not None else min(int(self.step_size), n)
+                per[g.id] = min(want, n - 1) / n + 1e-12
+            out = select_channels(live, scores, 0.0, scope="layer", per_group=per)
+        else:
+            n_live = sum(len(g.prunable) for g in live)
+            k = k_total if k_total is not None else n_live
+            out = select_channels(live, scores, min(k, n_live) / n_live + 1e-12, scope="global") if n_live else {}
+        for g in live:  # a group keeps at least one live channel
+            chans = out.get(g.id, [])
+            if len(chans) >= len(g.prunable):
+                out[g.id] = sorted(chans, key=lambda c: float(scores[g.id][c]))[:-1]
+        return {g: v for g, v in out.items() if v}
+
+    def step(self) -> Plan | None:
+        """Score, remove the next channels (fewer on the last step: just what the target needs);
+        None when the target is met already."""
+        self._check_open("step")
+        if self.done:
+            return None
+        if len(self.history) > self.max_steps:
+            raise RuntimeError(f"EntwinedPruner: the target was not met after max_steps={self.max_steps} steps")
+        self.started = True
+        if self.mode == "mask" and self._mask_groups is None:
+            self._mask_groups = find_groups(
+                self.model, self.inputs, include=self.config.include, exclude=self.config.exclude
+            )
+        groups, scores = channel_scores(self.model, self.config, self._mask_groups)
+        n_live = sum(len(set(g.prunable) - self.removed.get(g.id, set())) for g in groups if g.id in scores)
+        if isinstance(self.step_size, float):
+            k_step = max(1, round(self.step_size * n_live))
+        else:
+            k_step = int(self.step_size)
+        removed = self._select(groups, scores, k_step)
+        if not removed:
+            raise RuntimeError(
+                f"EntwinedPruner: nothing left to remove at {self.history[-1][self.kind]} {self.kind} "
+                f"(target {self.target:.3g} of {self.start_size[self.kind]})"
+            )
+        goal = self.target * self.start_size[self.kind]
+        macs, params = self._measure(groups, removed)
+        if (macs if self.kind == "macs" else params) <= goal and self.scope != "layer" and k_step > 1:
+            lo, hi = 1, k_step  # the fewest channels that meet the target (size falls as k grows)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                trial = self._select(groups, scores, mid)
+                m, p = self._measure(groups, trial)
+                if (m if self.kind == "macs" else p) <= goal:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            removed = self._select(groups, scores, lo)
+        plan = channel_plan(self.config, groups, scores, removed, sparsity=None)
+        if self.mode == "compact":
+            plan = apply(self.model, plan, example_inputs=self.inputs, trace=groups)
+        else:
+            mask_channels(self.model, groups, removed, hard=True)
+            for g, v in removed.items():
+                self.removed.setdefault(g, set()).update(v)
+        macs, params = self._measure(groups)
+        n = sum(len(v) for v in removed.values())
+        self.history.append({"step": len(self.history), "removed": n, "macs": macs, "params": params})
+        return plan
+
+    # -- the life cycle
+    def _hook_step(self, hook: str) -> None:
+        if self.mode != "mask":
+            raise RuntimeError(
+                f"EntwinedPruner.{hook}: in mode='compact' the parameters are replaced at every step, which an "
+                "optimizer built before (fit's) does not see; use mode='mask' as a fit callback, or call step() "
+                "between your own fine-tunes (fastprune.recipes.entwined)"
+            )
+        self.step()
+
+    def start(self) -> None:
+        self._hook_step("on_start")
+
+    def on_epoch_end(self, epoch: int) -> None:
+        super().on_epoch_end(epoch)
+        if not self.done:
+            self._hook_step("on_epoch_end")
+
+    def finalize(self) -> Plan:
+        """Mask mode: remove the masked channels for real. Returns a Plan of the whole run (its
+        ``config["history"]``: MACs and parameters after every step)."""
+        super().finalize()
+        if self.mode == "mask" and self.removed:
+            finalize_masks(self.model)
+            compact(self.model, self.inputs, groups=self._mask_groups, channels=self._all_removed(None))
+            macs, params = count(self.model, self.inputs)
+            self.history[-1] = {**self.history[-1], "macs": macs, "params": params}
+        last = self.history[-1]
+        config = {
+            "method": self.method,
+            "target": {self.kind: self.target},
+            "step": self.step_size,
+            "scope": self.scope,
+            "mode": self.mode,
+            "history": [dict(h) for h in self.history],
+            "input_specs": input_specs(self.inputs),
+        }
+        achieved = 1.0 - last["params"] / self.start_size["params"] if self.start_size["params"] else 0.0
+        return Plan(f"entwined:{self.method}", config, None, achieved)

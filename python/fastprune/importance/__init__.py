@@ -18,6 +18,7 @@ from fastprune.importance.channels import (
 )
 from fastprune.importance.magnitude import block_scores, magnitude_scores
 from fastprune.importance.nisp import inf_fs, nisp_scores
+from fastprune.importance.singe import singe_scores, taylor_scores
 
 __all__ = [
     "ActivationCriterion",
@@ -32,4 +33,6 @@ __all__ = [
     "make_criterion",
     "nisp_scores",
     "scatter_to_group",
+    "singe_scores",
+    "taylor_scores",
 ]

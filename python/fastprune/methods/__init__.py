@@ -6,12 +6,14 @@ Each module holds its frozen config class(es) and its runner, registered by conf
 * :mod:`~fastprune.methods.magnitude`: ``magnitude`` (Han et al. 2015);
 * :mod:`~fastprune.methods.woodfisher`: ``woodfisher`` (Singh & Alistarh 2020) and ``fisher_diag``;
 * :mod:`~fastprune.methods.channels`: ``l1_filter``, ``l2_filter``, ``bn_scale``, ``random`` (structured);
-* :mod:`~fastprune.methods.nisp`: ``nisp`` (Yu et al. 2018, structured, data-driven).
+* :mod:`~fastprune.methods.nisp`: ``nisp`` (Yu et al. 2018, structured, data-driven);
+* :mod:`~fastprune.methods.singe`: ``singe`` (Yvinec et al. 2022), ``grad_weight``, ``taylor``
+  (Molchanov et al. 2019) (structured, gradients on data).
 
 ``python -m fastprune.methods`` (or ``fastprune methods``) prints the registry.
 """
 
-from fastprune.methods import channels, magnitude, nisp, woodfisher
+from fastprune.methods import channels, magnitude, nisp, singe, woodfisher
 from fastprune.methods.channels import (
     BNScaleConfig,
     ChannelConfig,
@@ -34,12 +36,14 @@ from fastprune.methods.registry import (
     table,
     unregister_method,
 )
+from fastprune.methods.singe import GradWeightConfig, SInGEConfig, TaylorConfig
 from fastprune.methods.woodfisher import FisherDiagConfig, WoodFisherConfig
 
 __all__ = [
     "BNScaleConfig",
     "ChannelConfig",
     "FisherDiagConfig",
+    "GradWeightConfig",
     "L1FilterConfig",
     "L2FilterConfig",
     "MagnitudeConfig",
@@ -47,6 +51,8 @@ __all__ = [
     "MethodSpec",
     "NISPConfig",
     "RandomChannelConfig",
+    "SInGEConfig",
+    "TaylorConfig",
     "WoodFisherConfig",
     "channels",
     "config_from_kwargs",
@@ -57,6 +63,7 @@ __all__ = [
     "nisp",
     "register_method",
     "run_channels",
+    "singe",
     "spec_for",
     "table",
     "unregister_method",

@@ -35,7 +35,7 @@ from fastprune.importance.channels import (
 from fastprune.methods.registry import MethodResult, method_for_config, register_method
 from fastprune.plan import Plan
 from fastprune.select import select_channels
-from fastprune.structure.groups import Group, as_inputs, find_groups
+from fastprune.structure.groups import Group, GroupList, as_inputs, find_groups
 
 __all__ = [
     "ActivationNormConfig",
@@ -44,6 +44,8 @@ __all__ = [
     "L1FilterConfig",
     "L2FilterConfig",
     "RandomChannelConfig",
+    "channel_plan",
+    "channel_scores",
     "input_specs",
     "run_channels",
 ]
@@ -189,7 +191,7 @@ def input_specs(inputs: tuple[torch.Tensor, ...]) -> list[dict[str, Any]]:
     return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
 
 
-_NOT_IN_PLAN = ("example_inputs", "data", "loss_fn")
+_NOT_IN_PLAN = ("example_inputs", "data", "loss_fn", "forward")
 
 
 def _per_group_sparsity(groups: Sequence[Group], ratios: Mapping[str, float]) -> dict[int, float]:
@@ -209,32 +211,54 @@ def _per_group_sparsity(groups: Sequence[Group], ratios: Mapping[str, float]) ->
     return out
 
 
-def run_channels(model: nn.Module, cfg: ChannelConfig) -> MethodResult:
-    """Score and select; the model is not changed. The result carries the groups (its ``trace``):
-    their trace lets compaction prove that removed channels are zeros without running the model."""
-    assert cfg.sparsity is not None  # the config requires it
+def channel_scores(
+    model: nn.Module, cfg: ChannelConfig, groups: GroupList | None = None
+) -> tuple[GroupList, dict[int, torch.Tensor]]:
+    """The groups (traced under the config's include / exclude unless given) and the scores the
+    config's criterion gives them on its calibration data."""
     name = method_for_config(cfg).name
-    inputs = as_inputs(cfg.example_inputs)
-    groups = find_groups(model, inputs, include=cfg.include, exclude=cfg.exclude)
+    if groups is None:
+        groups = find_groups(model, as_inputs(cfg.example_inputs), include=cfg.include, exclude=cfg.exclude)
+    if not isinstance(groups, GroupList):
+        groups = GroupList(groups)
     if not groups:
         raise ValueError(
             "the model has no prunable channel groups under include/exclude; boundaries: "
-            + "; ".join(f"{n}: {r}" for n, r in groups.boundaries)
+            + "; ".join(f"{n}: {r}" for n, r in getattr(groups, "boundaries", []))
         )
     scores = group_scores(model, groups, cfg.criterion(), data=cfg.calibration_data())
     if not scores:
         raise ValueError(
             f"criterion {name!r} scores none of the {len(groups)} groups (bn_scale needs BatchNorm layers)"
         )
-    per_group = _per_group_sparsity(groups, cfg.layer_sparsity) if cfg.layer_sparsity else None
-    removed = select_channels(groups, scores, cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to, per_group=per_group)
+    return groups, scores
+
+
+def channel_plan(
+    cfg: ChannelConfig,
+    groups: Sequence[Group],
+    scores: Mapping[int, torch.Tensor],
+    removed: Mapping[int, Sequence[int]],
+    sparsity: float | None = None,
+) -> Plan:
+    """The Plan of a selection: the config as plain data, every group that loses channels."""
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_PLAN}
-    config["input_specs"] = input_specs(inputs)
+    config["input_specs"] = input_specs(as_inputs(cfg.example_inputs))
     total = sum(len(g.prunable) for g in groups if g.id in scores)
     n_removed = sum(len(v) for v in removed.values())
-    entries = tuple({**g.to_dict(), "removed": removed[g.id]} for g in groups if g.id in removed)
-    plan = Plan(name, config, cfg.sparsity, n_removed / total if total else 0.0, groups=entries)
-    return MethodResult(plan, trace=groups)
+    entries = tuple({**g.to_dict(), "removed": list(removed[g.id])} for g in groups if removed.get(g.id))
+    target = cfg.sparsity if sparsity is None else sparsity
+    return Plan(method_for_config(cfg).name, config, target, n_removed / total if total else 0.0, groups=entries)
+
+
+def run_channels(model: nn.Module, cfg: ChannelConfig) -> MethodResult:
+    """Score and select; the model is not changed. The result carries the groups (its ``trace``):
+    their trace lets compaction prove that removed channels are zeros without running the model."""
+    assert cfg.sparsity is not None  # the config requires it
+    groups, scores = channel_scores(model, cfg)
+    per_group = _per_group_sparsity(groups, cfg.layer_sparsity) if cfg.layer_sparsity else None
+    removed = select_channels(groups, scores, cfg.sparsity, scope=cfg.scope, round_to=cfg.round_to, per_group=per_group)
+    return MethodResult(channel_plan(cfg, groups, scores, removed), trace=groups)
 
 
 for _cls, _name, _desc in (

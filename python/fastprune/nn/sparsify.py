@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.utils import prune as torch_prune
 
 from fastprune._modes import eval_mode
-from fastprune.masks import finalize
+from fastprune.masks import detach_masked_weights, finalize
 from fastprune.nn.fuse import channels_last_pools, fuse_activations, swap_max_pools
 from fastprune.nn.microbatch import MicroBatch, check_size, prove_per_sample
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
@@ -92,16 +91,6 @@ def _fold_bn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
     return folded
 
 
-def _detach_masked_weights(model: nn.Module) -> None:
-    """A forward with autograd on leaves ``weight = weight_orig * mask`` as a non-leaf tensor on every
-    torch-pruned module, which deepcopy refuses; recompute it without a graph (same values)."""
-    with torch.no_grad():
-        for mod in model.modules():
-            for hook in list(mod._forward_pre_hooks.values()):
-                if isinstance(hook, torch_prune.BasePruningMethod):
-                    setattr(mod, hook._tensor_name, hook.apply_mask(mod))
-
-
 def _time(fn: Any, repeats: int = 5) -> float:
     fn()
     best = float("inf")
@@ -160,7 +149,7 @@ def sparsify(
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inplace:
-        _detach_masked_weights(model)
+        detach_masked_weights(model)
     m = model if inplace else copy.deepcopy(model)
     finalize(m)
     m.eval()
