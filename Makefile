@@ -69,6 +69,7 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/quality_nisp.py
 	$(PY) benchmarks/quality_sfp.py
 	$(PY) benchmarks/bench_sfp.py
+	$(PY) benchmarks/quality_singe.py
 	$(PY) benchmarks/bench_structured.py
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_sparse_jit.py

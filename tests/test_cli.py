@@ -321,3 +321,12 @@ def test_nisp_from_the_command_line(user_model, capsys):
     assert main([*argv, "--data", "usermodels:loader", "-o", str(out)]) == 0
     assert "nisp: 50.0% of the removable channels removed" in capsys.readouterr().out
     assert torch.load(out, weights_only=True)["0.weight"].shape == (8, 8)
+
+
+@pytest.mark.parametrize("method", ["singe", "taylor", "grad_weight"])
+def test_gradient_channel_methods_from_the_command_line(user_model, capsys, method):
+    out = user_model / f"{method}.pt"
+    argv = ["prune", "usermodels:make", "--method", method, "--sparsity", "0.5", "--input-shape", "2,8"]
+    assert main([*argv, "--data", "usermodels:loader", "-o", str(out)]) == 0
+    assert f"{method}: 50.0% of the removable channels removed" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)["0.weight"].shape == (8, 8)

@@ -433,10 +433,26 @@ class EntwinedPruner(BasePruner):
                 want = max(1, round(frac * n)) if frac is not None else min(int(self.step_size), n)
                 per[g.id] = min(want, n - 1) / n + 1e-12
             out = select_channels(live, scores, 0.0, scope="layer", per_group=per)
-        else:
-            n_live = sum(len(g.prunable) for g in live)
-            k = k_total if k_total is not None else n_live
-            out = select_channels(live, scores, min(k, n_live) / n_live + 1e-12, scope="global") if n_live else {}
+        else:  # the lowest k over the model, scores normalised by each group's mean (as scope="global")
+            entries = []
+            for g in live:
+                cand = g.prunable
+                sc = scores[g.id][cand]
+                mean = float(sc.mean())
+                norm = sc / mean if mean > 0 else sc
+                entries += [(float(norm[i]), g.id, cand[i]) for i in range(len(cand))]
+            entries.sort()
+            room = {g.id: len(g.prunable) - 1 for g in live}  # never a group's last live channel
+            k = len(entries) if k_total is None else k_total
+            out = {}
+            for _, gid, c in entries:
+                if k <= 0:
+                    break
+                if room[gid] > 0:
+                    out.setdefault(gid, []).append(c)
+                    room[gid] -= 1
+                    k -= 1
+            out = {g: sorted(v) for g, v in out.items()}
         for g in live:  # a group keeps at least one live channel
             chans = out.get(g.id, [])
             if len(chans) >= len(g.prunable):

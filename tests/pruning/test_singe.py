@@ -185,6 +185,13 @@ def test_a_distillation_loss_on_unlabelled_data_works():
     assert all(bool(torch.isfinite(v).all()) for v in s.values())
     # at the teacher itself the gradient vanishes at mu = 1; the path still sees the removal
     assert float(s["2"].sum()) > 0
+    # ... or as loss_fn, with the teacher's outputs as the targets
+    soft = [(x, F.softmax(teacher(x), -1).detach()) for x in xs]
+    kl = singe_scores(
+        model, soft, steps=2, loss_fn=lambda out, t: F.kl_div(F.log_softmax(out, -1), t, reduction="batchmean")
+    )
+    for k in s:
+        torch.testing.assert_close(kl[k], s[k])
     custom = singe_scores(model, _data((7,)), steps=2, loss_fn=lambda out, y: F.cross_entropy(out, y) * 2)
     plain = singe_scores(model, _data((7,)), steps=2)
     for k in plain:
@@ -311,22 +318,25 @@ def _digits_models(seeds):
     return data, [recipes.train_dense(fastprune.models.lenet_300_100, data, epochs=10, seed=s) for s in seeds]
 
 
-def test_singe_keeps_more_accuracy_than_the_gradient_criteria_on_digits():
-    # the paper's claim, in direction: one-shot removal of half of each hidden layer's neurons of the
-    # digits MLP, no fine-tune, 3 seeds. Measured (2026-12-02): SInGE 93.7 %, grad x weight 91.7 %,
-    # Taylor 91.1 %, L1 filter 92.3 % (not beaten in every seed: not asserted), random 67.6 %.
+def test_singe_keeps_more_accuracy_than_taylor_on_digits():
+    # the paper's claim, in direction, where it holds on digits: one-shot removal of half of each
+    # hidden layer's neurons of the digits MLP, no fine-tune, 3 seeds. Measured (2026-12-02):
+    # SInGE 93.7 %, Taylor 91.1 % (SInGE ahead in every seed; also at 70 % of the parameters in
+    # benchmarks/quality_singe.py: 90.2 vs 86.1 %), random 67.6 %. Against gradient x weight
+    # (91.7 % here, 90.4 vs 90.2 % in the benchmark) and L1 filter norm (92.3 %; 94.6 vs 90.2 %)
+    # the claim does not hold on digits: not asserted, reported in the README.
     data, models = _digits_models(range(3))
     x = torch.as_tensor(data.test_x[:1])
     acc: dict[str, list[float]] = {}
     for dense in models:
         cal = list(data.train_loader())[:2]
-        for method in ("singe", "grad_weight", "taylor", "random"):
+        for method in ("singe", "taylor", "random"):
             m = copy.deepcopy(dense)
             kw = {} if method == "random" else {"data": cal}
             fastprune.prune(m, method, sparsity=0.5, example_inputs=x, **kw)
             acc.setdefault(method, []).append(evaluate(m, data.test_loader()))
     mean = {k: statistics.mean(v) for k, v in acc.items()}
-    assert mean["singe"] > mean["grad_weight"] and mean["singe"] > mean["taylor"], mean
+    assert mean["singe"] > mean["taylor"] + 0.01, mean
     assert mean["singe"] > mean["random"] + 0.15, mean
 
 
