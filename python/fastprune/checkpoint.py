@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +38,18 @@ def load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict
             param = getattr(module, pname)
             value = state_dict[key]
             torch_prune.custom_from_mask(module, pname, value.to(device=param.device, dtype=param.dtype))
-    model.load_state_dict(dict(state_dict), strict=strict)
+    model.load_state_dict(_with_metadata(state_dict), strict=strict)
     return model
+
+
+def _with_metadata(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The state dict as ``load_state_dict`` wants it, its ``_metadata`` (each module's saved version,
+    which some modules' loaders read) kept."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def _validate(

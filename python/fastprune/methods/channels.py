@@ -244,6 +244,9 @@ def channel_plan(
     """The Plan of a selection: the config as plain data, every group that loses channels."""
     config = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_IN_PLAN}
     config["input_specs"] = input_specs(as_inputs(cfg.example_inputs))
+    # where pruning stopped, and what the analysis could not do: the plan says so
+    config["boundaries"] = [[n, r] for n, r in getattr(groups, "boundaries", [])]
+    config["notes"] = list(getattr(groups, "notes", []))
     total = sum(len(g.prunable) for g in groups if g.id in scores)
     n_removed = sum(len(v) for v in removed.values())
     entries = tuple({**g.to_dict(), "removed": list(removed[g.id])} for g in groups if removed.get(g.id))

@@ -381,4 +381,6 @@ def find_groups(
     out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend
     out.notes = list(graph.notes)
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        out.notes += [f"could not import {mod} ({why})" for mod, why in H.IMPORT_FAILURES.items()]
     return out

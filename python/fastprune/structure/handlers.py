@@ -49,6 +49,8 @@ def register_handler(
 
 
 _transformers_seen = False
+# optional imports that failed: module path -> what is lost (reported in every analysis' notes)
+IMPORT_FAILURES: dict[str, str] = {}
 
 
 def _lookup(table: dict[type, Any], module: nn.Module) -> Any:
@@ -170,11 +172,28 @@ def _conv(an: Any, name: str, m: nn.modules.conv._ConvNd, node: Node, graph: Gra
             an.unify(out_ids, lay.ids)
         else:
             an.pin(out_ids, name, "depthwise conv on an input whose channels are fixed")
+    elif not transposed:
+        # grouped (ResNeXt, RegNet): `groups` stays fixed, so every group must lose the same channels:
+        # channel l of each group (input and output side alike) is removed together [choice: equal
+        # numbers per group rather than whole groups; the cardinality is kept]
+        g = m.groups
+        _tie_within_groups(an, out_ids, g)
+        if lay is not None:
+            _tie_within_groups(an, lay.ids, g)
+            an.slot(name, "weight", 1, "in", like=lay.ids[: len(lay.ids) // g])
     else:
         if lay is not None:
-            an.pin(lay.ids, name, f"grouped conv (groups={m.groups}): channels are kept")
-        an.pin(out_ids, name, f"grouped conv (groups={m.groups}): channels are kept")
+            an.pin(lay.ids, name, f"grouped transposed conv (groups={m.groups}): channels are kept")
+        an.pin(out_ids, name, f"grouped transposed conv (groups={m.groups}): channels are kept")
     return Layout(1, out_ids)
+
+
+def _tie_within_groups(an: Any, ids: np.ndarray, groups: int) -> None:
+    """Unify position l of every one of ``groups`` equal blocks of ``ids`` (block-local index l)."""
+    per = len(ids) // groups
+    blocks = ids.reshape(groups, per)
+    for k in range(1, groups):
+        an.unify(blocks[0], blocks[k])
 
 
 def _conv_fixup(m: nn.modules.conv._ConvNd, before: dict[str, Any]) -> None:
@@ -274,7 +293,7 @@ UNARY = frozenset(
 celu mish softplus softsign tanhshrink logsigmoid dropout dropout1d dropout2d dropout3d alpha_dropout
 feature_alpha_dropout identity clone contiguous detach to float double half bfloat16 type_as abs neg
 exp log sqrt rsqrt square clamp clip clamp_min clamp_max sign erf sin cos reciprocal threshold
-hardshrink softshrink silu_ gelu_ sigmoid_ relu_ nan_to_num""".split()
+hardshrink softshrink silu_ gelu_ sigmoid_ relu_ nan_to_num stochastic_depth""".split()
 )
 BINARY = frozenset("add sub rsub mul div rdiv maximum minimum pow fmod remainder floor_divide".split())
 REDUCTIONS = frozenset("mean sum amax amin max min std var logsumexp norm prod".split())
@@ -650,7 +669,11 @@ def _register_bert_attention() -> None:
     # itself (fastprune/nn/attention.py).
     try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy
         from transformers.models.bert.modeling_bert import BertSelfAttention
-    except Exception:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads
+    except Exception as e:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads, said so
+        IMPORT_FAILURES["transformers.models.bert.modeling_bert"] = (
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; BERT-style self-attention "
+            "heads are not pruned (its q/k/v/output widths are kept)"
+        )
         return
     register_attention(
         BertSelfAttention,

@@ -44,7 +44,7 @@ _ZERO_UNARY = frozenset(
     """relu relu6 gelu silu tanh hardswish leaky_relu elu selu celu mish softsign tanhshrink dropout
 dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity clone contiguous detach to
 float double half bfloat16 type_as abs neg square sin sqrt sign erf hardshrink softshrink silu_ gelu_
-relu_ nan_to_num""".split()
+relu_ nan_to_num stochastic_depth""".split()
 )
 _CLAMPS = {"hardtanh": (-1.0, 1.0), "clamp": (None, None), "clip": (None, None)}
 # channel-preserving ops whose output position reads only the same channel

@@ -1,0 +1,205 @@
+"""Architecture families the structure engine must handle (issue 18), each built here with random
+weights: versioned modules through load_pruned, reported optional-import failures, stochastic
+depth, channel shuffle, grouped convolutions."""
+
+from __future__ import annotations
+
+import copy
+import io
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastprune
+from fastprune.structure import handlers as H
+
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: its loader reads the version saved in the state dict's metadata."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        version = local_metadata.get("version", None)
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _round_trip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_load_pruned_keeps_the_state_dicts_metadata():
+    torch.manual_seed(0)
+    model = Versioned().eval()
+    x = torch.randn(2, 3, 6, 6)
+    # unpruned, as the issue found it on MNASNet
+    fresh = fastprune.load_pruned(Versioned(), _round_trip(model.state_dict()))
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    fresh = fastprune.load_pruned(Versioned(), _round_trip(model.state_dict()))
+    assert fresh.conv.out_channels == 4
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
+def test_a_failed_optional_import_is_named_in_the_report(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    # as if `import transformers.models.bert.modeling_bert` failed (an incompatible transformers)
+    monkeypatch.setattr(H, "_transformers_seen", False)
+    monkeypatch.setattr(H, "IMPORT_FAILURES", {})
+    for table in (H.HEAD_SPECS, H._HANDLERS, H._FIXUPS):
+        monkeypatch.delitem(table, BertSelfAttention, raising=False)
+    monkeypatch.setitem(sys.modules, "transformers.models.bert.modeling_bert", None)
+    groups = fastprune.find_groups(model, ids)
+    text = groups.summary()
+    assert "transformers.models.bert.modeling_bert" in text and "heads" in text, text
+    plan = fastprune.prune(copy.deepcopy(model), "l1_filter", sparsity=0.5, example_inputs=ids, dry_run=True)
+    assert any("transformers.models.bert" in n for n in plan.config["notes"])
+
+
+# ---------------------------------------------------------------------------------- grouped convs
+class ResNeXtBlock(nn.Module):
+    """ResNeXt's bottleneck: 1x1 -> grouped 3x3 (cardinality 4) -> 1x1, and the identity."""
+
+    def __init__(self, c: int = 16, width: int = 32, groups: int = 4) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return F.relu(x + self.bn3(self.conv3(h)))
+
+
+class ResNeXtish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(ResNeXtBlock(), ResNeXtBlock())
+        # RegNet's: a group width of 8 (groups = width // 8) and an expanding grouped conv
+        self.reg = nn.Conv2d(16, 48, 3, padding=1, groups=2)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.reg(self.blocks(self.stem(x)))).mean((2, 3)))
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5])
+def test_grouped_convs_lose_the_same_channels_in_every_group(sparsity):
+    torch.manual_seed(0)
+    model = _random_bn(ResNeXtish())
+    x = torch.randn(2, 3, 8, 8)
+    groups = fastprune.find_groups(model, x)
+    assert not any("grouped conv" in r for _, r in groups.boundaries), groups.boundaries
+    masked = copy.deepcopy(model)
+    plan = fastprune.prune(masked, "l1_filter", sparsity=sparsity, example_inputs=x, mode="mask")
+    fastprune.finalize(masked)
+    compact = copy.deepcopy(model)
+    fastprune.prune(compact, "l1_filter", sparsity=sparsity, example_inputs=x)
+    blk = compact.blocks[0]
+    assert blk.conv2.groups == 4 and blk.conv2.in_channels == blk.conv2.out_channels == int(32 * (1 - sparsity))
+    assert compact.reg.groups == 2 and compact.reg.out_channels == int(48 * (1 - sparsity))
+    assert plan.achieved_sparsity == pytest.approx(sparsity, abs=0.05)
+    xb = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = masked(xb)
+        assert float((compact(xb) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # channel l of every group goes together
+    g = next(
+        g for g in plan.groups if any(m["module"] == "blocks.0.conv1" and m["role"] == "out" for m in g["members"])
+    )
+    out = next(m for m in g["members"] if m["module"] == "blocks.0.conv1" and m["role"] == "out")
+    removed = [p for p, c in enumerate(out["index"]) if c in set(g["removed"])]
+    per_group = [sum(1 for p in removed if p // 8 == k) for k in range(4)]
+    assert len(set(per_group)) == 1 and per_group[0] > 0
+    # and the checkpoint reloads into a fresh model
+    fresh = fastprune.load_pruned(ResNeXtish(), _round_trip(compact.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(xb), compact(xb))
+
+
+# ---------------------------------------------------------------------------------- stochastic depth
+@torch.fx.wrap
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth's contract (FX sees one call, as torchvision wraps it)."""
+    if not training or p == 0.0:
+        return input
+    shape = [input.shape[0]] + [1] * (input.dim() - 1) if mode == "row" else [1] * input.dim()
+    noise = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(1 - p)
+    return input * noise / (1 - p)
+
+
+class SDBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + stochastic_depth(self.bn(self.conv(x)), 0.2, "row", self.training)
+
+
+class SDNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.blocks = nn.Sequential(SDBlock(16), SDBlock(16), SDBlock(16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.blocks(self.stem(x))).mean((2, 3)))
+
+
+def test_stochastic_depth_passes_the_residual_stream_through():
+    torch.manual_seed(2)
+    model = _random_bn(SDNet())
+    x = torch.randn(2, 3, 8, 8)
+    groups = fastprune.find_groups(model, x)
+    assert not any("stochastic_depth" in n for n, _ in groups.boundaries), groups.boundaries
+    stream = next(g for g in groups if any(m.module == "stem.0" for m in g.producers))
+    assert {"blocks.0.conv", "blocks.1.conv", "blocks.2.conv", "fc"} <= set(stream.layers)
+    ref = copy.deepcopy(model)
+    fastprune.prune(ref, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")
+    fastprune.finalize(ref)
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    assert model.stem[0].out_channels == 8 and model.fc.in_features == 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
