@@ -15,6 +15,8 @@ from torch import nn
 
 import fastprune
 from fastprune.structure import handlers as H
+from fastprune.structure.groups import _groups_from, analyse
+from fastprune.structure.trace import trace
 
 
 class Versioned(nn.Module):
@@ -203,3 +205,115 @@ def test_stochastic_depth_passes_the_residual_stream_through():
     assert model.stem[0].out_channels == 8 and model.fc.in_features == 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- owned parameters
+class CNBlock(nn.Module):
+    """ConvNeXt's block: depthwise 7x7, channels-last LayerNorm, Linear 4C, GELU, Linear, layer scale
+    (a parameter the block owns), stochastic depth, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        h = self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2)
+        return x + stochastic_depth(self.layer_scale * h, 0.1, "row", self.training)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.blocks = nn.Sequential(CNBlock(8), CNBlock(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class Encoder(nn.Module):
+    """A ViT encoder that owns its position embedding and class token."""
+
+    def __init__(self, d: int = 12, tokens: int = 4) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, d) * 0.1)
+        self.ln = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 3 * d), nn.Linear(3 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ViTish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 12, 4, stride=4)
+        self.encoder = Encoder()
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(t)[:, 0])
+
+
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_modules_owning_parameters_no_longer_block_their_mlps(family):
+    torch.manual_seed(3)
+    model, x, hidden = (
+        (ConvNeXtish().eval(), torch.randn(2, 3, 8, 8), "blocks.0.fc1")
+        if family == "convnext"
+        else (ViTish().eval(), torch.randn(2, 3, 8, 8), "encoder.fc1")
+    )
+    groups = fastprune.find_groups(model, x)
+    assert any(m.module == hidden for g in groups for m in g.producers), groups.summary()
+    stream = next((g for g in groups if any(m.module in ("stem", "patch") for m in g.producers)), None)
+    if stream is not None:  # the stream is normalised over the channels by LayerNorm: kept
+        assert not stream.prunable
+    width = model.get_submodule(hidden).out_features
+    masked = copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")
+    fastprune.finalize(masked)
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    assert model.get_submodule(hidden).out_features == width // 2
+    xb = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = masked(xb)
+        assert float((model(xb) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_the_layer_scale_and_position_embedding_are_members_of_the_stream():
+    torch.manual_seed(4)
+    for model, x, names in (
+        (ConvNeXtish().eval(), torch.randn(1, 3, 8, 8), {"blocks.0.layer_scale", "blocks.1.layer_scale"}),
+        (ViTish().eval(), torch.randn(1, 3, 8, 8), {"encoder.cls", "encoder.pos"}),
+    ):
+        # the stream is pinned (LayerNorm), so find_groups leaves it out: look at every group
+        g_all = _groups_from(analyse(model, trace(model, (x,), H.is_handled)))
+        stream = next(g for g in g_all if any(m.module in ("stem", "patch") for m in g.producers))
+        assert names <= {m.tensor for m in stream.members}, [m.tensor for m in stream.members]
+
+
+def test_gpt2_conv1d_mlp_widths_are_prunable():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 40, (1, 6))
+    groups = fastprune.find_groups(model, ids)
+    mlp = [g for g in groups if any(m.module.endswith("mlp.c_fc") for m in g.producers)]
+    assert len(mlp) == 2, groups.summary()
+    ref = copy.deepcopy(model)
+    fastprune.prune(ref, "l1_filter", sparsity=0.5, example_inputs=ids, mode="mask")
+    fastprune.finalize(ref)
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=ids, include="*mlp*")
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert c_fc.weight.shape == (16, 16) and c_fc.nf == 16 and model.transformer.h[0].mlp.c_proj.nx == 16
+    other = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(other).logits, ref(other).logits, rtol=1e-4, atol=1e-5)

@@ -198,11 +198,12 @@ def test_count_matches_hand_computation() -> None:
     assert params == 8 * 27 + 8 + 200 * 7 + 7
 
 
-def test_unknown_module_with_parameters_is_a_boundary() -> None:
+def test_a_parameter_a_module_owns_is_sliced_with_its_channels() -> None:
+    # (issue 18: such a module was an opaque boundary) a layer scale broadcast along the channels
     class Scale(nn.Module):
         def __init__(self, c: int) -> None:
             super().__init__()
-            self.s = nn.Parameter(torch.ones(c))
+            self.s = nn.Parameter(torch.rand(c) + 0.5)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.s.view(1, -1, 1, 1)
@@ -212,16 +213,30 @@ def test_unknown_module_with_parameters_is_a_boundary() -> None:
     ).eval()
     x = torch.randn(1, 3, 7, 7)
     groups = find_groups(model, x)
-    assert "1" in dict(groups.boundaries)
-    assert not any(m.module == "0" for g in groups for m in g.producers)
-    assert any(m.module == "3" for g in groups for m in g.producers)
-    ref = model(x)
+    g = next(g for g in groups if any(m.module == "0" for m in g.producers))
+    assert any(m.tensor == "1.s" and m.dim == 0 for m in g.members) and "1" not in dict(groups.boundaries)
     masked = copy.deepcopy(model)
     fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")
     fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
-    assert model[0].out_channels == 8 and model[3].out_channels == 2
-    torch.testing.assert_close(model(x), masked(x), rtol=0, atol=1e-6)
-    assert not torch.equal(ref, model(x))
+    assert model[0].out_channels == 4 and model[1].s.shape == (4,) and model[3].out_channels == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=0, atol=1e-6)
+
+
+def test_a_parameter_used_in_an_unknown_way_is_a_boundary() -> None:
+    class Mix(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(c, c))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nchw,dc->ndhw", x, self.w)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Mix(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 7, 7)
+    groups = find_groups(model, x)
+    assert "einsum()" in dict(groups.boundaries)
+    assert not any(m.module == "0" for g in groups for m in g.producers)
 
 
 def test_conv_transpose_output_channels_are_dim_1() -> None:

@@ -155,6 +155,7 @@ class Analysis:
         self.pinned: set[int] = set()
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
         self.boundaries: dict[str, str] = {}
+        self.param_views: dict[Ref, tuple[str, str, tuple[int | None, ...]]] = {}
         self.modules = dict(model.named_modules())
         # canonical tensor names: the first name under which each Parameter/buffer appears
         self.canonical: dict[int, str] = {}
@@ -191,6 +192,67 @@ class Analysis:
             return
         self.pinned.update(ids.tolist())
         self.boundaries.setdefault(where, reason)
+
+    # values that are a parameter or buffer (or a view / broadcast of one): which of its dims each
+    # dim of the value is, so a parameter broadcast along the channels can join their group
+    _VIEWS = frozenset(
+        "view reshape unsqueeze squeeze expand expand_as broadcast_to contiguous clone to permute transpose".split()
+    )
+
+    def track_param_view(self, i: int, node: Any, graph: Graph) -> None:
+        if node.op != "call":
+            return
+        if node.target == "get_attr":
+            name = node.args[0]
+            mname, _, attr = name.rpartition(".")
+            mod = self.modules.get(mname)
+            t = getattr(mod, attr, None) if mod is not None else None
+            if isinstance(t, torch.Tensor) and (attr in mod._parameters or attr in mod._buffers):
+                self.param_views[Ref(i)] = (mname, attr, tuple(range(t.dim())))
+            return
+        src = node.args[0] if node.args else None
+        if node.target not in self._VIEWS or not isinstance(src, Ref) or src not in self.param_views:
+            return
+        mname, attr, dims = self.param_views[src]
+        xs, out = graph.shape_of(src), node.shapes
+        if xs is None or not isinstance(out, torch.Size):
+            return
+        if node.target in ("permute", "transpose"):
+            nd = len(xs)
+            if node.target == "permute":
+                order = (
+                    node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+                )
+                order = [int(d) % nd for d in order]
+            else:
+                a, b = int(node.args[1]) % nd, int(node.args[2]) % nd
+                order = list(range(nd))
+                order[a], order[b] = order[b], order[a]
+            self.param_views[Ref(i)] = (mname, attr, tuple(dims[d] for d in order))
+            return
+        if node.target in ("expand", "expand_as", "broadcast_to"):
+            if len(out) >= len(xs):  # new leading dims, and size-1 dims broadcast
+                lead = (None,) * (len(out) - len(xs))
+                self.param_views[Ref(i)] = (
+                    mname, attr, lead + tuple(d if xs[j] == out[len(lead) + j] else None for j, d in enumerate(dims))
+                )  # fmt: skip
+            return
+        # a re-view: the dims that are not 1 must be the same, in the same order
+        src_big = [(j, n) for j, n in enumerate(xs) if n != 1]
+        out_big = [(j, n) for j, n in enumerate(out) if n != 1]
+        if [n for _, n in src_big] != [n for _, n in out_big]:
+            return
+        new: list[int | None] = [None] * len(out)
+        for (js, _), (jo, _) in zip(src_big, out_big, strict=True):
+            new[jo] = dims[js]
+        self.param_views[Ref(i)] = (mname, attr, tuple(new))
+
+    def param_dim(self, a: Any, k: int) -> tuple[str, str, int] | None:
+        """(module, attribute, parameter dim) when value ``a``'s dim ``k`` is a parameter's dim."""
+        v = self.param_views.get(a) if isinstance(a, Ref) else None
+        if v is None or k >= len(v[2]) or v[2][k] is None:
+            return None
+        return v[0], v[1], v[2][k]
 
     # slots
     def tensor_name(self, module_name: str, attr: str) -> str:
@@ -245,6 +307,7 @@ def analyse(model: nn.Module, graph: Graph) -> Analysis:
             mod = an.modules[node.target]
             out = H.module_handler(mod)(an, node.target, mod, node, graph, layouts)
         else:
+            an.track_param_view(i, node, graph)
             out = H.call(an, node, graph, layouts)
         if isinstance(out, H.Layout):
             layouts[Ref(i)] = out

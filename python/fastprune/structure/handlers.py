@@ -442,16 +442,23 @@ def _binary(an: Any, node: Node, graph: Graph, layouts: dict, where: str) -> Any
     for _, lay, _ in with_layout:
         if len(lay.ids) != out[c]:  # a broadcast single channel
             an.pin(lay.ids, where, "broadcast over the channels")
-    for _a, lay, s in tensors:
+    params = []
+    for a, lay, s in tensors:
         if lay is None:
             k = c - (nd - len(s))
             if 0 <= k < len(s) and s[k] != 1:
+                origin = an.param_dim(a, k) if full and s[k] == len(full[0].ids) else None
+                if origin is not None:
+                    params.append(origin)  # a layer scale, a position embedding: sliced with the channels
+                    continue
                 for f in full:
                     an.pin(f.ids, where, "combined with a tensor whose channels are not tracked")
     if not full:
         return None
     for f in full[1:]:
         an.unify(full[0].ids, f.ids)
+    for module, attr, dim in params:
+        an.slot(module, attr, dim, "norm", like=full[0].ids)
     return Layout(c, full[0].ids)
 
 
@@ -491,10 +498,22 @@ def _cat(an: Any, node: Node, graph: Graph, layouts: dict, where: str, stack: bo
                 parts.append(lay.ids)
         return Layout(dim, np.concatenate(parts))
     cd = {lay.cdim for lay in lays}
-    if len(cd) == 1 and len(lays) == len(items):
-        for lay in lays[1:]:
-            an.unify(lays[0].ids, lay.ids)
-        return lays[0]
+    if len(cd) == 1:
+        c = next(iter(cd))
+        params = []
+        for a, (lay, s) in zip(seq, items, strict=True):
+            if lay is None:  # a class token or another parameter joined along the tokens
+                origin = an.param_dim(a, c) if s is not None and s[c] == len(lays[0].ids) else None
+                if origin is None:
+                    params = None
+                    break
+                params.append(origin)
+        if params is not None:
+            for lay in lays[1:]:
+                an.unify(lays[0].ids, lay.ids)
+            for module, attr, pdim in params:
+                an.slot(module, attr, pdim, "norm", like=lays[0].ids)
+            return lays[0]
     for lay in lays:
         an.pin(lay.ids, where, "concatenates along a dimension that is not the channel dimension")
     return None
@@ -667,6 +686,7 @@ def _register_bert_attention() -> None:
     # Called when the analysis first meets a transformers module, not when fastprune is imported
     # (importing transformers costs ~2.4 s here). fastprune.nn.MultiheadSelfAttention registers
     # itself (fastprune/nn/attention.py).
+    _register_gpt_conv1d()
     try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception as e:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads, said so
@@ -679,3 +699,48 @@ def _register_bert_attention() -> None:
         BertSelfAttention,
         HeadSpec("query", "key", "value", None, "num_attention_heads", "attention_head_size", self_only=True),
     )
+
+
+# Linear-like layers: class -> the weight dim holding the input features (the output features are
+# the other one). nn.Linear is (out, in); transformers' Conv1D (GPT-2) is (in, out).
+LINEAR_LIKE: dict[type, int] = {nn.Linear: 1}
+
+
+def linear_in_dim(module: nn.Module) -> int | None:
+    """The weight dim of a Linear-like layer's input features, None for other modules."""
+    for cls in type(module).__mro__:
+        if cls in LINEAR_LIKE:
+            return LINEAR_LIKE[cls]
+    return None
+
+
+def _gpt_conv1d(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> Layout:
+    """transformers' Conv1D: ``y = x @ W + b`` with W of shape (in, out)."""
+    lay = _input_layout(node, layouts)
+    x = _arg(node, 0, "x")
+    shape = graph.shape_of(x) if isinstance(x, Ref) else None
+    if lay is not None:
+        if shape is not None and lay.cdim == len(shape) - 1:
+            an.slot(name, "weight", 0, "in", like=lay.ids)
+        else:
+            an.pin(lay.ids, name, "Conv1D applied along a dimension that is not the channel dimension")
+    out_ids = _out_slot(an, name, m, 1)
+    nd = len(node.shapes) if isinstance(node.shapes, torch.Size) else 2
+    return Layout(nd - 1, out_ids)
+
+
+def _gpt_conv1d_fixup(m: Any, before: dict[str, Any]) -> None:  # noqa: ARG001
+    m.nx, m.nf = m.weight.shape
+
+
+def _register_gpt_conv1d() -> None:
+    try:  # transformers is optional and heavy: read only once a transformers module was seen
+        from transformers.pytorch_utils import Conv1D
+    except Exception as e:  # noqa: BLE001 - transformers missing or incompatible
+        IMPORT_FAILURES["transformers.pytorch_utils"] = (
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; GPT-2's Conv1D layers are "
+            "boundaries"
+        )
+        return
+    LINEAR_LIKE[Conv1D] = 0
+    register_handler(Conv1D, _gpt_conv1d, _gpt_conv1d_fixup)

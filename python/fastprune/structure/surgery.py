@@ -242,7 +242,7 @@ def _capture_inputs(
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {n: [] for n in need}
     handles = []
     for n, pos in need.items():
-        cdim = -1 if isinstance(modules[n], nn.Linear) else 1
+        cdim = -1 if H.linear_in_dim(modules[n]) is not None else 1
 
         def hook(
             mod: nn.Module, args: tuple, kwargs: dict, n: str = n, pos: torch.Tensor = pos, cdim: int = cdim
@@ -374,8 +374,10 @@ def _by_channel(mem: Member) -> dict[int, list[int]]:
 def _fold(mod: nn.Module, mem: Member, pos: list[int], c: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     """Bias change that absorbs constant inputs ``c`` at positions ``pos``; (delta, exact)."""
     w = mod.weight.detach()
-    if isinstance(mod, nn.Linear) and mem.dim == 1:
-        return w[:, pos].to(torch.float64) @ c.to(torch.float64), True
+    ind = H.linear_in_dim(mod)
+    if ind is not None and mem.dim == ind:  # Linear (out, in), GPT-2's Conv1D (in, out)
+        cols = w.index_select(ind, torch.tensor(pos, device=w.device)).to(torch.float64)
+        return (cols if ind == 1 else cols.T) @ c.to(torch.float64), True
     if isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed and mem.dim == 1 and mod.groups == 1:
         pad = mod.padding
         exact = pad == "valid" if isinstance(pad, str) else all(p == 0 for p in pad)
@@ -531,7 +533,7 @@ def compact(
                         base = (
                             old.detach().to(torch.float64)
                             if old is not None
-                            else torch.zeros(mod.weight.shape[0], dtype=torch.float64, device=mod.weight.device)
+                            else torch.zeros(delta.shape[0], dtype=torch.float64, device=mod.weight.device)
                         )
                     deltas[name] = base + sign * delta
         # a removed channel may leave a group with none (only when every channel was zero)

@@ -2,13 +2,14 @@
 
 Two front ends produce the same :class:`Graph`:
 
-* :func:`trace_fx`: ``torch.fx`` symbolic tracing with fastprune's own leaf rule (modules that own
-  parameters directly, or that a handler claims, are leaves; everything else is traced through),
-  shapes filled in by running the traced module once on the example inputs.
+* :func:`trace_fx`: ``torch.fx`` symbolic tracing with fastprune's own leaf rule (modules that a
+  handler claims are leaves; everything else is traced through, its own parameters becoming
+  ``get_attr`` values), shapes filled in by running the traced module once on the example inputs.
 * :func:`trace_dynamic`: the fallback for code FX cannot trace (data-dependent control flow,
   ``len()`` of proxies, ...): the model runs once on the example inputs under a
   ``TorchFunctionMode`` that records every torch call outside leaf modules, and forward hooks
-  record the leaf-module calls. It sees exactly the path taken on those inputs.
+  record the leaf-module calls. It sees exactly the path taken on those inputs. Here modules that
+  own parameters directly are leaves too (their parameters would arrive unnamed).
 
 Nodes refer to the values they consume with :class:`Ref`; a value is a tensor with a known shape.
 Function targets are normalised to short names (``"add"``, ``"cat"``, ``"flatten"``...) so the
@@ -165,8 +166,11 @@ class LeafTracer(torch.fx.Tracer):
 
 
 def structure_tracer(handled: Callable[[nn.Module], bool]) -> LeafTracer:
-    """The tracer of the structure analysis: leaves are handled modules and modules owning parameters."""
-    return LeafTracer(lambda m: is_leaf(m, handled))
+    """The tracer of the structure analysis: leaves are the modules a handler claims. A module that
+    owns parameters directly but has no handler (a ConvNeXt block's layer scale, a ViT's position
+    embedding) is traced through: its parameters appear as ``get_attr`` values, which the analysis
+    follows (a parameter broadcast along the channels joins their group) or treats as untracked."""
+    return LeafTracer(handled)
 
 
 class _MetaShapeProp(ShapeProp):

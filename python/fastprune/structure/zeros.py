@@ -171,7 +171,7 @@ class _Walk:
         ref = Ref(i)
         x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         lay = self.layouts.get(ref)
-        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+        if isinstance(mod, nn.modules.conv._ConvNd) or H.linear_in_dim(mod) is not None:
             self.note(node.target, x)
         if (spec := H.head_spec(mod)) is not None:
             if spec.self_only:
@@ -218,10 +218,12 @@ class _Walk:
             zero_of_zero = beta0 & (gamma0 | mean0 | (among if mod.running_mean is None or mod.training else set()))
             self.put(ref, (zin & zero_of_zero) | (gamma0 & beta0), kin | gamma0)
             return
-        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)):
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)) or H.linear_in_dim(mod) is not None:
             w = mod.weight
             if isinstance(mod, nn.Embedding):
                 dim = 1
+            elif (ind := H.linear_in_dim(mod)) is not None:
+                dim = 1 - ind
             elif isinstance(mod, nn.modules.conv._ConvNd) and mod.transposed:
                 if mod.groups != 1:
                     return
