@@ -153,7 +153,16 @@ def _apply_channels(model: nn.Module, plan: Plan, example_inputs: Any, trace: Gr
     asked = sum(len(v) for v in removed.values())
     done = report.num_removed
     achieved = plan.achieved_sparsity * (done / asked) if asked else plan.achieved_sparsity
-    return dataclasses.replace(plan, groups=entries, achieved_sparsity=achieved)
+    config = {
+        **plan.config,
+        "compaction": {
+            "exact": not report.approximate,
+            "approximate_norms": list(report.approximate_norms),
+            "max_abs_diff": report.max_abs_diff,
+            "folded": list(report.folded),
+        },
+    }
+    return dataclasses.replace(plan, config=config, groups=entries, achieved_sparsity=achieved)
 
 
 # Plan.apply (replaying a saved plan) is this function: plan.py depends on nothing in the package,

@@ -470,7 +470,11 @@ class EntwinedPruner(BasePruner):
         self.started = True
         if self.mode == "mask" and self._mask_groups is None:
             self._mask_groups = find_groups(
-                self.model, self.inputs, include=self.config.include, exclude=self.config.exclude
+                self.model,
+                self.inputs,
+                include=self.config.include,
+                exclude=self.config.exclude,
+                prune_norms=self.config.prune_norms,
             )
         groups, scores = channel_scores(self.model, self.config, self._mask_groups)
         n_live = sum(len(set(g.prunable) - self.removed.get(g.id, set())) for g in groups if g.id in scores)

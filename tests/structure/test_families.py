@@ -317,3 +317,54 @@ def test_gpt2_conv1d_mlp_widths_are_prunable():
     other = torch.randint(0, 40, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(model(other).logits, ref(other).logits, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- prune_norms
+class GNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16)
+        self.b = nn.Conv2d(16, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(8, 12), nn.RMSNorm(12), nn.GELU(), nn.Linear(12, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(F.relu(self.b(F.relu(self.gn(self.a(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "groupnorm"])
+def test_prune_norms_shrinks_normalised_widths_and_reports_the_deviation(family):
+    torch.manual_seed(5)
+    model = {"vit": ViTish, "convnext": ConvNeXtish, "groupnorm": GNNet}[family]().eval()
+    x = torch.randn(2, 3, 8, 8)
+    exact = fastprune.find_groups(model, x)
+    loose = fastprune.find_groups(model, x, prune_norms=True)
+    assert sum(len(g.prunable) for g in loose) > sum(len(g.prunable) for g in exact)
+    assert loose.approximate_norms and not exact.approximate_norms
+    masked = copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask", prune_norms=True)
+    fastprune.finalize(masked)
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x, prune_norms=True)
+    comp = plan.config["compaction"]
+    assert not comp["exact"] and comp["approximate_norms"] and comp["max_abs_diff"] > 0
+    with torch.no_grad():  # the deviation reported is the one measured on the example inputs
+        measured = float((model(x).double() - masked(x).double()).abs().max())
+    assert comp["max_abs_diff"] == pytest.approx(measured, rel=1e-4, abs=1e-7)
+    if family == "vit":
+        assert model.patch.out_channels == 6 and model.encoder.cls.shape == (1, 1, 6)
+        assert model.encoder.pos.shape == (1, 5, 6) and model.encoder.ln.normalized_shape == (6,)
+    elif family == "convnext":
+        assert model.stem.out_channels == 4 and model.blocks[0].layer_scale.shape == (4, 1, 1)
+        assert model.blocks[0].dw.groups == 4 and model.blocks[0].norm.weight.shape == (4,)
+    else:
+        assert model.gn.num_groups == 4 and model.gn.num_channels == model.a.out_channels == 8
+        assert model.mlp[1].normalized_shape == (6,)
+    model(torch.randn(1, 3, 8, 8))  # still runs, at another batch size
+
+
+def test_without_prune_norms_the_plan_says_compaction_was_exact():
+    torch.manual_seed(6)
+    model = GNNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    assert plan.config["compaction"]["exact"] and not plan.config["compaction"]["approximate_norms"]
+    assert model.gn.num_channels == 16  # the GroupNorm's channels are a boundary by default

@@ -74,6 +74,10 @@ class ChannelConfig:
         layer_sparsity: per-layer ratios, as NISP's paper prunes: ``{module name or glob: fraction}``;
             a group takes the ratio of the first pattern matching one of its producing layers, else
             ``sparsity`` (``scope="layer"`` only; a pattern that matches no group is an error).
+        prune_norms: let channels through LayerNorm / RMSNorm / GroupNorm (their affine parameters
+            sliced): a transformer's hidden width, a ConvNeXt's channels can shrink; compaction is
+            then approximate (the norms' statistics change), measured and reported in the plan's
+            ``config["compaction"]``. Default False: exact.
     """
 
     sparsity: float | None = None
@@ -87,6 +91,7 @@ class ChannelConfig:
     allow_approximate: bool = False
     reduction: Literal["sum", "mean", "max"] = "sum"
     layer_sparsity: Mapping[str, float] | None = None
+    prune_norms: bool = False
 
     def __post_init__(self) -> None:
         if type(self) is ChannelConfig:
@@ -218,7 +223,9 @@ def channel_scores(
     config's criterion gives them on its calibration data."""
     name = method_for_config(cfg).name
     if groups is None:
-        groups = find_groups(model, as_inputs(cfg.example_inputs), include=cfg.include, exclude=cfg.exclude)
+        groups = find_groups(
+            model, as_inputs(cfg.example_inputs), include=cfg.include, exclude=cfg.exclude, prune_norms=cfg.prune_norms
+        )
     if not isinstance(groups, GroupList):
         groups = GroupList(groups)
     if not groups:

@@ -128,11 +128,13 @@ class Group:
 
 class GroupList(list):
     """``list[Group]`` with what the analysis found on the way: ``boundaries`` (name, reason)
-    where pruning stops, ``frontend`` (``"fx"`` or ``"dynamic"``) and ``notes``."""
+    where pruning stops, ``frontend`` (``"fx"`` or ``"dynamic"``), ``notes`` and, with
+    ``prune_norms``, ``approximate_norms`` (the normalisations channels may pass)."""
 
     boundaries: list[tuple[str, str]]
     frontend: str
     notes: list[str]
+    approximate_norms: Sequence[str] = ()
     _trace: Any = None
 
     def summary(self) -> str:
@@ -149,8 +151,10 @@ class GroupList(list):
 class Analysis:
     """Union-find over channel elements, slots and value layouts (used by the handlers)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, prune_norms: bool = False) -> None:
         self.model = model
+        self.prune_norms = prune_norms
+        self.approximate_norms: list[str] = []  # norms whose channels may go (prune_norms): not exact
         self.parent: list[int] = []
         self.pinned: set[int] = set()
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
@@ -290,8 +294,8 @@ def _layout_of(layouts: dict[Ref, Any], a: Any) -> Any:
     return layouts.get(a) if isinstance(a, Ref) else None
 
 
-def analyse(model: nn.Module, graph: Graph) -> Analysis:
-    an = Analysis(model)
+def analyse(model: nn.Module, graph: Graph, prune_norms: bool = False) -> Analysis:
+    an = Analysis(model, prune_norms)
     layouts: dict[Ref, Any] = {}
     an.layouts = layouts
     for i, node in enumerate(graph.nodes):
@@ -394,6 +398,7 @@ def find_groups(
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
+    prune_norms: bool = False,
 ) -> GroupList:
     """The model's coupled-channel groups.
 
@@ -404,6 +409,10 @@ def find_groups(
         example_inputs: a tensor or a tuple of positional inputs; the shapes the analysis sees.
         include / exclude: module-name globs; a group is kept only if one of its producing layers
             matches ``include`` (when given) and none of its members matches ``exclude``.
+        prune_norms: let channels pass through LayerNorm / RMSNorm (over the channels) and GroupNorm,
+            slicing their affine parameters (Torch-Pruning and LLM width pruning do this). Removing
+            a channel then changes the statistics the norm computes for the others, so compaction is
+            approximate: it measures and reports the deviation (``approximate_norms`` lists them).
 
     Returns:
         A :class:`GroupList` (a list of :class:`Group`, each with at least one removable channel),
@@ -418,7 +427,7 @@ def find_groups(
     try:
         with eval_mode(model):
             graph = trace(model, inputs, H.is_handled)
-            an = analyse(model, graph)
+            an = analyse(model, graph, prune_norms)
     except TraceError:
         raise  # says what failed, with the inputs' dtypes and shapes
     except RuntimeError as e:
@@ -443,6 +452,7 @@ def find_groups(
     # what the zero analysis of compaction needs (see fastprune.structure.zeros)
     out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend
+    out.approximate_norms = list(an.approximate_norms)
     out.notes = list(graph.notes)
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
         out.notes += [f"could not import {mod} ({why})" for mod, why in H.IMPORT_FAILURES.items()]

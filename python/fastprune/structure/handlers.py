@@ -241,7 +241,12 @@ def _batchnorm_fixup(m: nn.modules.batchnorm._NormBase, before: dict[str, Any]) 
         m.num_features = t.shape[0]
 
 
-def _channel_norm(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> None:
+def _channel_norm(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> Any:
+    lay = _input_layout(node, layouts)
+    if getattr(an, "prune_norms", False) and lay is not None:
+        out = _prunable_norm(an, name, m, node, graph, lay)
+        if out is not None:
+            return out
     _pin_inputs(
         an,
         node,
@@ -280,8 +285,45 @@ def _mha(an: Any, name: str, m: nn.MultiheadAttention, node: Node, graph: Graph,
 register_handler(nn.modules.conv._ConvNd, _conv, _conv_fixup)
 register_handler(nn.Linear, _linear, _linear_fixup)
 register_handler(nn.modules.batchnorm._NormBase, _batchnorm, _batchnorm_fixup)
-for _cls in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm):
-    register_handler(_cls, _channel_norm)
+
+
+def _prunable_norm(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, lay: Layout) -> Layout | None:
+    """``prune_norms=True``: a LayerNorm / RMSNorm over the channels alone, or a GroupNorm (each
+    group losing the same channels, ``num_groups`` fixed), passes the channels through and its
+    affine parameters are sliced with them. Its statistics then change: compaction is approximate
+    (measured and reported). Other normalisations keep their channels."""
+    x = _arg(node, 0, "input")
+    shape = graph.shape_of(x) if isinstance(x, Ref) else None
+    if shape is None:
+        return None
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        if tuple(m.normalized_shape) != (shape[-1],) or lay.cdim != len(shape) - 1:
+            return None  # normalised over more than the channels
+    elif isinstance(m, nn.GroupNorm):
+        if lay.cdim != 1:
+            return None
+        _tie_within_groups(an, lay.ids, m.num_groups)
+    else:
+        return None
+    for attr in ("weight", "bias"):
+        an.slot(name, attr, 0, "norm", like=lay.ids)
+    an.approximate_norms.append(name)
+    return lay
+
+
+def _norm_fixup(m: nn.Module, before: dict[str, Any]) -> None:  # noqa: ARG001
+    w = m.weight if getattr(m, "weight", None) is not None else getattr(m, "bias", None)
+    if w is None:
+        return
+    if isinstance(m, nn.GroupNorm):
+        m.num_channels = w.shape[0]
+    else:
+        m.normalized_shape = (w.shape[0],)
+
+
+for _cls in (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm):
+    register_handler(_cls, _channel_norm, _norm_fixup)
+register_handler(nn.LocalResponseNorm, _channel_norm)
 register_handler(nn.modules.instancenorm._InstanceNorm, _channel_norm)
 register_handler(nn.Embedding, _embedding, _embedding_fixup)
 register_handler(nn.MultiheadAttention, _mha)

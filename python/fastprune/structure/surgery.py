@@ -41,6 +41,9 @@ from fastprune.structure.zeros import ChannelStates, channel_states, following_n
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
 
+# normalisations over the channels (prune_norms lets channels through them): never exact to remove
+_STAT_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
 
 @dataclass
 class CompactionReport:
@@ -50,7 +53,9 @@ class CompactionReport:
         removed: group id -> channels removed.
         kept: (group id, channel, reason) for zero-filter channels that were kept.
         folded: consumer tensors whose bias absorbed a removed channel's constant.
-        approximate: True when a constant was folded where that is not exact.
+        approximate: True when a constant was folded where that is not exact, or channels left a
+            LayerNorm / RMSNorm / GroupNorm (``prune_norms``; listed in ``approximate_norms``), whose
+            statistics over the remaining channels change.
         max_abs_diff: max |output after - output before| on the example inputs (None if nothing
             was removed); params_before / params_after: parameter counts.
     """
@@ -59,6 +64,7 @@ class CompactionReport:
     kept: list[tuple[int, int, str]] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
     approximate: bool = False
+    approximate_norms: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
     params_before: int = 0
     params_after: int = 0
@@ -467,7 +473,15 @@ def compact(
                         need_np.setdefault(mem.module, set()).update(pos)
         need = {n: torch.tensor(sorted(p), dtype=torch.long) for n, p in need_np.items()}
         col = {n: {p: k for k, p in enumerate(v.tolist())} for n, v in need.items()}
-        if states is not None and not verify and _all_zero(states, by_id, candidates, group_root, need):
+        norms = sorted(
+            {
+                m.module
+                for gid in candidates
+                for m in by_id[gid].members
+                if m.role == "norm" and isinstance(modules[m.module], _STAT_NORMS)
+            }
+        )
+        if states is not None and not verify and not norms and _all_zero(states, by_id, candidates, group_root, need):
             # every consumer provably reads exact zeros (see fastprune.structure.zeros): no forward
             seen = {n: [(torch.zeros(len(v)), torch.zeros(len(v)), torch.zeros(len(v)))] for n, v in need.items()}
             before = None
@@ -554,7 +568,11 @@ def compact(
         remove_channels(model, groups, removed, replace=replace)
         report.removed = removed
         report.folded = sorted(replace)
-        if before is not None and (replace or verify):
+        touched = sorted({m.module for gid in removed for m in by_id[gid].members if m.module in norms})
+        if touched:
+            report.approximate = True  # the norms' statistics over the remaining channels change
+            report.approximate_norms = touched
+        if before is not None and (replace or verify or report.approximate_norms):
             # folding changes arithmetic: measure what it did (removing exact zeros cannot change
             # the function, so that case is not re-run unless verify=True)
             with torch.no_grad():
