@@ -368,3 +368,64 @@ def test_without_prune_norms_the_plan_says_compaction_was_exact():
     plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
     assert plan.config["compaction"]["exact"] and not plan.config["compaction"]["approximate_norms"]
     assert model.gn.num_channels == 16  # the GroupNorm's channels are a boundary by default
+
+
+# ---------------------------------------------------------------------------------- attention
+def _llama(kv_heads: int):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=32, head_dim=4,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_llama_grouped_query_attention_loses_whole_kv_groups(kv_heads):
+    model = _llama(kv_heads)
+    ids = torch.randint(0, 50, (1, 7))
+    groups = fastprune.find_groups(model, ids)
+    heads = [g for g in groups if any(m.module.endswith("self_attn.q_proj") for m in g.producers)]
+    assert len(heads) == 2 and all(g.channels == kv_heads for g in heads), groups.summary()
+    mlp = [g for g in groups if any(m.module.endswith("mlp.gate_proj") for m in g.producers)]
+    assert len(mlp) == 2
+    masked = copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=ids, mode="mask")
+    fastprune.finalize(masked)
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=ids)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 8 and attn.k_proj.out_features == 4 * kv_heads // 2
+    assert attn.o_proj.in_features == 8 and attn.num_key_value_groups == 4 // kv_heads
+    assert plan.config["compaction"]["exact"]
+    other = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(other).logits, masked(other).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_an_attention_class_without_a_head_description_is_named():
+    class WeirdAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).unbind(2)
+            a = torch.softmax(torch.einsum("bthd,bshd->bhts", q, k), -1)
+            return self.proj(torch.einsum("bhts,bshd->bthd", a, v).reshape(x.shape))
+
+    model = nn.Sequential(nn.Linear(5, 8), WeirdAttention(), nn.Linear(8, 3))
+    groups = fastprune.find_groups(model, torch.randn(2, 6, 5))
+    assert any("WeirdAttention" in n and "head" in n for n in groups.notes), groups.notes
+
+
+def test_llama_hidden_width_shrinks_with_prune_norms():
+    model = _llama(2)
+    ids = torch.randint(0, 50, (1, 7))
+    exact = fastprune.find_groups(model, ids)
+    assert not any(m.module == "model.embed_tokens" for g in exact for m in g.producers)  # RMSNorm: kept
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.25, example_inputs=ids, prune_norms=True)
+    comp = plan.config["compaction"]
+    assert not comp["exact"] and "model.norm" in comp["approximate_norms"] and comp["max_abs_diff"] > 0
+    assert model.model.embed_tokens.weight.shape == (50, 12) and model.model.norm.weight.shape == (12,)
+    assert model.lm_head.in_features == 12 and model(torch.randint(0, 50, (2, 5))).logits.shape == (2, 5, 50)

@@ -383,6 +383,25 @@ def _groups_from(an: Analysis) -> list[Group]:
     return groups
 
 
+def _unknown_attention(model: nn.Module) -> list[str]:
+    """Attention modules the analysis has no head description for (never a silent "heads kept")."""
+    out = []
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        if "attention" not in cls.lower() or H.is_handled(m):
+            continue
+        subs = [d for d in m.modules() if d is not m]
+        if any(H.head_spec(d) is not None or isinstance(d, nn.MultiheadAttention) for d in subs):
+            continue  # a wrapper around an attention fastprune knows (BertAttention)
+        if not any(H.linear_in_dim(d) is not None for d in subs):
+            continue
+        out.append(
+            f"{cls} at {name or '<root>'}: no head description (HeadSpec) for this attention class, so its heads "
+            "are not pruned as heads (fastprune.structure.handlers.register_attention teaches it)"
+        )
+    return out
+
+
 def as_inputs(example_inputs: Any) -> tuple:
     """A tensor or a sequence of inputs as the tuple of positional inputs."""
     if isinstance(example_inputs, torch.Tensor):
@@ -453,7 +472,7 @@ def find_groups(
     out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend
     out.approximate_norms = list(an.approximate_norms)
-    out.notes = list(graph.notes)
+    out.notes = list(graph.notes) + _unknown_attention(model)
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
         out.notes += [f"could not import {mod} ({why})" for mod, why in H.IMPORT_FAILURES.items()]
     return out

@@ -8,6 +8,7 @@ parameters and no handler is a boundary: its inputs and outputs keep all their c
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -296,8 +297,9 @@ def _prunable_norm(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, l
     shape = graph.shape_of(x) if isinstance(x, Ref) else None
     if shape is None:
         return None
-    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-        if tuple(m.normalized_shape) != (shape[-1],) or lay.cdim != len(shape) - 1:
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m) in NORM_LIKE:
+        norm_shape = tuple(getattr(m, "normalized_shape", None) or tuple(m.weight.shape))
+        if norm_shape != (shape[-1],) or lay.cdim != len(shape) - 1:
             return None  # normalised over more than the channels
     elif isinstance(m, nn.GroupNorm):
         if lay.cdim != 1:
@@ -317,7 +319,7 @@ def _norm_fixup(m: nn.Module, before: dict[str, Any]) -> None:  # noqa: ARG001
         return
     if isinstance(m, nn.GroupNorm):
         m.num_channels = w.shape[0]
-    else:
+    elif hasattr(m, "normalized_shape"):
         m.normalized_shape = (w.shape[0],)
 
 
@@ -661,13 +663,15 @@ def _permute(an: Any, node: Node, lay: Layout, xs: torch.Size, out: Any, where: 
 class HeadSpec:
     """Where a multi-head attention module keeps its projections: ``q``/``k``/``v`` (and ``out``,
     or None when the output projection lives outside the module) are Linear attribute names, ``heads``
-    and ``head_dim`` the attributes holding H and D; ``self_only``: one input feeds q, k and v."""
+    and ``head_dim`` the attributes holding H and D (``heads`` None: H is read from q's width, as
+    for Llama, whose code infers it); ``self_only``: one input feeds q, k and v. Fewer key / value
+    rows than query rows is grouped-query attention: whole KV groups are pruned."""
 
     q: str
     k: str
     v: str
     out: str | None
-    heads: str
+    heads: str | None
     head_dim: str
     self_only: bool = False
 
@@ -696,10 +700,21 @@ def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: di
             an.slot(f"{name}.{proj}", "weight", 1, "in", like=lay.ids)
         else:
             an.pin(lay.ids, name, "attention input channels not on the last dimension")
-    # one element per head: every row of a head (in q, k and v) and its output columns go together
-    rows = np.repeat(an.new(getattr(m, spec.heads)), getattr(m, spec.head_dim))
-    for proj in (spec.q, spec.k, spec.v):
-        an.unify(_out_slot(an, f"{name}.{proj}", getattr(m, proj), 0), rows)
+    # one element per head: every row of a head (in q, k and v) and its output columns go together.
+    # Grouped-query attention (fewer key / value heads than query heads, Llama): one element per
+    # key / value head, with the query heads that share it [choice: whole KV groups go, so the
+    # number of query heads per KV head stays what the code assumes]
+    d = int(getattr(m, spec.head_dim))
+    h = int(getattr(m, spec.heads)) if spec.heads else getattr(m, spec.q).weight.shape[0] // d
+    kv = getattr(m, spec.k).weight.shape[0] // d
+    if kv == h:
+        rows = kv_rows = np.repeat(an.new(h), d)
+    else:
+        heads_kv = an.new(kv)
+        kv_rows, rows = np.repeat(heads_kv, d), np.repeat(np.repeat(heads_kv, h // kv), d)
+    an.unify(_out_slot(an, f"{name}.{spec.q}", getattr(m, spec.q), 0), rows)
+    for proj in (spec.k, spec.v):
+        an.unify(_out_slot(an, f"{name}.{proj}", getattr(m, proj), 0), kv_rows)
     shapes = node.shapes
     first = shapes[0] if _multi(shapes) else shapes
     nd = len(first) if isinstance(first, torch.Size) else 3
@@ -713,9 +728,14 @@ def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: di
 def _attention_fixup(m: Any, before: dict[str, Any]) -> None:  # noqa: ARG001
     spec = head_spec(m)
     d = getattr(m, spec.head_dim)
-    setattr(m, spec.heads, getattr(m, spec.q).weight.shape[0] // d)
+    heads = getattr(m, spec.q).weight.shape[0] // d
+    if spec.heads:
+        setattr(m, spec.heads, heads)
+    for attr, value in (("num_heads", heads), ("num_key_value_heads", getattr(m, spec.k).weight.shape[0] // d)):
+        if isinstance(getattr(m, attr, None), int):
+            setattr(m, attr, value)
     if hasattr(m, "all_head_size"):
-        m.all_head_size = getattr(m, spec.heads) * d
+        m.all_head_size = heads * d
 
 
 def register_attention(cls: type, spec: HeadSpec) -> None:
@@ -729,6 +749,7 @@ def _register_bert_attention() -> None:
     # (importing transformers costs ~2.4 s here). fastprune.nn.MultiheadSelfAttention registers
     # itself (fastprune/nn/attention.py).
     _register_gpt_conv1d()
+    _register_llama_family()
     try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception as e:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads, said so
@@ -786,3 +807,30 @@ def _register_gpt_conv1d() -> None:
         return
     LINEAR_LIKE[Conv1D] = 0
     register_handler(Conv1D, _gpt_conv1d, _gpt_conv1d_fixup)
+
+
+# Llama-style decoders (grouped-query attention, RMSNorm): the module paths and class prefixes of
+# the families that share LlamaAttention's layout (q/k/v/o_proj, head_dim, heads inferred)
+_LLAMA_FAMILY = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
+NORM_LIKE: set[type] = set()  # RMSNorm-style modules over the last dim with a (C,) weight
+
+
+def _register_llama_family() -> None:
+    for mod, prefix in _LLAMA_FAMILY:
+        path = f"transformers.models.{mod}.modeling_{mod}"
+        try:
+            module = importlib.import_module(path)
+        except Exception as e:  # noqa: BLE001 - transformers without this family, or incompatible
+            if mod == "llama":
+                IMPORT_FAILURES[path] = (
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; Llama attention heads "
+                    "are not pruned"
+                )
+            continue
+        attn = getattr(module, f"{prefix}Attention", None)
+        if attn is not None:
+            register_attention(attn, HeadSpec("q_proj", "k_proj", "v_proj", "o_proj", None, "head_dim", self_only=True))
+        norm = getattr(module, f"{prefix}RMSNorm", None)
+        if norm is not None:
+            NORM_LIKE.add(norm)
+            register_handler(norm, _channel_norm, _norm_fixup)

@@ -478,7 +478,8 @@ def compact(
                 m.module
                 for gid in candidates
                 for m in by_id[gid].members
-                if m.role == "norm" and isinstance(modules[m.module], _STAT_NORMS)
+                if m.role == "norm"
+                and (isinstance(modules[m.module], _STAT_NORMS) or type(modules[m.module]) in H.NORM_LIKE)
             }
         )
         if states is not None and not verify and not norms and _all_zero(states, by_id, candidates, group_root, need):
