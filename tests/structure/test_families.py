@@ -309,7 +309,7 @@ def test_gpt2_conv1d_mlp_widths_are_prunable():
     mlp = [g for g in groups if any(m.module.endswith("mlp.c_fc") for m in g.producers)]
     assert len(mlp) == 2, groups.summary()
     ref = copy.deepcopy(model)
-    fastprune.prune(ref, "l1_filter", sparsity=0.5, example_inputs=ids, mode="mask")
+    fastprune.prune(ref, "l1_filter", sparsity=0.5, example_inputs=ids, mode="mask", include="*mlp*")
     fastprune.finalize(ref)
     fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=ids, include="*mlp*")
     c_fc = model.transformer.h[0].mlp.c_fc
@@ -429,3 +429,67 @@ def test_llama_hidden_width_shrinks_with_prune_norms():
     assert not comp["exact"] and "model.norm" in comp["approximate_norms"] and comp["max_abs_diff"] > 0
     assert model.model.embed_tokens.weight.shape == (50, 12) and model.model.norm.weight.shape == (12,)
     assert model.lm_head.in_features == 12 and model(torch.randint(0, 50, (2, 5))).logits.shape == (2, 5, 50)
+
+
+def _hf(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(8)
+    if name == "vit":
+        cfg = transformers.ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=24,
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            num_labels=3,
+        )
+        return transformers.ViTForImageClassification(cfg).eval(), torch.randn(1, 3, 8, 8)
+    if name == "swin":
+        cfg = transformers.SwinConfig(
+            image_size=8,
+            patch_size=2,
+            num_channels=3,
+            embed_dim=8,
+            depths=[2],
+            num_heads=[4],
+            window_size=2,
+            num_labels=3,
+        )
+        return transformers.SwinForImageClassification(cfg).eval(), torch.randn(1, 3, 8, 8)
+    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=4, n_inner=24)
+    return transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 40, (1, 6))
+
+
+def _logits(model, x):
+    out = model(x)
+    return out.logits
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "gpt2"])
+def test_hf_attention_heads_are_prunable(name):
+    model, x = _hf(name)
+    with torch.no_grad():  # a bias table that is not zero, so slicing it matters
+        for mod in model.modules():
+            if hasattr(mod, "relative_position_bias_table"):
+                mod.relative_position_bias_table.normal_()
+    groups = fastprune.find_groups(model, x)
+    heads = [g for g in groups if any(m.module.endswith(("q_proj", "c_attn")) for m in g.producers)]
+    assert heads and all(g.channels == 4 for g in heads), groups.summary()
+    if name == "swin":
+        assert any(m.tensor.endswith("relative_position_bias_table") and m.dim == 1 for m in heads[0].members)
+    masked = copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")
+    fastprune.finalize(masked)
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    attn = next(m for m in model.modules() if type(m).__name__ in ("ViTAttention", "SwinAttention", "GPT2Attention"))
+    heads_now = getattr(attn, "num_attention_heads", getattr(attn, "num_heads", None))
+    assert heads_now == 2
+    if name == "swin":
+        assert attn.relative_position_bias.relative_position_bias_table.shape[1] == 2
+    if name == "gpt2":
+        assert attn.c_attn.nf == 3 * 8 and attn.split_size == 8 and attn.c_proj.nx == 8
+    other = torch.randn(2, *x.shape[1:]) if name != "gpt2" else torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(model, other), _logits(masked, other), rtol=1e-4, atol=1e-5)

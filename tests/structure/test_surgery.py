@@ -236,6 +236,8 @@ def test_a_parameter_used_in_an_unknown_way_is_a_boundary() -> None:
     x = torch.randn(1, 3, 7, 7)
     groups = find_groups(model, x)
     assert "einsum()" in dict(groups.boundaries)
+    # the boundary says what it costs: the channels it keeps and who writes them
+    assert "[keeps 8 channels written by 1 layer(s): 0]" in dict(groups.boundaries)["einsum()"]
     assert not any(m.module == "0" for g in groups for m in g.producers)
 
 

@@ -160,6 +160,7 @@ class Analysis:
         self.slots: dict[tuple[str, int], dict[str, Any]] = {}
         self.boundaries: dict[str, str] = {}
         self.param_views: dict[Ref, tuple[str, str, tuple[int | None, ...]]] = {}
+        self.pinned_at: dict[str, list[int]] = {}  # boundary -> the elements it fixed
         self.modules = dict(model.named_modules())
         # canonical tensor names: the first name under which each Parameter/buffer appears
         self.canonical: dict[int, str] = {}
@@ -196,6 +197,7 @@ class Analysis:
             return
         self.pinned.update(ids.tolist())
         self.boundaries.setdefault(where, reason)
+        self.pinned_at.setdefault(where, []).extend(ids.tolist())
 
     # values that are a parameter or buffer (or a view / broadcast of one): which of its dims each
     # dim of the value is, so a parameter broadcast along the channels can join their group
@@ -383,6 +385,27 @@ def _groups_from(an: Analysis) -> list[Group]:
     return groups
 
 
+def _effect(an: Analysis, groups: Sequence[Group], where: str) -> str:
+    """What a boundary costs: the channels it keeps and the layers that write them (``<outputs>``,
+    whose channels are the model's interface, is not annotated)."""
+    if where == "<outputs>" or where not in an.pinned_at:
+        return ""
+    roots = set(an.root[an.pinned_at[where]].tolist())
+    layers: dict[str, None] = {}
+    kept = 0
+    for g, comps in zip(groups, an.group_roots, strict=True):
+        hit = [c for c in comps if c in roots]
+        if hit:
+            kept += len(hit)
+            for m in g.producers:
+                layers.setdefault(m.module, None)
+    if not kept:
+        return ""
+    names = list(layers)
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f" [keeps {kept} channels written by {len(names)} layer(s): {shown}]"
+
+
 def _unknown_attention(model: nn.Module) -> list[str]:
     """Attention modules the analysis has no head description for (never a silent "heads kept")."""
     out = []
@@ -467,7 +490,7 @@ def find_groups(
             continue
         out.append(Group(len(out), g.channels, g.members, g.pinned))
         roots.append(an.group_roots[g.id])
-    out.boundaries = sorted(an.boundaries.items())
+    out.boundaries = [(w, r + _effect(an, groups, w)) for w, r in sorted(an.boundaries.items())]
     # what the zero analysis of compaction needs (see fastprune.structure.zeros)
     out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend

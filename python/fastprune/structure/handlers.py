@@ -674,6 +674,7 @@ class HeadSpec:
     heads: str | None
     head_dim: str
     self_only: bool = False
+    per_head: tuple[tuple[str, int], ...] = ()  # (parameter path under the module, dim): one entry per head
 
 
 HEAD_SPECS: dict[type, HeadSpec] = {}
@@ -708,10 +709,15 @@ def _attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: di
     h = int(getattr(m, spec.heads)) if spec.heads else getattr(m, spec.q).weight.shape[0] // d
     kv = getattr(m, spec.k).weight.shape[0] // d
     if kv == h:
-        rows = kv_rows = np.repeat(an.new(h), d)
+        per_query = an.new(h)
+        rows = kv_rows = np.repeat(per_query, d)
     else:
         heads_kv = an.new(kv)
-        kv_rows, rows = np.repeat(heads_kv, d), np.repeat(np.repeat(heads_kv, h // kv), d)
+        per_query = np.repeat(heads_kv, h // kv)
+        kv_rows, rows = np.repeat(heads_kv, d), np.repeat(per_query, d)
+    for path, dim in spec.per_head:  # a relative-position bias table indexed by head (Swin)
+        mname, _, attr = f"{name}.{path}".rpartition(".")
+        an.slot(mname, attr, dim, "norm", like=per_query)
     an.unify(_out_slot(an, f"{name}.{spec.q}", getattr(m, spec.q), 0), rows)
     for proj in (spec.k, spec.v):
         an.unify(_out_slot(an, f"{name}.{proj}", getattr(m, proj), 0), kv_rows)
@@ -750,6 +756,7 @@ def _register_bert_attention() -> None:
     # itself (fastprune/nn/attention.py).
     _register_gpt_conv1d()
     _register_llama_family()
+    _register_hf_attention()
     try:  # HuggingFace BERT-style self-attention; transformers is optional and heavy
         from transformers.models.bert.modeling_bert import BertSelfAttention
     except Exception as e:  # noqa: BLE001 - transformers missing or incompatible: no BERT heads, said so
@@ -834,3 +841,59 @@ def _register_llama_family() -> None:
         if norm is not None:
             NORM_LIKE.add(norm)
             register_handler(norm, _channel_norm, _norm_fixup)
+
+
+def _gpt2_attention(an: Any, name: str, m: Any, node: Node, graph: Graph, layouts: dict) -> Any:
+    """GPT-2's attention: one fused Conv1D ``c_attn`` (in, 3 C) split into q | k | v, heads of
+    ``head_dim`` in each, and ``c_proj``. One element per head: its rows in each third of c_attn and its
+    columns of c_proj. Cross-attention keeps its channels."""
+    if getattr(m, "is_cross_attention", False):
+        _pin_inputs(an, node, layouts, name, "GPT-2 cross-attention: its heads are kept", always=True)
+        return None
+    x = _arg(node, 0, "hidden_states")
+    lay = layouts.get(x) if isinstance(x, Ref) else None
+    shape = graph.shape_of(x) if isinstance(x, Ref) else None
+    if lay is not None:
+        if shape is not None and lay.cdim == len(shape) - 1:
+            an.slot(f"{name}.c_attn", "weight", 0, "in", like=lay.ids)
+        else:
+            an.pin(lay.ids, name, "attention input channels not on the last dimension")
+    rows = np.repeat(an.new(int(m.num_heads)), int(m.head_dim))
+    an.unify(_out_slot(an, f"{name}.c_attn", m.c_attn, 1), np.concatenate([rows, rows, rows]))
+    an.slot(f"{name}.c_proj", "weight", 0, "in", like=rows)
+    out_ids = _out_slot(an, f"{name}.c_proj", m.c_proj, 1)
+    shapes = node.shapes
+    first = shapes[0] if _multi(shapes) else shapes
+    nd = len(first) if isinstance(first, torch.Size) else 3
+    return [Layout(nd - 1, out_ids), None]
+
+
+def _gpt2_attention_fixup(m: Any, before: dict[str, Any]) -> None:  # noqa: ARG001
+    m.num_heads = m.c_proj.weight.shape[0] // m.head_dim
+    m.split_size = m.num_heads * m.head_dim
+
+
+def _register_hf_attention() -> None:
+    """transformers 5.x attention classes with the Llama layout (q/k/v/o_proj), GPT-2's fused one."""
+    families = (
+        ("vit", "ViTAttention", HeadSpec("q_proj", "k_proj", "v_proj", "o_proj", "num_attention_heads", "head_dim",
+                                         self_only=True)),
+        ("swin", "SwinAttention", HeadSpec("q_proj", "k_proj", "v_proj", "o_proj", "num_attention_heads", "head_dim",
+                                           self_only=True,
+                                           per_head=(("relative_position_bias.relative_position_bias_table", 1),))),
+    )  # fmt: skip
+    for mod, cls_name, spec in families:
+        path = f"transformers.models.{mod}.modeling_{mod}"
+        try:
+            cls = getattr(importlib.import_module(path), cls_name)
+        except Exception as e:  # noqa: BLE001 - transformers without this family, or incompatible
+            IMPORT_FAILURES[path] = f"{type(e).__name__}: {str(e)[:160]}; {cls_name} heads are not pruned"
+            continue
+        register_attention(cls, spec)
+    path = "transformers.models.gpt2.modeling_gpt2"
+    try:
+        gpt2 = importlib.import_module(path).GPT2Attention
+    except Exception as e:  # noqa: BLE001
+        IMPORT_FAILURES[path] = f"{type(e).__name__}: {str(e)[:160]}; GPT-2 attention heads are not pruned"
+        return
+    register_handler(gpt2, _gpt2_attention, _gpt2_attention_fixup)
