@@ -526,9 +526,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if structured:
         x = kwargs["example_inputs"]
         macs, params = fastprune.count(model, x)
+        cov = plan.config.get("coverage", {})
+        of = (
+            f" ({cov['removable_channels']} of the model's {cov['all_channels']} channels are removable)"
+            if cov.get("all_channels")
+            else ""
+        )
         print(
-            f"{plan.method}: {plan.achieved_sparsity:.1%} of the removable channels removed; now {params} parameters, "
-            f"{macs} MACs for input {tuple(x.shape)}"
+            f"{plan.method}: {plan.achieved_sparsity:.1%} of the removable channels removed{of}; now {params} "
+            f"parameters, {macs} MACs for input {tuple(x.shape)}"
         )
     else:
         print(fastprune.sparsity_report(model))

@@ -493,3 +493,17 @@ def test_hf_attention_heads_are_prunable(name):
     other = torch.randn(2, *x.shape[1:]) if name != "gpt2" else torch.randint(0, 40, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(_logits(model, other), _logits(masked, other), rtol=1e-4, atol=1e-5)
+
+
+def test_the_plan_says_how_much_of_the_model_was_removable():
+    # a boundary (here einsum) fixes channels: the achieved sparsity is over the rest, and says so
+    class Mix(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("nchw->nchw", x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Mix(), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    x = torch.randn(1, 3, 7, 7)
+    plan = fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    assert plan.achieved_sparsity == pytest.approx(0.5)
+    cov = plan.config["coverage"]
+    assert cov == {"removable_channels": 6, "all_channels": 18, "fixed_by_boundaries": 12}

@@ -254,6 +254,12 @@ def channel_plan(
     # where pruning stopped, and what the analysis could not do: the plan says so
     config["boundaries"] = [[n, r] for n, r in getattr(groups, "boundaries", [])]
     config["notes"] = list(getattr(groups, "notes", []))
+    # the achieved sparsity is over the removable channels: say how many of all channels those are
+    config["coverage"] = {
+        "removable_channels": sum(len(g.prunable) for g in groups if g.id in scores),
+        "all_channels": int(getattr(groups, "all_channels", 0)),
+        "fixed_by_boundaries": int(getattr(groups, "fixed_channels", 0)),
+    }
     total = sum(len(g.prunable) for g in groups if g.id in scores)
     n_removed = sum(len(v) for v in removed.values())
     entries = tuple({**g.to_dict(), "removed": list(removed[g.id])} for g in groups if removed.get(g.id))

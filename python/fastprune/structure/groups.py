@@ -135,6 +135,8 @@ class GroupList(list):
     frontend: str
     notes: list[str]
     approximate_norms: Sequence[str] = ()
+    all_channels: int = 0  # channels written by every producing layer, boundaries included
+    fixed_channels: int = 0  # of those, the ones a boundary keeps
     _trace: Any = None
 
     def summary(self) -> str:
@@ -495,6 +497,8 @@ def find_groups(
     out._trace = (graph, an.layouts, an.root, roots)
     out.frontend = graph.frontend
     out.approximate_norms = list(an.approximate_norms)
+    out.all_channels = sum(g.channels for g in groups)
+    out.fixed_channels = sum(len(g.pinned) for g in groups)
     out.notes = list(graph.notes) + _unknown_attention(model)
     if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
         out.notes += [f"could not import {mod} ({why})" for mod, why in H.IMPORT_FAILURES.items()]
