@@ -507,3 +507,79 @@ def test_the_plan_says_how_much_of_the_model_was_removable():
     assert plan.achieved_sparsity == pytest.approx(0.5)
     cov = plan.config["coverage"]
     assert cov == {"removable_channels": 6, "all_channels": 18, "fixed_by_boundaries": 12}
+
+
+# ---------------------------------------------------------------------------------- channel shuffle
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 channel shuffle."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's stride-1 unit: half the channels pass, half go through a branch, then shuffle."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+            nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(16), ShuffleUnit(16))
+        self.head = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.head(self.units(self.stem(x)))).mean((2, 3)))
+
+
+def test_channel_shuffle_is_a_permutation_between_coupled_groups():
+    torch.manual_seed(9)
+    model = _random_bn(ShuffleNetish())
+    x = torch.randn(2, 3, 8, 8)
+    groups = fastprune.find_groups(model, x)
+    assert not any("reshapes the channel" in r or "splits the channel" in r for _, r in groups.boundaries), (
+        groups.boundaries
+    )
+    stem = next(g for g in groups if any(m.module == "stem.0" for m in g.producers))
+    assert stem.prunable and "head" in stem.layers
+    masked = copy.deepcopy(model)
+    fastprune.prune(masked, "l1_filter", sparsity=0.5, example_inputs=x, mode="mask")
+    fastprune.finalize(masked)
+    fastprune.prune(model, "l1_filter", sparsity=0.5, example_inputs=x)
+    assert model.stem[0].out_channels < 16 and model.stem[0].out_channels % 2 == 0
+    xb = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = masked(xb)
+        assert float((model(xb) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+def test_a_split_with_both_factors_fixed_keeps_the_channels():
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y = y.view(y.shape[0], 2, 4, y.shape[2], y.shape[3]).transpose(1, 2).reshape(y.shape)
+            return self.b(y)
+
+    groups = fastprune.find_groups(Fixed(), torch.randn(1, 3, 4, 4))
+    assert any("both factors fixed" in r for _, r in groups.boundaries), groups.boundaries
+    assert not any(m.module == "a" for g in groups for m in g.producers)

@@ -163,6 +163,9 @@ class Analysis:
         self.boundaries: dict[str, str] = {}
         self.param_views: dict[Ref, tuple[str, str, tuple[int | None, ...]]] = {}
         self.pinned_at: dict[str, list[int]] = {}  # boundary -> the elements it fixed
+        # values whose channels span two dims (a channel shuffle's view): Ref -> (first dim, id grid)
+        self.split_layouts: dict[Ref, tuple[int, np.ndarray]] = {}
+        self.current = -1  # the node being analysed
         self.modules = dict(model.named_modules())
         # canonical tensor names: the first name under which each Parameter/buffer appears
         self.canonical: dict[int, str] = {}
@@ -303,8 +306,13 @@ def analyse(model: nn.Module, graph: Graph, prune_norms: bool = False) -> Analys
     layouts: dict[Ref, Any] = {}
     an.layouts = layouts
     for i, node in enumerate(graph.nodes):
+        an.current = i
         if node.op == "input":
             continue  # inputs carry no tracked channels: whatever meets them keeps its channels
+        if node.op != "call" and an.split_layouts:  # a module or the output reading split channels
+            for r in refs_in([*node.args, *node.kwargs.values()]):
+                if r in an.split_layouts:
+                    an.pin(an.split_layouts[r][1].reshape(-1), str(node.target), "reads channels split over two dims")
         if node.op == "output":
             for r in refs_in(node.args):
                 lay = layouts.get(r)

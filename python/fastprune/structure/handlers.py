@@ -381,6 +381,12 @@ def call(an: Any, node: Node, graph: Graph, layouts: dict) -> Any:
     x = _arg(node, 0, "input")
     lay = layouts.get(x) if isinstance(x, Ref) else None
     xs = _foreign_shape(graph, x)
+    splits = getattr(an, "split_layouts", {})
+    if splits and any(r in splits for r in _all_refs(node)):
+        return _on_split(an, node, graph, x, xs, out, where)
+    if name in ("view", "reshape") and lay is not None and isinstance(out, torch.Size) and xs is not None:
+        if _split_channels(an, node, lay, xs, out, where):
+            return None  # the channels now span two dims: followed in an.split_layouts
 
     if name in UNARY:
         if lay is not None and isinstance(out, torch.Size) and out == xs:
@@ -461,6 +467,93 @@ def call(an: Any, node: Node, graph: Graph, layouts: dict) -> Any:
             return None
         return lay
     _pin_inputs(an, node, layouts, where, f"{name} is not understood here")
+    return None
+
+
+def _all_refs(node: Node) -> list[Ref]:
+    out: list[Ref] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, Ref):
+            out.append(a)
+        elif isinstance(a, (tuple, list)):
+            for v in a:
+                walk(v)
+        elif isinstance(a, dict):
+            for v in a.values():
+                walk(v)
+
+    walk(node.args)
+    walk(node.kwargs)
+    return out
+
+
+def _view_sizes(node: Node) -> list[Any]:
+    args = list(node.args[1:])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = list(args[0])
+    return args if args else list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+
+
+def _split_channels(an: Any, node: Node, lay: Layout, xs: torch.Size, out: torch.Size, where: str) -> bool:
+    """A view splitting the channel dim C into (A, B) (channel shuffle's ``view(b, groups, C // groups,
+    h, w)``). The factor written as a constant in the code stays fixed after surgery, so: a fixed A
+    (groups) means every block of B loses the same positions (position j tied across the A blocks); a
+    fixed B means whole blocks go. Two constants, or none, are ambiguous: the channels are kept.
+    Recorded in ``an.split_layouts``; True when the view is such a split."""
+    c = lay.cdim
+    if len(out) != len(xs) + 1 or tuple(out[:c]) != tuple(xs[:c]) or tuple(out[c + 2 :]) != tuple(xs[c + 1 :]):
+        return False
+    a_size, b_size = out[c], out[c + 1]
+    if a_size * b_size != xs[c] or a_size == 1 or b_size == 1:
+        return False
+    sizes = _view_sizes(node)
+    if len(sizes) != len(out):
+        an.pin(lay.ids, where, "splits the channel dimension")
+        return True
+
+    def fixed(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v != -1
+
+    grid = lay.ids.reshape(a_size, b_size)
+    if fixed(sizes[c]) and not fixed(sizes[c + 1]):
+        for k in range(1, a_size):
+            an.unify(grid[0], grid[k])
+    elif fixed(sizes[c + 1]) and not fixed(sizes[c]):
+        for k in range(1, b_size):
+            an.unify(grid[:, 0], grid[:, k])
+    else:
+        an.pin(lay.ids, where, "splits the channel dimension with both factors fixed (or computed) in the code")
+        return True
+    an.split_layouts[Ref(an.current)] = (c, grid)
+    return True
+
+
+def _on_split(an: Any, node: Node, graph: Graph, x: Any, xs: Any, out: Any, where: str) -> Any:
+    """Ops on a value whose channels span two dims: a swap of the two (a channel shuffle's
+    transpose), a shape-keeping op, the view merging them back (a permutation of the channels);
+    anything else keeps them."""
+    splits = an.split_layouts
+    name = node.target
+    src = splits.get(x) if isinstance(x, Ref) else None
+    others = [r for r in _all_refs(node) if r in splits and r != x]
+    if src is not None and not others and isinstance(out, torch.Size):
+        c, grid = src
+        if (name in UNARY or name == "contiguous") and xs is not None and tuple(out) == tuple(xs):
+            splits[Ref(an.current)] = (c, grid)
+            return None
+        if name == "transpose":
+            nd = len(xs)
+            dims = sorted((_norm_dim(_arg(node, 1, "dim0"), nd), _norm_dim(_arg(node, 2, "dim1"), nd)))
+            if dims == [c, c + 1]:
+                splits[Ref(an.current)] = (c, grid.T.copy())
+                return None
+        if name in ("view", "reshape") and xs is not None:
+            if len(out) == len(xs) - 1 and out[c] == xs[c] * xs[c + 1] and tuple(out[:c]) == tuple(xs[:c]):
+                return Layout(c, grid.reshape(-1))
+    for r in _all_refs(node):
+        if r in splits:
+            an.pin(splits[r][1].reshape(-1), where, "reshapes the channel dimension")
     return None
 
 
