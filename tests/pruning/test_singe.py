@@ -9,6 +9,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
@@ -32,18 +33,6 @@ class ResBNNet(nn.Module):
         h = self.stem(x)
         h = F.relu(h + self.bn(self.a(h)))
         return self.fc(F.relu(self.down(h)).mean((2, 3)))
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model.eval()
 
 
 def _mlp() -> nn.Module:
@@ -123,7 +112,7 @@ def test_singe_equals_the_definition_written_out(norm, form):
 @pytest.mark.parametrize("path", ["neuron", "layer"])
 def test_fast_paths_match_the_reference_on_bn_and_residual_convs(path, dtype, tol):
     torch.manual_seed(1)
-    model = _randomise_bn(ResBNNet()).to(dtype)
+    model = zoo.randomise(ResBNNet()).to(dtype)
     data = _data((2, 7, 7), dtype=dtype)
     ref = singe_scores(model, data, steps=4, path=path, batching="reference")
     for batching in ("vmap", "loop"):
@@ -134,7 +123,7 @@ def test_fast_paths_match_the_reference_on_bn_and_residual_convs(path, dtype, to
 
 def test_definition_matches_on_the_conv_net_and_scores_stay_in_eval_mode():
     torch.manual_seed(2)
-    model = _randomise_bn(ResBNNet()).double()
+    model = zoo.randomise(ResBNNet()).double()
     model.train()  # scores are taken in eval mode (BN running stats), and the flag comes back
     data = _data((2, 6, 6), dtype=torch.float64)
     want = _definition(model, data, steps=2)
@@ -253,7 +242,7 @@ def test_masked_neurons_score_zero():
 
 def test_the_layer_path_ranks_close_to_the_neuron_path():
     torch.manual_seed(8)
-    model = _randomise_bn(ResBNNet())
+    model = zoo.randomise(ResBNNet())
     data = _data((2, 7, 7), n=3)
     a = singe_scores(model, data, steps=4)
     b = singe_scores(model, data, steps=4, path="layer")
@@ -299,7 +288,7 @@ def test_bad_configs_are_refused_before_the_model_changes():
 
 def test_one_shot_prune_with_each_gradient_method_removes_and_records():
     torch.manual_seed(9)
-    model = _randomise_bn(ResBNNet())
+    model = zoo.randomise(ResBNNet())
     x = torch.randn(1, 2, 7, 7)
     for method in ("singe", "grad_weight", "taylor"):
         m = copy.deepcopy(model)
@@ -343,7 +332,7 @@ def test_singe_keeps_more_accuracy_than_taylor_on_digits():
 # ---------------------------------------------------------------------------------- entwined
 def _tiny_setup():
     torch.manual_seed(10)
-    model = _randomise_bn(ResBNNet())
+    model = zoo.randomise(ResBNNet())
     x = torch.randn(1, 2, 7, 7)
     return model, x, _data((2, 7, 7))
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.structure import zoo
 from torch import nn
 
 import fastprune
@@ -113,22 +114,10 @@ class ResNeXtish(nn.Module):
         return self.fc(F.relu(self.reg(self.blocks(self.stem(x)))).mean((2, 3)))
 
 
-def _random_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model.eval()
-
-
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
 def test_grouped_convs_lose_the_same_channels_in_every_group(sparsity):
     torch.manual_seed(0)
-    model = _random_bn(ResNeXtish())
+    model = zoo.randomise(ResNeXtish())
     x = torch.randn(2, 3, 8, 8)
     groups = fastprune.find_groups(model, x)
     assert not any("grouped conv" in r for _, r in groups.boundaries), groups.boundaries
@@ -192,7 +181,7 @@ class SDNet(nn.Module):
 
 def test_stochastic_depth_passes_the_residual_stream_through():
     torch.manual_seed(2)
-    model = _random_bn(SDNet())
+    model = zoo.randomise(SDNet())
     x = torch.randn(2, 3, 8, 8)
     groups = fastprune.find_groups(model, x)
     assert not any("stochastic_depth" in n for n, _ in groups.boundaries), groups.boundaries
@@ -550,7 +539,7 @@ class ShuffleNetish(nn.Module):
 
 def test_channel_shuffle_is_a_permutation_between_coupled_groups():
     torch.manual_seed(9)
-    model = _random_bn(ShuffleNetish())
+    model = zoo.randomise(ShuffleNetish())
     x = torch.randn(2, 3, 8, 8)
     groups = fastprune.find_groups(model, x)
     assert not any("reshapes the channel" in r or "splits the channel" in r for _, r in groups.boundaries), (

@@ -41,6 +41,7 @@ __all__ = [
     "FilterNorm",
     "RandomScores",
     "group_scores",
+    "layer_scores_to_groups",
     "make_criterion",
     "scatter_to_group",
 ]
@@ -85,6 +86,18 @@ def scatter_to_group(
             out.index_add_(0, idx[sel], vals)
         count.index_add_(0, idx[sel], torch.ones_like(vals))
     return out / count.clamp_min(1) if reduction == "mean" else out
+
+
+def layer_scores_to_groups(groups: Sequence[Group], per_layer: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-layer scores (one per output channel of each producing layer, by module name) as group
+    scores: a channel scores the sum over the group's producing layers [choice: a residual stream's
+    channel is written by every block]. Groups no scored layer produces are left out."""
+    out = {}
+    for g in groups:
+        s = scatter_to_group(g, [(m, per_layer[m.module]) for m in g.producers if m.module in per_layer])
+        if s is not None:
+            out[g.id] = s
+    return out
 
 
 class FilterNorm:

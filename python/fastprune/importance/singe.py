@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from fastprune._checks import check_loader
 from fastprune._modes import eval_mode
 from fastprune.batches import Batch, as_batch
-from fastprune.importance.channels import scatter_to_group
+from fastprune.importance.channels import layer_scores_to_groups
 from fastprune.importance.woodfisher import batch_loss
 from fastprune.masks import effective_weight, is_pruned
 from fastprune.structure.groups import Group, find_groups
@@ -481,19 +481,6 @@ def taylor_scores(
 
 
 # ------------------------------------------------------------------------------- criteria
-def _to_groups(
-    model: nn.Module, groups: Sequence[Group], per_layer: dict[str, torch.Tensor]
-) -> dict[int, torch.Tensor]:
-    """A group channel's score: the sum over the group's producing layers [choice: a residual
-    stream's channel is written by every block]."""
-    out = {}
-    for g in groups:
-        s = scatter_to_group(g, [(m, per_layer[m.module]) for m in g.producers if m.module in per_layer])
-        if s is not None:
-            out[g.id] = s
-    return out
-
-
 def _producer_layers(model: nn.Module, groups: Sequence[Group]) -> list[str]:
     modules = dict(model.named_modules())
     return list(
@@ -521,7 +508,7 @@ class SInGECriterion:
         if data is None:
             raise ValueError("SInGE reads data: pass data= (an iterable of batches)")
         per_layer = singe_scores(model, data, layers=_producer_layers(model, groups), **self.kwargs)
-        return _to_groups(model, groups, per_layer)
+        return layer_scores_to_groups(groups, per_layer)
 
 
 class TaylorCriterion:
@@ -536,7 +523,7 @@ class TaylorCriterion:
         if data is None:
             raise ValueError("taylor reads data: pass data= (an iterable of batches)")
         per_layer = taylor_scores(model, data, layers=_producer_layers(model, groups), **self.kwargs)
-        return _to_groups(model, groups, per_layer)
+        return layer_scores_to_groups(groups, per_layer)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastprune._checks import check_loader
-from fastprune.importance.channels import Criterion, scatter_to_group
+from fastprune.importance.channels import Criterion, layer_scores_to_groups
 from fastprune.importance.nisp import nisp_scores
 from fastprune.methods.channels import ChannelConfig, run_channels
 from fastprune.methods.registry import register_method
@@ -56,12 +56,7 @@ class NISPCriterion:
             alpha=self.alpha,
             variant=self.variant,
         )
-        out = {}
-        for g in groups:
-            s = scatter_to_group(g, [(m, per_layer[m.module]) for m in g.producers if m.module in per_layer])
-            if s is not None:
-                out[g.id] = s
-        return out
+        return layer_scores_to_groups(groups, per_layer)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastprune.structure.trace import Graph, Node, Ref
+from fastprune.structure.trace import Graph, Node, Ref, refs_in
 
 __all__ = ["Layout", "WEIGHT_ATTRS", "fixup", "is_handled", "module_handler", "register_handler"]
 
@@ -471,21 +471,7 @@ def call(an: Any, node: Node, graph: Graph, layouts: dict) -> Any:
 
 
 def _all_refs(node: Node) -> list[Ref]:
-    out: list[Ref] = []
-
-    def walk(a: Any) -> None:
-        if isinstance(a, Ref):
-            out.append(a)
-        elif isinstance(a, (tuple, list)):
-            for v in a:
-                walk(v)
-        elif isinstance(a, dict):
-            for v in a.values():
-                walk(v)
-
-    walk(node.args)
-    walk(node.kwargs)
-    return out
+    return refs_in([*node.args, *node.kwargs.values()])
 
 
 def _view_sizes(node: Node) -> list[Any]:
