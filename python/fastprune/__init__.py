@@ -9,7 +9,20 @@ compact model (:func:`fastprune.sparsify`) -> benchmark. Each method is one modu
 pruning during training.
 """
 
-from fastprune import data, importance, methods, models, nn, ops, reference, schedules, select, structure, train
+from fastprune import (
+    data,
+    distributed,
+    importance,
+    methods,
+    models,
+    nn,
+    ops,
+    reference,
+    schedules,
+    select,
+    structure,
+    train,
+)
 from fastprune.api import prune
 from fastprune.apply import apply
 from fastprune.checkpoint import load_pruned
@@ -63,6 +76,7 @@ __all__ = [
     "compact",
     "count",
     "data",
+    "distributed",
     "finalize",
     "find_groups",
     "fisher_statistics",

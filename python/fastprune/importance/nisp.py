@@ -17,6 +17,7 @@ from torch import nn
 
 from fastprune._modes import eval_mode
 from fastprune.batches import as_batch, forward_batch
+from fastprune.distributed import all_gather_rows, all_or_none
 from fastprune.ops import nisp_propagate
 from fastprune.structure.groups import as_inputs
 from fastprune.structure.handlers import is_handled
@@ -177,21 +178,23 @@ def _responses(model: nn.Module, frl_module: nn.Module, data: Iterable[Any], num
 
     handle = frl_module.register_forward_pre_hook(grab)
     seen = 0
-    try:
-        with eval_mode(model), torch.no_grad():
-            for raw in data:
-                if num_batches is not None and seen >= num_batches:
-                    break
-                try:
-                    forward_batch(model, raw)
-                except (RuntimeError, ValueError) as e:
-                    raise ValueError(f"a data batch does not fit the model: {type(e).__name__}: {e}") from e
-                seen += 1
-    finally:
-        handle.remove()
-    if not rows:
-        raise ValueError("data yielded no batches: NISP needs the final responses of some samples")
-    x = torch.cat(rows)
+    with all_or_none("NISP's final responses"):  # each rank its shard of the data (torch.distributed)
+        try:
+            with eval_mode(model), torch.no_grad():
+                for raw in data:
+                    if num_batches is not None and seen >= num_batches:
+                        break
+                    try:
+                        forward_batch(model, raw)
+                    except (RuntimeError, ValueError) as e:
+                        raise ValueError(f"a data batch does not fit the model: {type(e).__name__}: {e}") from e
+                    seen += 1
+        finally:
+            handle.remove()
+        if not rows:
+            raise ValueError("data yielded no batches: NISP needs the final responses of some samples")
+    # Inf-FS ranks every response: the ranks' rows are gathered, not summed
+    x = all_gather_rows(torch.cat(rows))
     if not bool(torch.isfinite(x).all()):
         raise ValueError("the final responses hold NaN or Inf")
     return x

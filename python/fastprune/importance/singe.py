@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from fastprune._checks import check_loader
 from fastprune._modes import eval_mode
 from fastprune.batches import Batch, as_batch
+from fastprune.distributed import all_or_none, all_reduce_sum_
 from fastprune.importance.channels import layer_scores_to_groups
 from fastprune.importance.woodfisher import batch_loss
 from fastprune.masks import effective_weight, is_pruned
@@ -421,19 +422,22 @@ def singe_scores(
         mus = torch.tensor([1.0 - k / steps for k in range(steps)], dtype=torch.float64)
         acc = [torch.zeros(steps, lay.channels, lay.flat.shape[1], dtype=torch.float64) for lay in layers]
         batcher = _Batcher(batching, chunk_size)
-        total = 0
+        count = torch.zeros(1, dtype=torch.float64)
         bar = tqdm(desc="SInGE", unit="layer-batch", disable=not progress, leave=False)
-        for b in _batches(data, num_batches):
-            total += b.size
-            if steps == 1:  # mu = 1: no scaling, one backward for every layer
-                for a, g in zip(acc, _all_layer_grads(model, layers, loss, b), strict=True):
-                    a[0] += b.size * g
-                bar.update(len(layers))
-                continue
-            for a, lay in zip(acc, layers, strict=True):
-                a += b.size * batcher.rows(model, lay, loss, b, mus, path)
-                bar.update(1)
+        with all_or_none("SInGE scoring"):  # each rank its shard of the data (torch.distributed)
+            for b in _batches(data, num_batches):
+                count += b.size
+                if steps == 1:  # mu = 1: no scaling, one backward for every layer
+                    for a, g in zip(acc, _all_layer_grads(model, layers, loss, b), strict=True):
+                        a[0] += b.size * g
+                    bar.update(len(layers))
+                    continue
+                for a, lay in zip(acc, layers, strict=True):
+                    a += b.size * batcher.rows(model, lay, loss, b, mus, path)
+                    bar.update(1)
         bar.close()
+        all_reduce_sum_([*acc, count])  # the gradients of the mean loss over every rank's samples
+        total = float(count)
     out = {}
     for a, lay in zip(acc, layers, strict=True):
         g = a / total  # gradients of the mean loss over the data, (K, C, F)
@@ -466,11 +470,14 @@ def taylor_scores(
     with eval_mode(model):
         lays = [_Layer(model, n, m) for n, m in scored_layers(model, example_inputs, layers)]
         acc = [torch.zeros(lay.channels, dtype=torch.float64) for lay in lays]
-        n = 0
-        for b in _batches(data, num_batches):
-            for a, lay, g in zip(acc, lays, _all_layer_grads(model, lays, loss, b), strict=True):
-                a += (lay.flat * g).sum(1).square()
-            n += 1
+        count = torch.zeros(1, dtype=torch.float64)
+        with all_or_none("Taylor scoring"):
+            for b in _batches(data, num_batches):
+                for a, lay, g in zip(acc, lays, _all_layer_grads(model, lays, loss, b), strict=True):
+                    a += (lay.flat * g).sum(1).square()
+                count += 1
+        all_reduce_sum_([*acc, count])  # the mean over every rank's batches
+        n = float(count)
     out = {}
     for a, lay in zip(acc, lays, strict=True):
         r = a / n
