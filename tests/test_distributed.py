@@ -31,7 +31,9 @@ def _model() -> nn.Module:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(4 + i, 6, generator=g), torch.randint(0, 3, (4 + i,), generator=g)) for i in range(6)]
+    # 15 samples per rank when split [rank::2]: each rank's share of the N = 30 Fisher gradients
+    sizes = [4, 4, 5, 5, 6, 6]
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in sizes]
 
 
 def _scores(data) -> dict[str, dict[str, list[float]]]:
@@ -44,6 +46,27 @@ def _scores(data) -> dict[str, dict[str, list[float]]]:
     return {k: {n: v.tolist() for n, v in s.items()} for k, s in out.items()}
 
 
+WOODFISHER = [
+    {"blocks": "layer", "joint": False, "recompute_steps": 1},
+    {"blocks": "global", "joint": True, "recompute_steps": 1},
+    {"blocks": "layer", "joint": False, "recompute_steps": 2},
+]
+
+
+def _woodfisher(data, num_grads: int) -> list[dict]:
+    """Masks and weights after WoodFisher at 50 % (float64 model), for each variant."""
+    out = []
+    for kw in WOODFISHER:
+        model = _model().double()
+        fastprune.prune(
+            model, "woodfisher", sparsity=0.5, data=[(x.double(), y) for x, y in data], num_grads=num_grads,
+            block_size=8, damp=1e-3, progress=False, **kw,
+        )  # fmt: skip
+        fastprune.finalize(model)
+        out.append({k: v.tolist() for k, v in model.state_dict().items()})
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str, fail_rank: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -54,6 +77,9 @@ def _worker(rank: int, port: int, out_dir: str, fail_rank: int) -> None:
         if rank == fail_rank:
             shard = []  # this rank's loader is empty: a user error, on one rank only
         result = {"scores": _scores(shard)}
+        if fail_rank < 0:
+            n = sum(len(y) for _, y in _batches())
+            result["woodfisher"] = _woodfisher(shard, n)
     except Exception as e:  # noqa: BLE001 - reported to the test through the file
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
     finally:
@@ -111,3 +137,21 @@ def test_one_process_without_a_group_is_unchanged():
     assert torch.equal(t[0], torch.ones(2))
     with pytest.raises(ValueError, match="boom"), fastprune.distributed.all_or_none():
         raise ValueError("boom")
+
+
+def test_woodfisher_on_two_ranks_prunes_like_one_process(tmp_path):
+    # every rank: its half of the gradients, the block Grams summed onto their owners, the owned
+    # blocks inverted; the masks equal one process's, the weights to float64 rounding, and every rank
+    # ends with bitwise the same weights
+    results = _run(tmp_path)
+    assert all("woodfisher" in r for r in results), results
+    n = sum(len(y) for _, y in _batches())
+    want = _woodfisher(_batches(), n)
+    for variant, ref in zip(WOODFISHER, want, strict=True):
+        i = WOODFISHER.index(variant)
+        a, b = results[0]["woodfisher"][i], results[1]["woodfisher"][i]
+        assert a == b, f"ranks disagree: {variant}"  # bitwise (JSON of the float64 values)
+        for k, v in ref.items():
+            got, exp = torch.tensor(a[k], dtype=torch.float64), torch.tensor(v, dtype=torch.float64)
+            assert torch.equal(got == 0, exp == 0), f"masks differ: {variant} {k}"
+            torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-9, msg=f"{variant} {k}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
+from fastprune import distributed as fd
 from fastprune.ops import woodbury_inverse_fisher, woodbury_update_
 
-__all__ = ["FisherInverse"]
+__all__ = ["FisherInverse", "ShardedFisherInverse"]
 
 
 class FisherInverse:
@@ -109,6 +111,22 @@ class FisherInverse:
         """``(d,)`` diagonal of ``F^-1``."""
         return torch.diagonal(self.inverse(), dim1=1, dim2=2).reshape(-1)[: self.num_params]
 
+    def joint_update(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per block, the exact joint OBS change ``-F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = the entries
+        where ``keep`` is False), float64, shape (d,)."""
+        finv = self.inverse().double()
+        w, k = w.reshape(-1).double(), keep.reshape(-1)
+        bsz = self.block_size
+        dw = torch.zeros_like(w)
+        for b in range(self.num_blocks):
+            lo, hi = b * bsz, min((b + 1) * bsz, w.numel())
+            q = (~k[lo:hi]).nonzero().flatten()
+            if q.numel() == 0:
+                continue
+            blk = finv[b, : hi - lo, : hi - lo]
+            dw[lo:hi] = -(blk[:, q] @ torch.linalg.solve(blk[q][:, q], w[lo:hi][q]))
+        return dw
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^-1 v`` for ``v`` of shape ``(d,)`` or ``(m, d)``; same shape out."""
         if not isinstance(v, torch.Tensor):
@@ -124,3 +142,123 @@ class FisherInverse:
         out = torch.einsum("bij,mbj->mbi", self.inverse(), padded.view(m, nb, B)).reshape(m, nb * B)
         out = out[:, : self.num_params].to(v.dtype)
         return out.squeeze(0) if squeeze else out
+
+
+class ShardedFisherInverse:
+    """:class:`FisherInverse` across the ranks of a ``torch.distributed`` process group.
+
+    Every rank feeds the gradients of its own shard of the data (:meth:`update` adds them to local
+    per-block Grams ``sum_n g_n g_n^T``, float64). :meth:`finish` (a collective: every rank calls
+    it) sums each block's Gram onto the rank that owns it (contiguous ranges of about
+    ``nb / world`` blocks, one ``reduce`` per owner) and inverts only the owned blocks,
+    ``(damp I + G / N)^-1`` by Cholesky, so the inverse held per rank is ``O(d B / world)``; the
+    local Grams (``O(d B)``) are freed then. :meth:`diag`, :meth:`matvec` and :meth:`joint_update`
+    compute the owned blocks and gather the results (``O(d)`` numbers per call), so every rank gets
+    the same values; nothing gathers the inverse. Without a process group it is a one-rank version
+    of the same computation. ``num_samples`` is N over all ranks."""
+
+    def __init__(
+        self,
+        num_params: int,
+        block_size: int,
+        damp: float,
+        num_samples: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        ref = FisherInverse(num_params, block_size, damp, num_samples, dtype=dtype, device=device)  # validates
+        self.num_params, self.block_size, self.damp = ref.num_params, ref.block_size, ref.damp
+        self.num_samples, self.dtype, self.device, self.num_blocks = ref.num_samples, dtype, ref.device, ref.num_blocks
+        self.seen = 0
+        self._gram: torch.Tensor | None = torch.zeros(
+            self.num_blocks, self.block_size, self.block_size, dtype=torch.float64, device=self.device
+        )
+        self._inv: torch.Tensor | None = None  # (owned, B, B)
+        self.owned = (0, 0)
+
+    def _blocks(self, v: torch.Tensor) -> torch.Tensor:
+        """(m, d) -> (m, nb, B), zero-padded."""
+        B, nb = self.block_size, self.num_blocks
+        out = v.new_zeros((v.shape[0], nb * B), dtype=torch.float64)
+        out[:, : self.num_params] = v.to(torch.float64)
+        return out.view(v.shape[0], nb, B)
+
+    def update(self, grads: torch.Tensor) -> None:
+        """Add a chunk of this rank's gradients, shape ``(k, d)`` (or ``(d,)``)."""
+        if self._gram is None:
+            raise RuntimeError("ShardedFisherInverse.update after finish()")
+        if grads.dim() == 1:
+            grads = grads.unsqueeze(0)
+        if grads.dim() != 2 or grads.shape[1] != self.num_params:
+            raise ValueError(f"grads must have shape (k, {self.num_params}), got {tuple(grads.shape)}")
+        if grads.shape[0] == 0:
+            return
+        g = self._blocks(grads.detach().to(self.device))
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("grads contains NaN or Inf")
+        self._gram += torch.einsum("kbi,kbj->bij", g, g)
+        self.seen += grads.shape[0]
+
+    def finish(self) -> None:
+        """Sum the Grams onto their owners and invert the owned blocks (collective)."""
+        assert self._gram is not None
+        world, me = fd.world_size(), fd.rank()
+        per = -(-self.num_blocks // world)
+        lo, hi = min(me * per, self.num_blocks), min((me + 1) * per, self.num_blocks)
+        if fd.is_distributed():
+            for r in range(world):
+                a, b = min(r * per, self.num_blocks), min((r + 1) * per, self.num_blocks)
+                if a < b:
+                    chunk = self._gram[a:b].contiguous()
+                    dist.reduce(chunk, dst=r, op=dist.ReduceOp.SUM)
+                    if r == me:
+                        self._gram[a:b] = chunk
+        owned = self._gram[lo:hi]
+        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
+        fisher = self.damp * eye + owned / self.num_samples
+        self._inv = torch.cholesky_inverse(torch.linalg.cholesky(fisher)) if hi > lo else owned.clone()
+        self.owned = (lo, hi)
+        self._gram = None  # only the owned inverse stays
+
+    def inverse(self) -> torch.Tensor:
+        raise RuntimeError(
+            "a sharded Fisher holds only this rank's blocks (use diag, matvec or joint_update; nothing gathers "
+            "the whole inverse)"
+        )
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        """(owned * B, ...) rows of every rank, in block order."""
+        return fd.all_gather_rows(local)
+
+    def diag(self) -> torch.Tensor:
+        assert self._inv is not None, "finish() first"
+        local = torch.diagonal(self._inv, dim1=1, dim2=2).reshape(-1)
+        return self._gather(local)[: self.num_params].to(self.dtype)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        assert self._inv is not None, "finish() first"
+        squeeze = v.dim() == 1
+        vm = v.unsqueeze(0) if squeeze else v
+        lo, hi = self.owned
+        blocks = self._blocks(vm)[:, lo:hi]  # (m, owned, B)
+        local = torch.einsum("bij,mbj->mbi", self._inv, blocks).reshape(vm.shape[0], -1)
+        out = self._gather(local.T.contiguous()).T[:, : self.num_params].to(v.dtype)
+        return out.squeeze(0) if squeeze else out
+
+    def joint_update(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per block, ``-F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries), float64, shape (d,)."""
+        assert self._inv is not None, "finish() first"
+        lo, hi = self.owned
+        B = self.block_size
+        wb = self._blocks(w.reshape(1, -1))[0]
+        kb = torch.ones(self.num_blocks * B, dtype=torch.bool, device=w.device)
+        kb[: self.num_params] = keep.reshape(-1)
+        kb = kb.view(self.num_blocks, B)
+        local = torch.zeros((hi - lo) * B, dtype=torch.float64, device=self.device)
+        for j, b in enumerate(range(lo, hi)):
+            q = (~kb[b]).nonzero().flatten()
+            if q.numel():
+                blk = self._inv[j]
+                local[j * B : (j + 1) * B] = -(blk[:, q] @ torch.linalg.solve(blk[q][:, q], wb[b][q]))
+        return self._gather(local)[: self.num_params]

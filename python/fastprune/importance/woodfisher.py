@@ -33,9 +33,11 @@ from torch.func import grad, vmap
 from torch.nn.utils.stateless import _reparametrize_module
 from tqdm.auto import tqdm
 
+from fastprune import distributed as fd
 from fastprune._modes import restore_modes, training_flags
 from fastprune.batches import Batch, as_batch, output_tensor
-from fastprune.fisher import FisherInverse
+from fastprune.distributed import all_or_none, all_reduce_sum_
+from fastprune.fisher import FisherInverse, ShardedFisherInverse
 from fastprune.masks import ParamRef, effective_weight, is_pruned
 
 __all__ = [
@@ -191,7 +193,7 @@ class FisherStats:
     model can prune copies of it (``prune(copy, "woodfisher", fisher_inverse=stats)``)."""
 
     refs: list[ParamRef]
-    inverses: list[FisherInverse]  # per layer, or a single one
+    inverses: list[Any]  # FisherInverse (or ShardedFisherInverse) per layer, or a single one
     blocks: str
     fisher_diag: list[torch.Tensor]  # (numel,) per layer: (1/N) sum g^2
     num_grads: int
@@ -270,10 +272,16 @@ def collect_fisher(
         else torch.float32
     )
     device = effective_weight(refs[0].module, refs[0].param_name).device
+    # torch.distributed: each rank takes its share of the N gradients from its own shard of the data;
+    # the block Grams are summed onto the ranks owning the blocks (fastprune.fisher.ShardedFisherInverse)
+    sharded = fd.is_distributed()
+    kind = ShardedFisherInverse if sharded else FisherInverse
+    world = fd.world_size()
+    quota = -(-num_grads // world)  # each rank: at most its share, ceil(N / world), from its own shard
     if blocks == "layer":
-        inverses = [FisherInverse(n, block_size, damp, num_grads, dtype=fdtype, device=device) for n in sizes]
+        inverses = [kind(n, block_size, damp, num_grads, dtype=fdtype, device=device) for n in sizes]
     else:
-        inverses = [FisherInverse(d_total, block_size, damp, num_grads, dtype=fdtype, device=device)]
+        inverses = [kind(d_total, block_size, damp, num_grads, dtype=fdtype, device=device)]
     diag = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
     half = all(effective_weight(r.module, r.param_name).dtype in (torch.float16, torch.bfloat16) for r in refs)
     loss = batch_loss(loss_fn, forward, fisher, likelihood, upcast=half)
@@ -303,52 +311,60 @@ def collect_fisher(
 
     flags = training_flags(model)
     model.eval()
-    bar = tqdm(total=num_grads, desc="gradients", unit="grad", disable=not progress, leave=False)
+    bar = tqdm(total=quota, desc="gradients", unit="grad", disable=not progress, leave=False)
     try:
-        for raw in data:
-            if seen >= num_grads:
-                break
-            b = as_batch(raw) if forward is None else _opaque(raw)
-            need = (num_grads - seen) * fisher_batch_size
-            b = b.slice(0, need)
-            step = rows_per_chunk * fisher_batch_size
-            for start in range(0, b.size, step):
-                piece = b.slice(start, start + step)
-                if fisher == "sampled":
-                    piece = sample_targets(model, piece, likelihood, gen)
-                try:
-                    gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
-                except Exception as e:  # noqa: BLE001 - vmap refuses many models: fall back below
-                    if engine != "vmap" or per_sample != "auto" or seen > 0:
-                        raise
-                    log.warning(
-                        "fastprune: torch.func.vmap cannot take per-sample gradients of this model (%s: %s); "
-                        "using one backward per gradient instead",
-                        type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "",
-                    )
-                    engine = "loop"
-                    gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
-                k = gs[0].shape[0]
-                if k == 0:
-                    continue
-                for g in gs:
-                    if not bool(torch.isfinite(g).all()):
-                        raise ValueError("a gradient is NaN or Inf (non-finite loss?): the Fisher cannot be built")
-                for i, g in enumerate(gs):
-                    diag[i] += (g.double() ** 2).sum(0)
-                    buffered[i].append(g)
-                n_buffered += k
-                seen += k
-                bar.update(k)
-                if n_buffered >= rows_per_chunk:
-                    flush()
-        flush()
+        with all_or_none("the Fisher's gradients"):  # a rank that fails makes every rank fail
+            for raw in data:
+                if seen >= quota:
+                    break
+                b = as_batch(raw) if forward is None else _opaque(raw)
+                need = (quota - seen) * fisher_batch_size
+                b = b.slice(0, need)
+                step = rows_per_chunk * fisher_batch_size
+                for start in range(0, b.size, step):
+                    piece = b.slice(start, start + step)
+                    if fisher == "sampled":
+                        piece = sample_targets(model, piece, likelihood, gen)
+                    try:
+                        gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
+                    except Exception as e:  # noqa: BLE001 - vmap refuses many models: fall back below
+                        if engine != "vmap" or per_sample != "auto" or seen > 0:
+                            raise
+                        log.warning(
+                            "fastprune: torch.func.vmap cannot take per-sample gradients of this model (%s: %s); "
+                            "using one backward per gradient instead",
+                            type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "",
+                        )
+                        engine = "loop"
+                        gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
+                    k = gs[0].shape[0]
+                    if k == 0:
+                        continue
+                    for g in gs:
+                        if not bool(torch.isfinite(g).all()):
+                            raise ValueError("a gradient is NaN or Inf (non-finite loss?): the Fisher cannot be built")
+                    for i, g in enumerate(gs):
+                        diag[i] += (g.double() ** 2).sum(0)
+                        buffered[i].append(g)
+                    n_buffered += k
+                    seen += k
+                    bar.update(k)
+                    if n_buffered >= rows_per_chunk:
+                        flush()
+            flush()
+            if seen == 0:
+                raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
     finally:
         bar.close()
         restore_modes(flags)
-    if seen == 0:
-        raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
+    if sharded:
+        count = torch.tensor([float(seen)], dtype=torch.float64)
+        all_reduce_sum_([*diag, count])
+        seen = int(count.item())
+        if need_inverse:
+            for fi in inverses:
+                fi.finish()
     fdiag = [x / num_grads for x in diag]
     mean_diag = float(sum(x.sum() for x in fdiag)) / max(1, d_total)
     if mean_diag < 1e-3 * damp:
@@ -386,25 +402,12 @@ def obs_updates(
             for w, k, dg in zip(weights, keep, inv_diag, strict=True)
         ]
         return [-x.double() for x in stats.matvec([v.to(stats.inverses[0].dtype) for v in vs])]
-    # joint: per block of each FisherInverse
+    # joint: per block of each FisherInverse (a sharded one solves its own blocks and gathers)
     flat_w = [w.reshape(-1).double() for w in weights]
     flat_k = [k.reshape(-1) for k in keep]
     if stats.blocks == "global":
         flat_w, flat_k = [torch.cat(flat_w)], [torch.cat(flat_k)]
-    outs = []
-    for fi, w, k in zip(stats.inverses, flat_w, flat_k, strict=True):
-        finv = fi.inverse().double()
-        bsz = fi.block_size
-        dw = torch.zeros_like(w)
-        for b in range(fi.num_blocks):
-            lo, hi = b * bsz, min((b + 1) * bsz, w.numel())
-            q = (~k[lo:hi]).nonzero().flatten()
-            if q.numel() == 0:
-                continue
-            blk = finv[b, : hi - lo, : hi - lo]
-            sol = torch.linalg.solve(blk[q][:, q], w[lo:hi][q])
-            dw[lo:hi] = -(blk[:, q] @ sol)
-        outs.append(dw)
+    outs = [fi.joint_update(w, k) for fi, w, k in zip(stats.inverses, flat_w, flat_k, strict=True)]
     if stats.blocks == "global":
         return list(torch.split(outs[0], stats.sizes))
     return outs
