@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils import benchmark
 
@@ -488,7 +489,37 @@ def _plot_demo(path: str, dense_accs: list[float], curves: dict[str, dict[float,
     plt.close(fig)
 
 
+def _join_torchrun() -> bool:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join its process group (NCCL with a GPU,
+    gloo without); the data-driven methods then split their work across the ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+class _Shard:
+    """The batches ``i`` of a loader with ``i % world == rank``: this rank's shard (re-iterable)."""
+
+    def __init__(self, data: Any, rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+
+    def __iter__(self) -> Any:
+        for i, batch in enumerate(self.data):
+            if i % self.world == self.rank:
+                yield batch
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    try:
+        return _prune(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prune(args: argparse.Namespace) -> int:
     args.scope_given = args.scope is not None
     args.scope = args.scope or "global"
     if args.method not in fastprune.method_names():
@@ -504,10 +535,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.data and not needs_data:
         raise UserError(f"method {args.method!r} reads no data; --data is for data-driven methods")
 
+    distributed = _join_torchrun()
     model = _load_model(args.model, args.weights)
     kwargs: dict[str, Any] = {"sparsity": args.sparsity, "scope": args.scope}
     if needs_data:
         kwargs["data"] = _load_data(args.data)
+        if distributed:  # each rank reads its shard: batch i goes to rank i % world
+            kwargs["data"] = _Shard(kwargs["data"], fastprune.distributed.rank(), fastprune.distributed.world_size())
     structured = issubclass(config_cls, ChannelConfig)
     if structured:
         if not args.input_shape:
@@ -523,6 +557,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.exclude:
         kwargs["exclude"] = args.exclude
     plan = fastprune.prune(model, args.method, **kwargs)  # its ValueError / TypeError: one line (main)
+    if distributed and fastprune.distributed.rank() != 0:
+        return 0  # every rank holds the same pruned model; rank 0 reports and writes it
     if structured:
         x = kwargs["example_inputs"]
         macs, params = fastprune.count(model, x)
