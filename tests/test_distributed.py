@@ -21,7 +21,7 @@ import fastprune
 from fastprune.importance import nisp_scores, singe_scores, taylor_scores
 
 WORLD = 2
-TIMEOUT_S = 120
+TIMEOUT_S = 600  # a slow shared machine: the ranks wait on each other in collectives
 
 
 def _model() -> nn.Module:
@@ -68,9 +68,16 @@ def _woodfisher(data, num_grads: int) -> list[dict]:
 
 
 def _worker(rank: int, port: int, out_dir: str, fail_rank: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # rendezvous through a file in the test's directory (no port to race for); gloo on loopback only
+    os.environ.update(GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=pathlib.Path(out_dir, "rendezvous").as_uri(),
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=TIMEOUT_S),
+    )
     result: dict = {}
     try:
         shard = _batches()[rank::WORLD]
@@ -84,6 +91,7 @@ def _worker(rank: int, port: int, out_dir: str, fail_rank: int) -> None:
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
     finally:
         pathlib.Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither rank tears the group down while the other still talks
         dist.destroy_process_group()
 
 
