@@ -70,6 +70,7 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/quality_sfp.py
 	$(PY) benchmarks/bench_sfp.py
 	$(PY) benchmarks/quality_singe.py
+	$(PY) benchmarks/bench_distributed.py
 	$(PY) benchmarks/bench_structured.py
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_sparse_jit.py
