@@ -13,8 +13,8 @@ collectives of fastprune.distributed and the reduces of ShardedFisherInverse). T
     through the collectives per rank = nb * B^2 * 8     (its whole Gram goes into the reduces; the
                                                         (world - 1) / world not owned leaves it)
                              + d * 8                    (the Fisher diagonal's all_reduce)
-                             + 3 * d / world * 8        (this rank's share of the gathers: the
-                                                        inverse diagonal twice, one OBS matvec)
+                             + 2 * d / world * 8        (this rank's share of the gathers: the
+                                                        inverse diagonal, one OBS matvec)
 
 is checked against the 2-rank measurement and evaluated for 8 and 64 ranks. Writes
 results/bench_distributed.{json,md}.
@@ -136,7 +136,7 @@ def main() -> None:
         return {
             "inverse_bytes": math.ceil(nb / world) * B * B * 8,
             "gram_bytes": nb * B * B * 8,
-            "through_collectives_bytes": nb * B * B * 8 + d * 8 + 3 * d / world * 8,
+            "through_collectives_bytes": nb * B * B * 8 + d * 8 + 2 * d / world * 8,
             "leaves_rank_bytes": nb * B * B * 8 * (world - 1) / world,
         }
 

@@ -388,15 +388,20 @@ def _opaque(raw: Any) -> Batch:
 
 
 def obs_updates(
-    stats: FisherStats, weights: list[torch.Tensor], keep: list[torch.Tensor], joint: bool = False
+    stats: FisherStats,
+    weights: list[torch.Tensor],
+    keep: list[torch.Tensor],
+    joint: bool = False,
+    inv_diag: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """OBS weight changes for pruning the entries where ``keep`` is False (flattened per layer).
 
     ``joint=False``: ``dw = -F^-1 sum_q (w_q / [F^-1]_qq) e_q`` (the summed single-weight updates of
     the reference code). ``joint=True``: per Fisher block, the exact joint solve
-    ``dw = -F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries of the block)."""
-    inv_diag = stats.inverse_diag()
+    ``dw = -F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries of the block). ``inv_diag``: the
+    caller's :meth:`FisherStats.inverse_diag`, when it has it (a sharded Fisher gathers it)."""
     if not joint:
+        inv_diag = stats.inverse_diag() if inv_diag is None else inv_diag
         vs = [
             torch.where(~k.reshape(-1), w.reshape(-1).double() / dg.double(), torch.zeros((), dtype=torch.float64))
             for w, k, dg in zip(weights, keep, inv_diag, strict=True)

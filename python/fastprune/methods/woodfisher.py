@@ -294,7 +294,7 @@ def _woodfisher_step(
     )
     updates = None
     if cfg.update_weights:
-        dws = obs_updates(stats, weights, [masks[n] for n in names], joint=cfg.joint)
+        dws = obs_updates(stats, weights, [masks[n] for n in names], joint=cfg.joint, inv_diag=inv_diag)
         for n, dw in zip(names, dws, strict=True):
             if not bool(torch.isfinite(dw).all()):
                 raise ValueError(f"the OBS update of {n} is not finite; increase damp")
