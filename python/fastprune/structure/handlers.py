@@ -59,7 +59,7 @@ def _lookup(table: dict[type, Any], module: nn.Module) -> Any:
     if not _transformers_seen and type(module).__module__.startswith("transformers."):
         # the first HuggingFace module seen: transformers is imported already, teach its attention
         _transformers_seen = True
-        _register_bert_attention()
+        _register_transformers()
     for cls in type(module).__mro__:
         if cls in table:
             return table[cls]
@@ -208,15 +208,19 @@ def _conv_fixup(m: nn.modules.conv._ConvNd, before: dict[str, Any]) -> None:
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 
 
-def _linear(an: Any, name: str, m: nn.Linear, node: Node, graph: Graph, layouts: dict) -> Layout:
-    lay = _input_layout(node, layouts)
-    shape = graph.shape_of(_arg(node, 0, "input")) if isinstance(_arg(node, 0, "input"), Ref) else None
+def _linear(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> Layout:
+    """nn.Linear, and every Linear-like layer of LINEAR_LIKE (GPT-2's Conv1D: weight (in, out))."""
+    in_dim = linear_in_dim(m)
+    assert in_dim is not None
+    x = _arg(node, 0, "input") if node.args or "input" in node.kwargs else next(iter(node.kwargs.values()), None)
+    lay = layouts.get(x) if isinstance(x, Ref) else None
+    shape = graph.shape_of(x) if isinstance(x, Ref) else None
     if lay is not None:
         if shape is not None and lay.cdim == len(shape) - 1:
-            an.slot(name, "weight", 1, "in", like=lay.ids)
+            an.slot(name, "weight", in_dim, "in", like=lay.ids)
         else:
-            an.pin(lay.ids, name, "Linear applied along a dimension that is not the channel dimension")
-    out_ids = _out_slot(an, name, m, 0)
+            an.pin(lay.ids, name, f"{type(m).__name__} applied along a dimension that is not the channel dimension")
+    out_ids = _out_slot(an, name, m, 1 - in_dim)
     nd = len(node.shapes) if isinstance(node.shapes, torch.Size) else 2
     return Layout(nd - 1, out_ids)
 
@@ -829,7 +833,8 @@ def register_attention(cls: type, spec: HeadSpec) -> None:
     register_handler(cls, _attention, _attention_fixup)
 
 
-def _register_bert_attention() -> None:
+def _register_transformers() -> None:
+    # Teaches the analysis transformers' layers (Conv1D, attention classes, RMSNorms, BERT heads).
     # Called when the analysis first meets a transformers module, not when fastprune is imported
     # (importing transformers costs ~2.4 s here). fastprune.nn.MultiheadSelfAttention registers
     # itself (fastprune/nn/attention.py).
@@ -863,21 +868,6 @@ def linear_in_dim(module: nn.Module) -> int | None:
     return None
 
 
-def _gpt_conv1d(an: Any, name: str, m: nn.Module, node: Node, graph: Graph, layouts: dict) -> Layout:
-    """transformers' Conv1D: ``y = x @ W + b`` with W of shape (in, out)."""
-    lay = _input_layout(node, layouts)
-    x = _arg(node, 0, "x")
-    shape = graph.shape_of(x) if isinstance(x, Ref) else None
-    if lay is not None:
-        if shape is not None and lay.cdim == len(shape) - 1:
-            an.slot(name, "weight", 0, "in", like=lay.ids)
-        else:
-            an.pin(lay.ids, name, "Conv1D applied along a dimension that is not the channel dimension")
-    out_ids = _out_slot(an, name, m, 1)
-    nd = len(node.shapes) if isinstance(node.shapes, torch.Size) else 2
-    return Layout(nd - 1, out_ids)
-
-
 def _gpt_conv1d_fixup(m: Any, before: dict[str, Any]) -> None:  # noqa: ARG001
     m.nx, m.nf = m.weight.shape
 
@@ -892,13 +882,19 @@ def _register_gpt_conv1d() -> None:
         )
         return
     LINEAR_LIKE[Conv1D] = 0
-    register_handler(Conv1D, _gpt_conv1d, _gpt_conv1d_fixup)
+    register_handler(Conv1D, _linear, _gpt_conv1d_fixup)
 
 
 # Llama-style decoders (grouped-query attention, RMSNorm): the module paths and class prefixes of
 # the families that share LlamaAttention's layout (q/k/v/o_proj, head_dim, heads inferred)
 _LLAMA_FAMILY = (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
 NORM_LIKE: set[type] = set()  # RMSNorm-style modules over the last dim with a (C,) weight
+
+
+def normalises_channels(m: nn.Module) -> bool:
+    """A normalisation whose statistics run over the channels (what ``prune_norms`` lets channels
+    through, never exactly)."""
+    return isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or type(m) in NORM_LIKE
 
 
 def _register_llama_family() -> None:

@@ -41,9 +41,6 @@ from fastprune.structure.zeros import ChannelStates, channel_states, following_n
 
 __all__ = ["CompactionReport", "compact", "mask_channels", "remove_channels"]
 
-# normalisations over the channels (prune_norms lets channels through them): never exact to remove
-_STAT_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
-
 
 @dataclass
 class CompactionReport:
@@ -478,8 +475,7 @@ def compact(
                 m.module
                 for gid in candidates
                 for m in by_id[gid].members
-                if m.role == "norm"
-                and (isinstance(modules[m.module], _STAT_NORMS) or type(modules[m.module]) in H.NORM_LIKE)
+                if m.role == "norm" and H.normalises_channels(modules[m.module])
             }
         )
         if states is not None and not verify and not norms and _all_zero(states, by_id, candidates, group_root, need):
