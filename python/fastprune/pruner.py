@@ -34,7 +34,7 @@ from fastprune.methods.channels import ChannelConfig, channel_plan, channel_scor
 from fastprune.methods.registry import config_from_kwargs, spec_for
 from fastprune.plan import Plan
 from fastprune.schedules import Schedule
-from fastprune.select import select_channels
+from fastprune.select import select_channels, select_lowest_channels
 from fastprune.structure.count import count
 from fastprune.structure.groups import Group, GroupList, as_inputs, find_groups
 from fastprune.structure.surgery import CompactionReport, compact, mask_channels
@@ -430,33 +430,13 @@ class EntwinedPruner(BasePruner):
             per = {}
             for g in live:
                 n = len(g.prunable)
-                want = max(1, round(frac * n)) if frac is not None else min(int(self.step_size), n)
-                per[g.id] = min(want, n - 1) / n + 1e-12
+                want = max(1, round(frac * n)) if frac is not None else int(self.step_size)
+                per[g.id] = min(want, n - 1) / n
             out = select_channels(live, scores, 0.0, scope="layer", per_group=per)
-        else:  # the lowest k over the model, scores normalised by each group's mean (as scope="global")
-            entries = []
-            for g in live:
-                cand = g.prunable
-                sc = scores[g.id][cand]
-                mean = float(sc.mean())
-                norm = sc / mean if mean > 0 else sc
-                entries += [(float(norm[i]), g.id, cand[i]) for i in range(len(cand))]
-            entries.sort()
-            room = {g.id: len(g.prunable) - 1 for g in live}  # never a group's last live channel
-            k = len(entries) if k_total is None else k_total
-            out = {}
-            for _, gid, c in entries:
-                if k <= 0:
-                    break
-                if room[gid] > 0:
-                    out.setdefault(gid, []).append(c)
-                    room[gid] -= 1
-                    k -= 1
-            out = {g: sorted(v) for g, v in out.items()}
-        for g in live:  # a group keeps at least one live channel
-            chans = out.get(g.id, [])
-            if len(chans) >= len(g.prunable):
-                out[g.id] = sorted(chans, key=lambda c: float(scores[g.id][c]))[:-1]
+        else:
+            out = select_lowest_channels(
+                live, scores, sum(len(g.prunable) for g in live) if k_total is None else k_total
+            )
         return {g: v for g, v in out.items() if v}
 
     def step(self) -> Plan | None:

@@ -3,7 +3,8 @@
 * :func:`topk_masks`: keep-masks pruning exactly ``round(sparsity * n)`` of the lowest-scored
   weights, globally or per layer (magnitude, WoodFisher, the diagonal Fisher);
 * :func:`threshold_masks`: Han et al.'s per-layer rule ``|w| < q * std(W_l)``;
-* :func:`select_channels`: the channels each coupled-channel group loses (structured methods).
+* :func:`select_channels`: the channels each coupled-channel group loses (structured methods);
+  :func:`select_lowest_channels`: the k lowest over the model, never emptying a group.
 
 Every function is deterministic: ties break by position (weights) or channel index (channels).
 """
@@ -23,7 +24,7 @@ from fastprune.masks import ParamRef, effective_weight
 if TYPE_CHECKING:
     from fastprune.structure.groups import Group
 
-__all__ = ["select_channels", "threshold_masks", "topk_masks"]
+__all__ = ["select_channels", "select_lowest_channels", "threshold_masks", "topk_masks"]
 
 
 def _protected(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -122,6 +123,37 @@ def _keep_after_rounding(channels: int, remove: int, round_to: int | None) -> in
     return channels - keep
 
 
+def _global_entries(groups: Sequence[Group], scores: Mapping[int, torch.Tensor]) -> list[tuple[float, int, int]]:
+    """(score normalised by its group's mean, group id, channel) of every removable channel, lowest
+    first (ties: group id, then channel index)."""
+    entries = []
+    for g in groups:
+        cand = g.prunable
+        s = scores[g.id][cand]
+        mean = float(s.mean()) if len(cand) else 1.0
+        norm = s / mean if mean > 0 else s
+        entries += [(float(norm[i]), g.id, cand[i]) for i in range(len(cand))]
+    entries.sort()
+    return entries
+
+
+def select_lowest_channels(groups: Sequence[Group], scores: Mapping[int, torch.Tensor], k: int) -> dict[int, list[int]]:
+    """The ``k`` lowest removable channels over all scored groups, scores normalised by each group's
+    mean (as ``scope="global"``), skipping a group's last removable channel instead of refusing: for
+    loops that remove a few channels at a time (:class:`fastprune.EntwinedPruner`)."""
+    scored = [g for g in groups if g.id in scores and g.prunable]
+    room = {g.id: len(g.prunable) - 1 for g in scored}
+    out: dict[int, list[int]] = {}
+    for _, gid, c in _global_entries(scored, scores):
+        if k <= 0:
+            break
+        if room[gid] > 0:
+            out.setdefault(gid, []).append(c)
+            room[gid] -= 1
+            k -= 1
+    return {g: sorted(v) for g, v in out.items()}
+
+
 def select_channels(
     groups: Sequence[Group],
     scores: Mapping[int, torch.Tensor],
@@ -151,15 +183,8 @@ def select_channels(
             order = sorted(range(len(cand)), key=lambda i: (float(s[i]), cand[i]))
             out[g.id] = sorted(cand[i] for i in order[:k])
         return {k: v for k, v in out.items() if v}
-    entries = []
-    for g in scored:
-        cand = g.prunable
-        s = scores[g.id][cand]
-        mean = float(s.mean()) if len(cand) else 1.0
-        norm = s / mean if mean > 0 else s
-        entries += [(float(norm[i]), g.id, cand[i]) for i in range(len(cand))]
+    entries = _global_entries(scored, scores)
     total = math.floor(sparsity * len(entries) + 1e-9)
-    entries.sort()
     for _, gid, c in entries[:total]:
         out.setdefault(gid, []).append(c)
     by_id = {g.id: g for g in scored}
