@@ -66,18 +66,25 @@ LossOfBatch = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------- layers
+def _scorable(m: nn.Module | None) -> bool:
+    """A layer these criteria score: a Linear or a conv (not a grouped transposed one)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return isinstance(m, nn.modules.conv._ConvNd) and not (m.transposed and m.groups != 1)
+
+
 class _Layer:
     """One scored layer: its weight and bias as the model stores them (``weight_orig`` under a torch
     prune mask), the dimension holding its neurons, and the effective weights flattened per neuron."""
 
     def __init__(self, model: nn.Module, name: str, module: nn.Module) -> None:
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            raise TypeError(f"{name} is a {type(module).__name__}: SInGE scores Linear and Conv layers")
+        if not _scorable(module):
+            raise TypeError(
+                f"{name} is a {type(module).__name__}: SInGE scores Linear and (not grouped transposed) conv layers"
+            )
         self.name = name
         self.module = module
         self.odim = 1 if isinstance(module, nn.modules.conv._ConvNd) and module.transposed else 0
-        if self.odim == 1 and module.groups != 1:
-            raise TypeError(f"{name}: a grouped ConvTranspose is not scored")
         self.keys: list[str] = []
         self.attrs: list[str] = []
         self.tensors: list[torch.Tensor] = []
@@ -136,8 +143,8 @@ def scored_layers(
         groups = find_groups(model, example_inputs)
         names = list(dict.fromkeys(m.module for g in groups for m in g.producers))
     else:
-        names = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    out = [(n, modules[n]) for n in names if isinstance(modules[n], (nn.Linear, nn.modules.conv._ConvNd))]
+        names = [n for n, m in modules.items() if _scorable(m)]
+    out = [(n, modules[n]) for n in names if _scorable(modules[n])]
     if not out:
         raise ValueError("no Linear or Conv layer to score")
     return out
@@ -490,47 +497,47 @@ def taylor_scores(
 # ------------------------------------------------------------------------------- criteria
 def _producer_layers(model: nn.Module, groups: Sequence[Group]) -> list[str]:
     modules = dict(model.named_modules())
-    return list(
-        dict.fromkeys(
-            m.module
-            for g in groups
-            for m in g.producers
-            if isinstance(modules.get(m.module), (nn.Linear, nn.modules.conv._ConvNd))
-            and not (isinstance(modules[m.module], nn.modules.conv._ConvNd) and modules[m.module].transposed
-                     and modules[m.module].groups != 1)
-        )
-    )  # fmt: skip
+    names = (m.module for g in groups for m in g.producers)
+    return [n for n in dict.fromkeys(names) if _scorable(modules.get(n))]
 
 
-class SInGECriterion:
-    """The channel criterion: :func:`singe_scores` of the groups' producing layers, summed per channel."""
+class _GradientCriterion:
+    """A channel criterion from a per-layer score function: the groups' producing layers scored on
+    the data, summed per group channel (:func:`~fastprune.importance.channels.layer_scores_to_groups`)."""
+
+    label = ""
 
     def __init__(self, **kwargs: Any) -> None:
         check_singe_args(**{k: v for k, v in kwargs.items() if k not in ("loss_fn", "forward", "progress")})
         self.kwargs = kwargs
 
-    def __call__(
-        self, model: nn.Module, groups: Sequence[Group], data: Iterable[Any] | None = None
-    ) -> dict[int, torch.Tensor]:
-        if data is None:
-            raise ValueError("SInGE reads data: pass data= (an iterable of batches)")
-        per_layer = singe_scores(model, data, layers=_producer_layers(model, groups), **self.kwargs)
-        return layer_scores_to_groups(groups, per_layer)
-
-
-class TaylorCriterion:
-    """The channel criterion: :func:`taylor_scores` of the groups' producing layers, summed per channel."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
+    def layer_scores(self, model: nn.Module, data: Iterable[Any], layers: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def __call__(
         self, model: nn.Module, groups: Sequence[Group], data: Iterable[Any] | None = None
     ) -> dict[int, torch.Tensor]:
         if data is None:
-            raise ValueError("taylor reads data: pass data= (an iterable of batches)")
-        per_layer = taylor_scores(model, data, layers=_producer_layers(model, groups), **self.kwargs)
-        return layer_scores_to_groups(groups, per_layer)
+            raise ValueError(f"{self.label} reads data: pass data= (an iterable of batches)")
+        return layer_scores_to_groups(groups, self.layer_scores(model, data, _producer_layers(model, groups)))
+
+
+class SInGECriterion(_GradientCriterion):
+    """:func:`singe_scores` as a channel criterion."""
+
+    label = "SInGE"
+
+    def layer_scores(self, model: nn.Module, data: Iterable[Any], layers: list[str]) -> dict[str, torch.Tensor]:
+        return singe_scores(model, data, layers=layers, **self.kwargs)
+
+
+class TaylorCriterion(_GradientCriterion):
+    """:func:`taylor_scores` as a channel criterion."""
+
+    label = "taylor"
+
+    def layer_scores(self, model: nn.Module, data: Iterable[Any], layers: list[str]) -> dict[str, torch.Tensor]:
+        return taylor_scores(model, data, layers=layers, **self.kwargs)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -53,6 +53,9 @@ class _GradientConfig(ChannelConfig):
     def calibration_data(self) -> Iterable[Any] | None:
         return self.data
 
+    def _data_kwargs(self) -> dict[str, Any]:
+        return {"num_batches": self.num_batches, "loss_fn": self.loss_fn, "forward": self.forward}
+
 
 @dataclass(frozen=True)
 class SInGEConfig(_GradientConfig):
@@ -91,9 +94,7 @@ class SInGEConfig(_GradientConfig):
             form=self.form,
             batching=self.batching,
             chunk_size=self.chunk_size,
-            num_batches=self.num_batches,
-            loss_fn=self.loss_fn,
-            forward=self.forward,
+            **self._data_kwargs(),
         )
 
 
@@ -108,9 +109,7 @@ class GradWeightConfig(_GradientConfig):
         check_singe_args(norm=self.norm)
 
     def criterion(self) -> Criterion:
-        return SInGECriterion(
-            steps=1, norm=self.norm, num_batches=self.num_batches, loss_fn=self.loss_fn, forward=self.forward
-        )
+        return SInGECriterion(steps=1, norm=self.norm, **self._data_kwargs())
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ class TaylorConfig(_GradientConfig):
     """``taylor``: Molchanov et al. 2019, (sum_{w in n} w g)^2 per batch, averaged."""
 
     def criterion(self) -> Criterion:
-        return TaylorCriterion(num_batches=self.num_batches, loss_fn=self.loss_fn, forward=self.forward)
+        return TaylorCriterion(**self._data_kwargs())
 
 
 for _cls, _name, _desc in (
