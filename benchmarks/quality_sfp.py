@@ -53,21 +53,26 @@ def train_epoch(model, data, seed, epoch, callbacks=()):
     fit(model, data.train_loader(), epochs=1, lr=lr_at(epoch), l2=1e-4, progress=False, callbacks=callbacks)
 
 
+def soft_pruner(variant, model, x, sparsity, epochs, d):
+    """The SoftFilterPruner of a variant: asfp / asfp-channel (asymptotic rate), sfp (constant)."""
+    return fastprune.SoftFilterPruner(
+        model,
+        sparsity,
+        example_inputs=x,
+        epochs=epochs,
+        d=d,
+        schedule="constant" if variant == "sfp" else "asymptotic",
+        zero="channel" if variant == "asfp-channel" else "filter",
+    )
+
+
 def run_variant(variant, dense, data, sparsity, epochs, d, seed):
     model = copy.deepcopy(dense)
     x = torch.as_tensor(data.test_x[:1])
     curve = []
     extra: dict = {}
     if variant in ("asfp", "sfp", "asfp-channel"):
-        sfp = fastprune.SoftFilterPruner(
-            model,
-            sparsity,
-            example_inputs=x,
-            epochs=epochs,
-            d=d,
-            schedule="constant" if variant == "sfp" else "asymptotic",
-            zero="channel" if variant == "asfp-channel" else "filter",
-        )
+        sfp = soft_pruner(variant, model, x, sparsity, epochs, d)
         sfp.on_start()
         sets, pre = [], []
         for e in range(epochs):
@@ -107,15 +112,7 @@ def one_optimizer(variant, dense, data, sparsity, epochs, d, seed):
     """The pruner as a fit callback over all epochs: one SGD optimizer, momentum kept across the
     zeroings (the paper's training loop), instead of the per-epoch fit calls above."""
     model = copy.deepcopy(dense)
-    x = torch.as_tensor(data.test_x[:1])
-    sfp = fastprune.SoftFilterPruner(
-        model,
-        sparsity,
-        example_inputs=x,
-        epochs=epochs,
-        d=d,
-        schedule="asymptotic" if variant == "asfp" else "constant",
-    )
+    sfp = soft_pruner(variant, model, torch.as_tensor(data.test_x[:1]), sparsity, epochs, d)
     torch.manual_seed(seed * 1000)
     hist = fit(model, data.train_loader(), epochs=epochs, lr=0.02, l2=1e-4, progress=False, callbacks=[sfp])
     acc = evaluate(model, data.test_loader())
