@@ -16,6 +16,27 @@ from fastprune.ops import woodbury_inverse_fisher, woodbury_update_
 __all__ = ["FisherInverse", "ShardedFisherInverse"]
 
 
+def _as_blocks(w: torch.Tensor, keep: torch.Tensor, nb: int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, B) float64 weights (zero-padded) and keep flags (padding kept)."""
+    d = w.numel()
+    wb = torch.zeros(nb * B, dtype=torch.float64, device=w.device)
+    wb[:d] = w.reshape(-1).double()
+    kb = torch.ones(nb * B, dtype=torch.bool, device=w.device)
+    kb[:d] = keep.reshape(-1)
+    return wb.view(nb, B), kb.view(nb, B)
+
+
+def _joint_obs(inv: torch.Tensor, wb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """Per block b: ``-inv_b[:, Q] (inv_b[Q, Q])^-1 w_b[Q]`` with Q the pruned entries; (n, B)."""
+    dw = torch.zeros_like(wb)
+    for b in range(inv.shape[0]):
+        q = (~kb[b]).nonzero().flatten()
+        if q.numel():
+            blk = inv[b].to(torch.float64)
+            dw[b] = -(blk[:, q] @ torch.linalg.solve(blk[q][:, q], wb[b][q]))
+    return dw
+
+
 class FisherInverse:
     """Accumulates ``F^-1 = (damp I + (1/N) sum_n g_n g_n^T)^-1``, block-diagonal, from chunks.
 
@@ -114,18 +135,8 @@ class FisherInverse:
     def joint_update(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Per block, the exact joint OBS change ``-F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = the entries
         where ``keep`` is False), float64, shape (d,)."""
-        finv = self.inverse().double()
-        w, k = w.reshape(-1).double(), keep.reshape(-1)
-        bsz = self.block_size
-        dw = torch.zeros_like(w)
-        for b in range(self.num_blocks):
-            lo, hi = b * bsz, min((b + 1) * bsz, w.numel())
-            q = (~k[lo:hi]).nonzero().flatten()
-            if q.numel() == 0:
-                continue
-            blk = finv[b, : hi - lo, : hi - lo]
-            dw[lo:hi] = -(blk[:, q] @ torch.linalg.solve(blk[q][:, q], w[lo:hi][q]))
-        return dw
+        wb, kb = _as_blocks(w, keep, self.num_blocks, self.block_size)
+        return _joint_obs(self.inverse().double(), wb, kb).reshape(-1)[: self.num_params]
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``F^-1 v`` for ``v`` of shape ``(d,)`` or ``(m, d)``; same shape out."""
@@ -250,15 +261,6 @@ class ShardedFisherInverse:
         """Per block, ``-F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries), float64, shape (d,)."""
         assert self._inv is not None, "finish() first"
         lo, hi = self.owned
-        B = self.block_size
-        wb = self._blocks(w.reshape(1, -1))[0]
-        kb = torch.ones(self.num_blocks * B, dtype=torch.bool, device=w.device)
-        kb[: self.num_params] = keep.reshape(-1)
-        kb = kb.view(self.num_blocks, B)
-        local = torch.zeros((hi - lo) * B, dtype=torch.float64, device=self.device)
-        for j, b in enumerate(range(lo, hi)):
-            q = (~kb[b]).nonzero().flatten()
-            if q.numel():
-                blk = self._inv[j]
-                local[j * B : (j + 1) * B] = -(blk[:, q] @ torch.linalg.solve(blk[q][:, q], wb[b][q]))
+        wb, kb = _as_blocks(w, keep, self.num_blocks, self.block_size)
+        local = _joint_obs(self._inv, wb[lo:hi], kb[lo:hi]).reshape(-1)
         return self._gather(local)[: self.num_params]
