@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #include "common/kernel_log.h"
 #include "sparse/sparse.h"
 #include "sparse/sparse_core.h"
@@ -112,6 +114,18 @@ constexpr int64_t kJitMinPositions = 32;
 constexpr int64_t kJitMinRowNnz = 4;
 constexpr int64_t kJitPrefetchBlocks = 2;
 
+// Samples per block of the many-sample linear product: the kernel's register block (full), halved
+// (to a floor of 16) while the block's slice of the input, K * B floats, exceeds half the L2 cache.
+int64_t linear_block(int64_t samples, int64_t K) {
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t(512) << 10;
+  }();
+  int64_t B = samples;
+  while (B > 16 && K * B * static_cast<int64_t>(sizeof(float)) > l2 / 2) B /= 2;
+  return B;
+}
+
 // Row ranges of about equal nonzero count (at least one row each), for parallel_for.
 std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts) {
   std::vector<int64_t> b{0};
@@ -131,6 +145,8 @@ std::vector<int64_t> balanced_chunks(const int32_t* rp, int64_t O, int64_t parts
 // runs per row, how many rows from it on share its pattern (sparse_kernels.h).
 struct Derived {
   std::vector<int32_t> off, runs;
+  // (linear layers) every column is below K: the many-sample loop reads them unchecked
+  bool cols_in_range = false;
   // generated code for these offsets, per set of jit::Flags (sparse_jit.h). The code carries a copy
   // of the values, so a slot also names the values it was made from: made at the first float32 call
   // that uses it, and again when the values change (another tensor, other storage, or an in-place
@@ -171,8 +187,16 @@ std::vector<int32_t> row_runs(const int32_t* rp, int64_t O, Same same) {
   return runs;
 }
 
-std::shared_ptr<const Derived> linear_derived(const int32_t* rp, const at::Tensor& col, int64_t O) {
+std::shared_ptr<const Derived> linear_derived(const int32_t* rp, const at::Tensor& col, int64_t O, int64_t K) {
   auto d = std::make_shared<Derived>();
+  const int64_t nnz = rp[O];
+  if (col.scalar_type() == at::kInt) {
+    const int32_t* c = col.const_data_ptr<int32_t>();
+    d->cols_in_range = std::all_of(c, c + nnz, [K](int32_t v) { return v >= 0 && v < K; });
+  } else {
+    const uint16_t* c = static_cast<const uint16_t*>(col.const_data_ptr());
+    d->cols_in_range = std::all_of(c, c + nnz, [K](uint16_t v) { return v < K; });
+  }
   const auto* bytes = static_cast<const unsigned char*>(col.const_data_ptr());
   const int64_t es = col.element_size();
   d->runs = row_runs(rp, O, [&](int64_t r) {
@@ -296,29 +320,58 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
     const auto& kern = sparse_kernels(isa);
     note_kernel(KernelOp::kSparseLinear, path_of_isa(static_cast<int>(isa)));
     const std::array<int64_t, 13> geom{-1, K, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    const auto derived = cached_derived(col_in, row_ptr_in, geom, [&] { return linear_derived(rp, col, O); });
+    const auto derived = cached_derived(col_in, row_ptr_in, geom, [&] { return linear_derived(rp, col, O, K); });
     const int32_t* runs = derived->runs.data();
     const float* v = values.const_data_ptr<float>();
     const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-    // several samples: the kernel writes Y^T (O, n), transposed into out afterwards
-    at::Tensor yt = n == 1 ? out : at::empty({O, n}, input.options());
-    float* y = yt.data_ptr<float>();
-    // one sample: gather-dot per row; several: the transposed input makes each column a
-    // contiguous run of samples, so every nonzero is one vector FMA across the batch
-    const at::Tensor xt = n == 1 ? x : x.t().contiguous();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      bool bad = false;
-      for (int64_t c = c0; c < c1; ++c) {
-        if (n == 1) {
-          kern.spmv(rp, runs, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), K, b, relu, chunks[c], chunks[c + 1], y, &bad);
-        } else {
-          kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xt.const_data_ptr<float>(), n, K, n, b, relu, chunks[c],
-                    chunks[c + 1], y, n, &bad);
+    const float* xp = x.const_data_ptr<float>();
+    if (n == 1) {  // one sample: a gather-dot per row
+      float* y = out.data_ptr<float>();
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        bool bad = false;
+        for (int64_t c = c0; c < c1; ++c) {
+          kern.spmv(rp, runs, col.const_data_ptr(), wide, v, xp, K, b, relu, chunks[c], chunks[c + 1], y, &bad);
         }
-      }
-      if (bad) any_bad = true;
-    });
-    if (n > 1) out.copy_(yt.t());
+        if (bad) any_bad = true;
+      });
+    } else {
+      // Several: the input transposed in blocks of B samples, xb (nb, K, B), so that every nonzero is
+      // vector FMAs across a block's samples and a block's slice is one contiguous run of K * B floats
+      // (with X^T as one (K, n) matrix the slice of a block has a row per column, n floats apart:
+      // at n = 1024 every column of a block sat in its own page, and 3072 -> 768 ran 0.90x dense).
+      // B is the kernel's register block, halved while the slice exceeds half the L2 cache.
+      TORCH_CHECK(derived->cols_in_range, "sparse_linear: col_idx holds a column outside [0, ", K,
+                  "): the packed weight was made for a different shape");
+      const int64_t B = linear_block(kern.spmm_samples, K);
+      const int64_t nb = (n + B - 1) / B, last = n - (nb - 1) * B;
+      at::Tensor xb = at::empty({nb, K, B}, input.options());
+      at::Tensor yb = at::empty({nb, O, B}, input.options());
+      float* xbp = xb.data_ptr<float>();
+      float* ybp = yb.data_ptr<float>();
+      float* outp = out.data_ptr<float>();
+      // (ATen's strided copies for these two layouts cost 39 of BERT-base's 250 ms at 90 %)
+      const int64_t kparts = (K + 63) / 64;
+      at::parallel_for(0, nb * kparts, 1, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t bi = w / kparts, k0 = (w % kparts) * 64;
+          kern.transpose(xp + bi * B * K + k0, K, xbp + bi * K * B + k0 * B, B, bi == nb - 1 ? last : B,
+                         std::min<int64_t>(64, K - k0));
+        }
+      });
+      // work items (block, chunk of rows): a thread runs its rows over a block while it is in cache,
+      // then writes their results, transposed, into the output
+      at::parallel_for(0, nb * nchunks, 1, [&](int64_t w0, int64_t w1) {
+        bool bad = false;
+        for (int64_t w = w0; w < w1; ++w) {
+          const int64_t bi = w / nchunks, c = w % nchunks, nbi = bi == nb - 1 ? last : B;
+          const int64_t r0 = chunks[c], r1 = chunks[c + 1];
+          kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xbp + bi * K * B, B, K, nbi, b, relu, r0, r1,
+                    ybp + bi * O * B, B, &bad);
+          kern.transpose(ybp + bi * O * B + r0 * B, B, outp + bi * B * O + r0, O, r1 - r0, nbi);
+        }
+        if (bad) any_bad = true;
+      });
+    }
   } else {
     note_kernel(KernelOp::kSparseLinear, KernelPath::kFloat64);
     const double* v = values.const_data_ptr<double>();

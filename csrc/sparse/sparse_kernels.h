@@ -34,7 +34,13 @@ struct SparseKernels {
   // out[i * ldo + t] = act(src[i * lds + t] + bias[i] + res[i * ldr + t]); bias and res nullable; src may be out.
   void (*tile_finish)(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n,
                       const float* bias, const float* res, int64_t ldr, bool relu);
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (the many-sample linear product lays its
+  // input and output out with it).
+  void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
   const char* name;
+  // samples per block of spmm that one pass over a row keeps in registers (kTokenVecs vectors): the
+  // caller lays X^T out in blocks of this many samples (sparse_linear_cpu)
+  int64_t spmm_samples;
 };
 
 const SparseKernels& sparse_kernels(Isa isa);
@@ -65,6 +71,7 @@ const float* padded_copy(const float* x, int64_t K);
 
 namespace scalar {
 extern const SparseKernels kKernels;
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out);
 }
@@ -73,6 +80,8 @@ extern const SparseKernels kKernels;
 // Also the AVX-512 table's single-sample loop: on Zen 4, 8-wide gathers beat 16-wide ones.
 void spmv(const int32_t* row_ptr, const int32_t* runs, const void* col, bool wide, const float* val, const float* x, int64_t K,
           const float* bias, bool relu, int64_t r0, int64_t r1, float* y, bool* bad);
+// Also the AVX-512 table's transpose (8 x 8 blocks in registers).
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 }
 namespace avx512 { extern const SparseKernels kKernels; }
 

@@ -131,6 +131,7 @@ struct V256 {
   using Mask = __m256i;
   static constexpr int64_t kWidth = 8;
   static constexpr int kGroupVecs = 2;  // 4 rows x 2 vectors: 8 of the 16 ymm registers accumulate
+  static constexpr int kTokenVecs = 8;  // 8 of the 16 ymm registers accumulate 64 samples
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float f) { return _mm256_set1_ps(f); }
   static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
@@ -172,7 +173,40 @@ void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t
   tile_finish_t<V256>(src, lds, out, ldo, rows, n, bias, res, ldr, relu);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, "avx2"};
+// 8 x 8 blocks through registers (unpack, shuffle, 128-bit lane swap); the edges element by element.
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  const int64_t r8 = rows / 8 * 8, c8 = cols / 8 * 8;
+  for (int64_t i = 0; i < r8; i += 8) {
+    for (int64_t j = 0; j < c8; j += 8) {
+      const float* s = src + i * lds + j;
+      __m256 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(s + k * lds);
+      __m256 t[8];
+      for (int k = 0; k < 4; ++k) {
+        t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+      }
+      __m256 u[8];
+      for (int k = 0; k < 2; ++k) {
+        u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+        u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+        u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+        u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+      }
+      float* d = dst + j * ldd + i;
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(d + k * ldd, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+        _mm256_storeu_ps(d + (k + 4) * ldd, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+      }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t j0 = i < r8 ? c8 : 0;
+    for (int64_t j = j0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+  }
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, "avx2", V256::kTokenVecs * V256::kWidth};
 
 }  // namespace avx2
 }  // namespace sparse

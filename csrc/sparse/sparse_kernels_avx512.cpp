@@ -15,6 +15,7 @@ struct V512 {
   using Mask = __mmask16;
   static constexpr int64_t kWidth = 16;
   static constexpr int kGroupVecs = 4;  // 4 rows x 4 vectors: 16 of the 32 zmm registers accumulate
+  static constexpr int kTokenVecs = 8;  // 8 zmm accumulate 128 samples
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg set1(float f) { return _mm512_set1_ps(f); }
   static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
@@ -45,7 +46,7 @@ void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t
   tile_finish_t<V512>(src, lds, out, ldo, rows, n, bias, res, ldr, relu);
 }
 
-const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, "avx512"};
+const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, "avx512", V512::kTokenVecs * V512::kWidth};
 
 }  // namespace avx512
 }  // namespace sparse

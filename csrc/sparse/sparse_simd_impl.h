@@ -2,8 +2,9 @@
 // each sparse_kernels_<isa>.cpp defines (in an anonymous namespace, so every instantiation stays
 // inside its own translation unit and its own -m flags). V provides: Reg, Mask, kWidth, zero(),
 // set1(f), loadu(p), storeu(p, v), fmadd(a, b, c), add(a, b), max0(v), mask(w) (first w lanes),
-// maskz_load(m, p), mask_store(p, m, v), and kGroupVecs: the vectors of output positions per row in
-// the shared-pattern conv loop (its G rows x kGroupVecs accumulators must fit the register file).
+// maskz_load(m, p), mask_store(p, m, v), kGroupVecs: the vectors of output positions per row in the
+// shared-pattern conv loop (its G rows x kGroupVecs accumulators must fit the register file), and
+// kTokenVecs: the accumulator vectors of the many-sample product (a power of two, at least 4).
 #pragma once
 
 #include <algorithm>
@@ -16,29 +17,101 @@ namespace fastprune {
 namespace sparse {
 
 // Rows [r0, r1) of Y^T = act(W X + b), vectorised along the n samples (xt: X^T (K, n), row stride
-// ldx; yt (O, n), row stride ldy); four accumulators hide the FMA latency when one vector covers
-// all samples. Columns are range-checked (clamped, *bad set).
-// G rows r.. sharing one column pattern: each loaded input vector feeds G rows' FMAs.
-template <class V, int G, class Column>
-inline void spmm_group(const int32_t* rp, const float* val, const float* xt, int64_t ldx, int64_t n,
-                       const float* bias, bool relu, int64_t r, float* y, int64_t ldy, Column column) {
+// ldx; yt (O, n), row stride ldy). The samples go in blocks of kTokenVecs vectors whose slice of X^T
+// stays in cache while every row of [r0, r1) runs over it; within a block each row holds NV vectors
+// of accumulators, so that a nonzero's weight, broadcast once, feeds NV FMAs and the NV input loads
+// are the only other work (the loop once ran one vector of samples per pass over a row: one
+// broadcast, one column decode and one load per FMA, 0.83x dense MKL for BERT's 768 x 768 at 90 %
+// and 128 tokens on Zen 1). Columns are read unchecked: the caller has checked them against K
+// (sparse_linear_cpu, once per packed weight).
+
+// G rows r.. (sharing one column pattern when G > 1) x NV vectors of samples from j0: per nonzero,
+// NV input vectors loaded once feed G x NV FMAs. kTail: the last vector holds n - j0 - (NV-1) W
+// samples (masked load and store).
+template <class V, int G, int NV, bool kTail, class Col>
+inline void spmm_block(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t K,
+                       int64_t n, const float* bias, bool relu, int64_t r, int64_t j0, float* y, int64_t ldy,
+                       bool* bad) {
+  constexpr int64_t W = V::kWidth;
   const int64_t k0 = rp[r], len = rp[r + 1] - k0;
+  const Col* c = col + k0;
   const float* w[G];
   for (int i = 0; i < G; ++i) w[i] = val + rp[r + i];
-  for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
-    const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
-    typename V::Reg acc[G];
-    for (int i = 0; i < G; ++i) acc[i] = V::zero();
-    for (int64_t k = 0; k < len; ++k) {
-      const typename V::Reg x = V::maskz_load(m, xt + column(k0 + k) * ldx + j0);
-      for (int i = 0; i < G; ++i) acc[i] = V::fmadd(V::set1(w[i][k]), x, acc[i]);
-    }
+  const auto m = V::mask(kTail ? n - j0 - (NV - 1) * W : W);
+  typename V::Reg acc[G][NV];
+  for (int i = 0; i < G; ++i) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  }
+  const float* base = xt + j0;
+  for (int64_t k = 0; k < len; ++k) {
+    const float* s = base + static_cast<int64_t>(c[k]) * ldx;
+    typename V::Reg x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = (kTail && v == NV - 1) ? V::maskz_load(m, s + v * W) : V::loadu(s + v * W);
     for (int i = 0; i < G; ++i) {
-      typename V::Reg a = acc[i];
-      if (bias != nullptr) a = V::add(a, V::set1(bias[r + i]));
-      if (relu) a = V::max0(a);
-      V::mask_store(y + (r + i) * ldy + j0, m, a);
+      const typename V::Reg b = V::set1(w[i][k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(b, x[v], acc[i][v]);
     }
+  }
+  for (int i = 0; i < G; ++i) {
+    const typename V::Reg b = bias != nullptr ? V::set1(bias[r + i]) : V::zero();
+    float* out = y + (r + i) * ldy + j0;
+    for (int v = 0; v < NV; ++v) {
+      typename V::Reg a = V::add(acc[i][v], b);
+      if (relu) a = V::max0(a);
+      if (kTail && v == NV - 1) {
+        V::mask_store(out + v * W, m, a);
+      } else {
+        V::storeu(out + v * W, a);
+      }
+    }
+  }
+}
+
+// G rows r.. over the samples [j0, j1): blocks of kTokenVecs / G vectors (G x NV accumulators fill
+// the registers set aside for them), then halves of that for the rest, then a masked last vector.
+template <class V, int G, class Col>
+inline void spmm_span(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t K,
+                      int64_t n, const float* bias, bool relu, int64_t r, int64_t j0, int64_t j1, float* y,
+                      int64_t ldy, bool* bad) {
+  constexpr int64_t W = V::kWidth;
+  constexpr int M = V::kTokenVecs / G;
+  static_assert(M >= 1 && (M & (M - 1)) == 0, "kTokenVecs / G must be a power of two");
+  int64_t j = j0;
+  for (; j + M * W <= j1; j += M * W) spmm_block<V, G, M, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+  if constexpr (M >= 8) {
+    if (j + 4 * W <= j1) {
+      spmm_block<V, G, 4, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      j += 4 * W;
+    }
+  }
+  if constexpr (M >= 4) {
+    if (j + 2 * W <= j1) {
+      spmm_block<V, G, 2, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      j += 2 * W;
+    }
+  }
+  if constexpr (M >= 2) {
+    if (j + W <= j1) {
+      spmm_block<V, G, 1, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      j += W;
+    }
+  }
+  if (j < j1) spmm_block<V, G, 1, true>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+}
+
+template <class V, class Col>
+void spmm_tokens(const int32_t* rp, const int32_t* runs, const Col* col, const float* val, const float* xt,
+                 int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
+                 int64_t ldy, bool* bad) {
+  constexpr int64_t B = V::kTokenVecs * V::kWidth;
+  for (int64_t j0 = 0; j0 < n; j0 += B) {
+    const int64_t j1 = std::min(n, j0 + B);
+    auto shared = [&](int64_t r, auto g) {
+      spmm_span<V, decltype(g)::value>(rp, col, val, xt, ldx, K, n, bias, relu, r, j0, j1, y, ldy, bad);
+    };
+    for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
+      spmm_span<V, 1>(rp, col, val, xt, ldx, K, n, bias, relu, r, j0, j1, y, ldy, bad);
+    });
   }
 }
 
@@ -46,37 +119,11 @@ template <class V>
 void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
             int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
             int64_t ldy, bool* bad) {
-  auto column = [&](int64_t k) {
-    int64_t c = col_at(col, wide, k);
-    if (c >= K || c < 0) {
-      *bad = true;
-      c = K - 1;
-    }
-    return c;
-  };
-  auto shared = [&](int64_t r, auto g) {
-    spmm_group<V, decltype(g)::value>(rp, val, xt, ldx, n, bias, relu, r, y, ldy, column);
-  };
-  for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
-    const int64_t k0 = rp[r], k1 = rp[r + 1];
-    for (int64_t j0 = 0; j0 < n; j0 += V::kWidth) {
-      const auto m = V::mask(n - j0 < V::kWidth ? n - j0 : V::kWidth);
-      typename V::Reg a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-      int64_t k = k0;
-      for (; k + 4 <= k1; k += 4) {
-        const int64_t c0 = column(k), c1 = column(k + 1), c2 = column(k + 2), c3 = column(k + 3);
-        a0 = V::fmadd(V::set1(val[k]), V::maskz_load(m, xt + c0 * ldx + j0), a0);
-        a1 = V::fmadd(V::set1(val[k + 1]), V::maskz_load(m, xt + c1 * ldx + j0), a1);
-        a2 = V::fmadd(V::set1(val[k + 2]), V::maskz_load(m, xt + c2 * ldx + j0), a2);
-        a3 = V::fmadd(V::set1(val[k + 3]), V::maskz_load(m, xt + c3 * ldx + j0), a3);
-      }
-      for (; k < k1; ++k) a0 = V::fmadd(V::set1(val[k]), V::maskz_load(m, xt + column(k) * ldx + j0), a0);
-      typename V::Reg acc = V::add(V::add(a0, a1), V::add(a2, a3));
-      if (bias != nullptr) acc = V::add(acc, V::set1(bias[r]));
-      if (relu) acc = V::max0(acc);
-      V::mask_store(y + r * ldy + j0, m, acc);
-    }
-  });
+  if (wide) {
+    spmm_tokens<V>(rp, runs, static_cast<const int32_t*>(col), val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+  } else {
+    spmm_tokens<V>(rp, runs, static_cast<const uint16_t*>(col), val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+  }
 }
 
 // SparseKernels::tile_finish, vectorised.

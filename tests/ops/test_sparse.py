@@ -63,6 +63,31 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("n", [2, 9, 63, 64, 65, 130, 300])
+@pytest.mark.parametrize("inp", [5, 67, 3001])
+def test_sparse_linear_many_samples(isa, n, inp):
+    # the many-sample path: blocks of the kernel's register block (64 or 128 samples), halved while
+    # K * B floats exceed half the L2 cache (3001 columns), the last block partial, the input and
+    # output transposed through 8 x 8 register blocks with element-wise edges (odd sizes)
+    w = _sparse_weight(37, inp, 0.15, seed=n)
+    rp, col, val = ops.pack_sparse(w)
+    x, b = torch.randn(n, inp), torch.randn(37)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for bias, relu in [(None, False), (b, True)]:
+            got = ops.sparse_linear(x, rp, col, val, inp, bias, relu)
+            want = reference.sparse_linear(
+                x.double(), rp, col, val.double(), inp, None if bias is None else bias.double(), relu
+            )
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # a non-contiguous (transposed) input, and rows sharing patterns mixed with rows that do not
+    shared = torch.cat([_shared_pattern_weight(12, inp, 0.3, seed=n), w[:5]])
+    packed = ops.pack_sparse(shared)
+    xt = torch.randn(inp, n).t()
+    want = reference.sparse_linear(xt.double(), packed[0], packed[1], packed[2].double(), inp)
+    torch.testing.assert_close(ops.sparse_linear(xt, *packed, inp).double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_sparse_linear_non_contiguous_input_and_wide_columns(isa):
     inp = 70000
     w = _sparse_weight(9, inp, 0.002)
