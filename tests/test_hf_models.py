@@ -112,3 +112,28 @@ def test_bert_heads_and_ffn_are_removed_for_real():
     assert plan.achieved_sparsity == pytest.approx(0.5)
     with torch.no_grad():
         torch.testing.assert_close(comp(ids).logits, masked(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_sparsified_bert_compiles_whole_with_inductor():
+    # the documented path for HuggingFace models: sparsify swaps the Linear layers (no FX trace
+    # needed; FX fusion does not apply), and torch.compile takes the whole model in one graph
+    # (the sparse ops are custom ops with fake kernels), inductor fusing the dense remainder
+    from torch._dynamo.utils import counters
+
+    from fastprune.nn import sparsify_decisions
+
+    model = bert()
+    fastprune.prune(model, "magnitude", sparsity=0.9, include="bert.encoder", scope="layer")
+    data = batches("class", n=1)[0]
+    sp = fastprune.sparsify(model, min_sparsity=0.5)
+    swapped = [d for d in sparsify_decisions(sp) if d.swapped]
+    assert len(swapped) == 12 and all(d.name.startswith("bert.encoder") for d in swapped)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(sp, fullgraph=True)  # inductor; fullgraph: a graph break is an error
+    kw = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
+    with torch.no_grad():
+        got, want, dense = compiled(**kw).logits, sp(**kw).logits, model(**kw).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
+    assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1

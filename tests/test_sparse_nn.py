@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -98,3 +99,56 @@ def test_sparsify_min_sparsity_threshold_and_calibration():
         assert _rel(calibrated(x), model(x)) <= 1e-4
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(model, min_sparsity=1.5)
+
+
+def test_sparsify_says_why_each_layer_was_or_was_not_swapped():
+    from fastprune.nn import sparsify_decisions
+
+    model, x = zoo.build("resnet")
+    fastprune.prune(model, "magnitude", sparsity=0.9, scope="layer", exclude="fc")
+    sp = sparsify(model, min_sparsity=0.5)
+    dec = {d.name: d for d in sparsify_decisions(sp)}
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert set(dec) == set(convs)
+    assert {d.name for d in dec.values() if d.swapped} == {n for n, *_ in sparsify_report(sp)}
+    assert not dec["fc"].swapped and "< min_sparsity 0.500" in dec["fc"].reason
+    swapped = next(d for d in dec.values() if d.swapped)
+    assert ">= min_sparsity" in swapped.reason and swapped.dense_ms is None
+    calibrated = sparsify_decisions(sparsify(model, example_inputs=x))
+    timed = [d for d in calibrated if d.dense_ms is not None]
+    assert timed and all(d.sparse_ms is not None and "ms dense" in d.reason for d in timed)
+    with pytest.raises(ValueError, match="did not come out of fastprune.sparsify"):
+        sparsify_decisions(model)
+
+
+def test_calibration_margin_rounds_and_table_fallback():
+    # a fake clock: each call of a timed function advances it by that function's cost
+    mod = importlib.import_module("fastprune.nn.sparsify")  # (the package re-exports the function under that name)
+    now = [0.0]
+    costs = {"s": 1.0, "d": 1.0}
+    calls = {"s": 0, "d": 0}
+
+    def clock():
+        return now[0]
+
+    def run(which):
+        def f():
+            calls[which] += 1
+            now[0] += costs[which]
+
+        return f
+
+    def decide(s, d, table):
+        costs.update(s=s, d=d)
+        calls.update(s=0, d=0)
+        return mod._calibrate(run("s"), run("d"), table, clock)
+
+    swap, reason, *_ = decide(0.5, 1.0, False)
+    assert swap and reason.startswith("timed faster") and calls["s"] == 1 + mod.CALIBRATION_ROUNDS[0]
+    swap, reason, *_ = decide(1.2, 1.0, True)
+    assert not swap and reason.startswith("timed slower")
+    # within the margin: all the rounds, then the table decides (either way)
+    for table in (True, False):
+        swap, reason, *_ = decide(0.95, 1.0, table)
+        assert swap is table and "by the sparsity table" in reason
+        assert calls["s"] == 1 + mod.CALIBRATION_ROUNDS[1]

@@ -44,7 +44,7 @@ from fastprune.methods import (
     register_method,
 )
 from fastprune.methods.woodfisher import fisher_statistics
-from fastprune.nn.sparsify import sparsify, sparsify_report
+from fastprune.nn.sparsify import sparsify, sparsify_decisions, sparsify_report
 from fastprune.plan import Plan
 from fastprune.pruner import BasePruner, EntwinedPruner, Pruner, SoftFilterPruner
 from fastprune.report import SparsityReport, sparsity_report
@@ -95,6 +95,7 @@ __all__ = [
     "select",
     "sensitivity",
     "sparsify",
+    "sparsify_decisions",
     "sparsify_report",
     "sparsity_report",
     "structure",

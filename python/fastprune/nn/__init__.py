@@ -3,14 +3,16 @@
 from fastprune.nn.attention import MultiheadSelfAttention, swap_attention
 from fastprune.nn.microbatch import MicroBatch
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
-from fastprune.nn.sparsify import sparsify, sparsify_report
+from fastprune.nn.sparsify import SwapDecision, sparsify, sparsify_decisions, sparsify_report
 
 __all__ = [
     "MicroBatch",
     "MultiheadSelfAttention",
     "SparseConv2d",
     "SparseLinear",
+    "SwapDecision",
     "sparsify",
+    "sparsify_decisions",
     "sparsify_report",
     "swap_attention",
 ]
