@@ -14,7 +14,7 @@ NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' \)) 
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: demo test lint format bench cuda-check build clean
+.PHONY: demo test lint format bench cuda-check build clean deepsparse-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,18 @@ $(LINT_DEPS): $(DEPS)
 
 BENCH_DEPS := $(VENV)/.bench-deps-installed
 $(BENCH_DEPS): $(DEPS)
-	$(PIP) install -q -c constraints.txt torch-pruning
+	$(PIP) install -q -c constraints.txt torch-pruning onnx
 	touch $@
+
+# DeepSparse and ONNX Runtime for bench_vs_deepsparse.py, in their own venv (DeepSparse pins an old
+# numpy and onnx). Optional: when the registry lacks them the benchmark skips their columns.
+DS_VENV := build/ds-venv
+$(DS_VENV)/.installed:
+	@($(PYTHON) -m venv $(DS_VENV) && $(DS_VENV)/bin/pip install -q --disable-pip-version-check \
+		deepsparse==1.8.0 onnxruntime && touch $@) \
+		|| echo "bench: DeepSparse 1.8.0 could not be installed in $(DS_VENV): its columns will be skipped"
+
+deepsparse-venv: $(DS_VENV)/.installed
 
 $(BUILT): $(DEPS) $(NATIVE_SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps -c constraints.txt -e .
@@ -59,7 +69,7 @@ format: $(LINT_DEPS)
 cuda-check: $(DEPS)
 	PY=$(PY) bash tools/cuda_check.sh
 
-bench: $(BUILT) $(BENCH_DEPS)
+bench: $(BUILT) $(BENCH_DEPS) deepsparse-venv
 	$(PY) benchmarks/bench_woodbury.py
 	$(PY) benchmarks/bench_woodfisher.py
 	$(PY) benchmarks/bench_fisher_engines.py
@@ -74,6 +84,8 @@ bench: $(BUILT) $(BENCH_DEPS)
 	$(PY) benchmarks/bench_structured.py
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_sparse_jit.py
+	$(PY) benchmarks/bench_sparse_tokens.py
+	$(PY) benchmarks/bench_vs_deepsparse.py
 
 clean:
 	rm -rf build $(VENV)
