@@ -157,6 +157,11 @@ def test_bench_command(user_model, capsys):
     )
     out = capsys.readouterr().out
     assert "fastprune.sparsify" in out and "magnitude-pruned per layer to 80%" in out
+    assert "what sparsify did" not in out
+    args = ["bench", "usermodels:make", "--input-shape", "4,8", "--sparsity", "0.8", "--min-run-time", "0.05"]
+    assert main([*args, "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "per layer (what sparsify did, and why)" in out and ("timed" in out or "timings within" in out)
     assert (
         main(
             [

@@ -29,7 +29,7 @@ import fastprune
 from fastprune import recipes
 from fastprune.methods import ChannelConfig, spec_for
 from fastprune.methods.registry import table
-from fastprune.nn import sparsify, sparsify_report
+from fastprune.nn import sparsify, sparsify_decisions, sparsify_report
 from fastprune.train import evaluate, fit
 
 __all__ = ["UserError", "main"]
@@ -632,6 +632,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     print(_table(rows))
     print(f"max |sparse - dense| / max |dense| = {diff:.2e}")
+    if args.layers:
+        print("\nper layer (what sparsify did, and why):")
+        print(
+            _table(
+                [("layer", "sparsity", "sparse", "why")]
+                + [
+                    (d.name, f"{d.sparsity:.1%}", "yes" if d.swapped else "no", d.reason)
+                    for d in sparsify_decisions(sparse)
+                ]
+            )
+        )
     return 0
 
 
@@ -698,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="with dense weights: magnitude-prune groups of this many output channels together",
     )
     b.add_argument("--weights", help="state_dict to load first (torch.load weights_only=True)")
+    b.add_argument(
+        "--layers", action="store_true", help="also list every layer: swapped or not, and why (measured times)"
+    )
     b.add_argument(
         "--micro-batch",
         type=_positive_int,
