@@ -71,7 +71,6 @@ const float* padded_copy(const float* x, int64_t K);
 
 namespace scalar {
 extern const SparseKernels kKernels;
-void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 void conv_rows_f64(const int32_t* row_ptr, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out);
 }

@@ -38,13 +38,13 @@ void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t
   }
 }
 
-}  // namespace
-
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
   }
 }
+
+}  // namespace
 
 void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, const float* val, const float* xin,
                int64_t r0, int64_t r1, const ConvOut<float>& out) {

@@ -29,9 +29,8 @@ namespace sparse {
 // NV input vectors loaded once feed G x NV FMAs. kTail: the last vector holds n - j0 - (NV-1) W
 // samples (masked load and store).
 template <class V, int G, int NV, bool kTail, class Col>
-inline void spmm_block(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t K,
-                       int64_t n, const float* bias, bool relu, int64_t r, int64_t j0, float* y, int64_t ldy,
-                       bool* bad) {
+inline void spmm_block(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t n,
+                       const float* bias, bool relu, int64_t r, int64_t j0, float* y, int64_t ldy) {
   constexpr int64_t W = V::kWidth;
   const int64_t k0 = rp[r], len = rp[r + 1] - k0;
   const Col* c = col + k0;
@@ -70,59 +69,58 @@ inline void spmm_block(const int32_t* rp, const Col* col, const float* val, cons
 // G rows r.. over the samples [j0, j1): blocks of kTokenVecs / G vectors (G x NV accumulators fill
 // the registers set aside for them), then halves of that for the rest, then a masked last vector.
 template <class V, int G, class Col>
-inline void spmm_span(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t K,
-                      int64_t n, const float* bias, bool relu, int64_t r, int64_t j0, int64_t j1, float* y,
-                      int64_t ldy, bool* bad) {
+inline void spmm_span(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t n,
+                      const float* bias, bool relu, int64_t r, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   constexpr int64_t W = V::kWidth;
   constexpr int M = V::kTokenVecs / G;
   static_assert(M >= 1 && (M & (M - 1)) == 0, "kTokenVecs / G must be a power of two");
   int64_t j = j0;
-  for (; j + M * W <= j1; j += M * W) spmm_block<V, G, M, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+  for (; j + M * W <= j1; j += M * W) spmm_block<V, G, M, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
   if constexpr (M >= 8) {
     if (j + 4 * W <= j1) {
-      spmm_block<V, G, 4, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      spmm_block<V, G, 4, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
       j += 4 * W;
     }
   }
   if constexpr (M >= 4) {
     if (j + 2 * W <= j1) {
-      spmm_block<V, G, 2, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      spmm_block<V, G, 2, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
       j += 2 * W;
     }
   }
   if constexpr (M >= 2) {
     if (j + W <= j1) {
-      spmm_block<V, G, 1, false>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+      spmm_block<V, G, 1, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
       j += W;
     }
   }
-  if (j < j1) spmm_block<V, G, 1, true>(rp, col, val, xt, ldx, K, n, bias, relu, r, j, y, ldy, bad);
+  if (j < j1) spmm_block<V, G, 1, true>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
 }
 
 template <class V, class Col>
 void spmm_tokens(const int32_t* rp, const int32_t* runs, const Col* col, const float* val, const float* xt,
-                 int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
-                 int64_t ldy, bool* bad) {
+                 int64_t ldx, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y, int64_t ldy) {
   constexpr int64_t B = V::kTokenVecs * V::kWidth;
   for (int64_t j0 = 0; j0 < n; j0 += B) {
     const int64_t j1 = std::min(n, j0 + B);
     auto shared = [&](int64_t r, auto g) {
-      spmm_span<V, decltype(g)::value>(rp, col, val, xt, ldx, K, n, bias, relu, r, j0, j1, y, ldy, bad);
+      spmm_span<V, decltype(g)::value>(rp, col, val, xt, ldx, n, bias, relu, r, j0, j1, y, ldy);
     };
     for_row_groups(runs, r0, r1, shared, [&](int64_t r) {
-      spmm_span<V, 1>(rp, col, val, xt, ldx, K, n, bias, relu, r, j0, j1, y, ldy, bad);
+      spmm_span<V, 1>(rp, col, val, xt, ldx, n, bias, relu, r, j0, j1, y, ldy);
     });
   }
 }
 
+// (K and bad: the table's signature, which the portable copy's range checks use)
 template <class V>
 void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
-            int64_t ldx, int64_t K, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
-            int64_t ldy, bool* bad) {
+            int64_t ldx, int64_t /*K*/, int64_t n, const float* bias, bool relu, int64_t r0, int64_t r1, float* y,
+            int64_t ldy, bool* /*bad*/) {
   if (wide) {
-    spmm_tokens<V>(rp, runs, static_cast<const int32_t*>(col), val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+    spmm_tokens<V>(rp, runs, static_cast<const int32_t*>(col), val, xt, ldx, n, bias, relu, r0, r1, y, ldy);
   } else {
-    spmm_tokens<V>(rp, runs, static_cast<const uint16_t*>(col), val, xt, ldx, K, n, bias, relu, r0, r1, y, ldy, bad);
+    spmm_tokens<V>(rp, runs, static_cast<const uint16_t*>(col), val, xt, ldx, n, bias, relu, r0, r1, y, ldy);
   }
 }
 
