@@ -8,6 +8,7 @@
 
 #include "common/cpu_features.h"
 #include "common/kernel_log.h"
+#include "sparse/sparse.h"
 #include "sparse/sparse_jit.h"
 
 TORCH_LIBRARY(fastprune, m) {
@@ -77,6 +78,10 @@ PyObject* fp_jit_built(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* fp_derived_computed(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(fastprune::sparse::derived_computed());
+}
+
 PyObject* fp_torch_version(PyObject*, PyObject*) {
   return Py_BuildValue("(iii)", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
 }
@@ -86,6 +91,8 @@ PyMethodDef fp_methods[] = {
     {"kernel_counts", fp_kernel_counts, METH_NOARGS, "{(op, path): calls} since the last reset"},
     {"reset_kernel_counts", fp_reset_kernel_counts, METH_NOARGS, "zero every counter"},
     {"best_isa", fp_best_isa, METH_NOARGS, "the best vector ISA this CPU runs (FASTPRUNE_ISA ignored)"},
+    {"derived_computed", fp_derived_computed, METH_NOARGS,
+     "times the CPU sparse kernels derived data from a packed weight (cache misses)"},
     {"jit_built", fp_jit_built, METH_NOARGS, "whether this build has the run-time conv code generator"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -30,6 +30,9 @@ ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tenso
                                         const std::optional<at::Tensor>& residual);
 // dtype of col_idx for K columns.
 at::ScalarType col_dtype_for(int64_t K);
+// How many times the CPU kernels derived per-nonzero data (tap offsets, row runs) from a packed
+// weight instead of finding it cached: tests check that a model's second call derives nothing.
+int64_t derived_computed();
 // Composite (ATen-only) packing, used by the CUDA registration.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_composite(const at::Tensor& weight);
 

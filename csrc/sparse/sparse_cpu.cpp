@@ -17,6 +17,7 @@
 #include <mutex>
 #include <optional>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include <unistd.h>
@@ -250,39 +251,63 @@ std::shared_ptr<const Derived> compute_offsets(const int32_t* rp, const at::Tens
 
 // Cache of Derived, keyed by the packed tensors' identity (a weak reference to their TensorImpl plus
 // its version counter: an in-place change or a new tensor misses) and the input geometry with its
-// plane length (for a linear layer: -1 and K). Inference tensors have no version counter: computed afresh each call.
+// plane length (for a linear layer: -1 and K). Inference tensors have no version counter: computed
+// afresh each call. Entries live as long as their tensors, so every layer of a model (or of several
+// models) keeps its own, however many there are: a global bound made a model with more layers than
+// the bound recompute everything at every call (each call evicted the entry the next one needed).
+// What is bounded is the geometries per weight (input sizes that keep changing): the oldest goes.
 struct OffsetEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl> col, rp;
   uint32_t col_version, rp_version;
   std::array<int64_t, 13> geom;
   std::shared_ptr<const Derived> derived;
 };
-constexpr size_t kOffsetCacheSize = 256;
+constexpr size_t kGeometriesPerWeight = 16;
+std::atomic<int64_t> g_derived_computed{0};
 
 template <class Compute>
 std::shared_ptr<const Derived> cached_derived(const at::Tensor& col_in, const at::Tensor& rp_in,
                                               const std::array<int64_t, 13>& geom, Compute compute) {
-  if (col_in.is_inference() || rp_in.is_inference()) return compute();
+  if (col_in.is_inference() || rp_in.is_inference()) {
+    g_derived_computed.fetch_add(1, std::memory_order_relaxed);
+    return compute();
+  }
   static std::mutex mu;
-  static std::deque<OffsetEntry> cache;
+  static std::unordered_map<const c10::TensorImpl*, std::deque<OffsetEntry>> cache;  // by col_idx
+  static size_t inserts = 0;
+  const c10::TensorImpl* key = col_in.unsafeGetTensorImpl();
   const uint32_t cv = col_in.unsafeGetTensorImpl()->version_counter().current_version();
   const uint32_t rv = rp_in.unsafeGetTensorImpl()->version_counter().current_version();
   {
     std::lock_guard<std::mutex> lock(mu);
-    for (const OffsetEntry& e : cache) {
-      if (e.col_version != cv || e.rp_version != rv || e.geom != geom) continue;
-      const auto c = e.col.lock(), r = e.rp.lock();
-      if (c.get() == col_in.unsafeGetTensorImpl() && r.get() == rp_in.unsafeGetTensorImpl()) return e.derived;
+    const auto it = cache.find(key);
+    if (it != cache.end()) {
+      for (const OffsetEntry& e : it->second) {
+        if (e.col_version != cv || e.rp_version != rv || e.geom != geom) continue;
+        const auto c = e.col.lock(), r = e.rp.lock();
+        if (c.get() == key && r.get() == rp_in.unsafeGetTensorImpl()) return e.derived;
+      }
     }
   }
   auto derived = compute();
+  g_derived_computed.fetch_add(1, std::memory_order_relaxed);
   std::lock_guard<std::mutex> lock(mu);
-  // drop entries whose tensors are gone, then the oldest beyond the bound
-  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const OffsetEntry& e) { return e.col.expired(); }),
-              cache.end());
-  if (cache.size() >= kOffsetCacheSize) cache.pop_front();
-  cache.push_back(OffsetEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(col_in.getIntrusivePtr()),
-                              c10::weak_intrusive_ptr<c10::TensorImpl>(rp_in.getIntrusivePtr()), cv, rv, geom, derived});
+  // now and then, drop the entries whose tensors are gone (a freed tensor's address may come back:
+  // its stale entries fail the identity check above and are dropped here)
+  if (++inserts % 64 == 0) {
+    for (auto it = cache.begin(); it != cache.end();) {
+      auto& q = it->second;
+      q.erase(std::remove_if(q.begin(), q.end(), [](const OffsetEntry& e) { return e.col.expired(); }), q.end());
+      it = q.empty() ? cache.erase(it) : std::next(it);
+    }
+  }
+  std::deque<OffsetEntry>& q = cache[key];
+  q.erase(std::remove_if(q.begin(), q.end(),
+                         [&](const OffsetEntry& e) { return e.col.lock().get() != key || e.geom == geom; }),
+          q.end());
+  if (q.size() >= kGeometriesPerWeight) q.pop_front();
+  q.push_back(OffsetEntry{c10::weak_intrusive_ptr<c10::TensorImpl>(col_in.getIntrusivePtr()),
+                          c10::weak_intrusive_ptr<c10::TensorImpl>(rp_in.getIntrusivePtr()), cv, rv, geom, derived});
   return derived;
 }
 
@@ -704,6 +729,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 }
 
 }  // namespace
+
+int64_t derived_computed() { return g_derived_computed.load(std::memory_order_relaxed); }
 
 TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("pack_sparse", &pack_sparse_cpu);

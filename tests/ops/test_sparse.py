@@ -489,3 +489,37 @@ def test_generated_code_reads_no_residual_past_its_end():
     env = dict(os.environ, FASTPRUNE_ISA="avx512", FASTPRUNE_JIT="always")
     proc = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_derived_data_stays_cached_for_every_layer_of_a_deep_model():
+    # more layers than the old global bound (256): a model's second call derives nothing, and each
+    # weight keeps several input geometries (a second input size does not evict the first)
+    from fastprune.ops import cpu
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(300):
+        w = torch.randn(6, 4, 3, 3, generator=g) * (torch.rand(6, 4, 3, 3, generator=g) > 0.7)
+        layers.append((*ops.pack_sparse(w.flatten(1)), [6, 4, 3, 3]))
+    lin = ops.pack_sparse(torch.randn(5, 7, generator=g) * (torch.rand(5, 7, generator=g) > 0.5))
+
+    def run(x):
+        for rp, ci, v, shape in layers:
+            ops.sparse_conv2d(x, rp, ci, v, shape, None, 1, 1)
+        ops.sparse_linear(torch.randn(3, 7), *lin, 7)
+
+    small, big = torch.randn(1, 4, 5, 6), torch.randn(2, 4, 9, 7)
+    before = cpu.derived_computed()
+    run(small)
+    run(big)
+    assert cpu.derived_computed() - before == 2 * 300 + 1  # (the linear layer: one geometry)
+    before = cpu.derived_computed()
+    run(small)
+    run(big)
+    assert cpu.derived_computed() == before
+    rp, ci, v, shape = layers[0]
+    with torch.no_grad():
+        v.mul_(2)  # an in-place change of the values alone: the offsets stay valid
+        ci.copy_(ci)  # of the columns: derived again
+    run(small)
+    assert cpu.derived_computed() == before + 1

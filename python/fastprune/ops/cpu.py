@@ -15,6 +15,7 @@ __all__ = [
     "ISAS",
     "best_isa",
     "cpu_isas",
+    "derived_computed",
     "jit_available",
     "kernel_counts",
     "reset_kernel_counts",
@@ -45,6 +46,13 @@ def kernel_counts() -> dict[tuple[str, str], int]:
     ``"avx2"``, ``"avx512"`` (the loops of that ISA), ``"jit"`` (generated conv code) or
     ``"float64"`` (the portable float64 loops, the same on every CPU)."""
     return dict(_C.kernel_counts())
+
+
+def derived_computed() -> int:
+    """How many times the CPU sparse kernels derived their per-nonzero data (tap offsets, row runs)
+    from a packed weight rather than finding it cached (per weight and input geometry; the cache
+    keeps an entry as long as its weight lives, up to 16 geometries per weight)."""
+    return int(_C.derived_computed())
 
 
 def reset_kernel_counts() -> None:
