@@ -67,11 +67,12 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
 @pytest.mark.parametrize("inp", [5, 67, 3001])
 def test_sparse_linear_many_samples(isa, n, inp):
     # the many-sample path: blocks of the kernel's register block (64 or 128 samples), halved while
-    # K * B floats exceed half the L2 cache (3001 columns), the last block partial, the input and
-    # output transposed through 8 x 8 register blocks with element-wise edges (odd sizes)
-    w = _sparse_weight(37, inp, 0.15, seed=n)
+    # K * B floats exceed 4/5 of the L2 cache (3001 columns), the last block partial, the input and
+    # output transposed through 16 x 16 tiles, a strip of 8 x 8 blocks and element-wise edges (45
+    # outputs = 2 x 16 + 8 + 5; 300 samples: a last block of 44 = 2 x 16 + 8 + 4)
+    w = _sparse_weight(45, inp, 0.15, seed=n)
     rp, col, val = ops.pack_sparse(w)
-    x, b = torch.randn(n, inp), torch.randn(37)
+    x, b = torch.randn(n, inp), torch.randn(45)
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for bias, relu in [(None, False), (b, True)]:
