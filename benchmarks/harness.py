@@ -55,13 +55,20 @@ def git_sha() -> str:
 
 
 def cpu_name() -> str:
+    """The model name, with the family / model numbers and the widest vector ISA (VMs often name
+    every AMD part "AMD EPYC": family 23 model 1 is Zen 1, family 26 is Zen 5)."""
+    fields: dict[str, str] = {}
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    flags = fields.get("flags", "").split()
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+    extra = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    return f"{name} ({', '.join(extra + ([isa] if isa else []))})" if extra or isa else name
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """Modules: attention whose heads can be pruned, sparse (CSR) Linear and Conv2d, and sparsify()."""
 
 from fastprune.nn.attention import MultiheadSelfAttention, swap_attention
-from fastprune.nn.microbatch import MicroBatch
+from fastprune.nn.microbatch import MicroBatch, RowTiles
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
 from fastprune.nn.sparsify import SwapDecision, sparsify, sparsify_decisions, sparsify_report
 
 __all__ = [
     "MicroBatch",
     "MultiheadSelfAttention",
+    "RowTiles",
     "SparseConv2d",
     "SparseLinear",
     "SwapDecision",

@@ -92,9 +92,14 @@ def swap_max_pools(model: nn.Module) -> list[str]:
 
 
 def graph_tracer() -> LeafTracer:
-    """The tracer of sparsify's graph passes: torch's layers, the sparse layers and the separable
-    pool are leaves."""
-    return LeafTracer(lambda m: isinstance(m, (SparseConv2d, SparseLinear, SeparableMaxPool2d)), torch_leaves=True)
+    """The tracer of sparsify's graph passes: torch's layers, the sparse layers, the separable pool
+    and row-tiled blocks (:class:`fastprune.nn.microbatch.RowTiles`) are leaves."""
+    return LeafTracer(
+        lambda m: (
+            isinstance(m, (SparseConv2d, SparseLinear, SeparableMaxPool2d)) or getattr(m, "_fastprune_leaf", False)
+        ),
+        torch_leaves=True,
+    )
 
 
 _RELU_FUNCS = {torch.relu, torch.relu_, F.relu}

@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fastprune._modes import eval_mode
 from fastprune.masks import detach_masked_weights, finalize
-from fastprune.nn.fuse import channels_last_pools, fuse_activations, swap_max_pools
-from fastprune.nn.microbatch import MicroBatch, check_size, prove_per_sample
+from fastprune.nn.fuse import channels_last_pools, fuse_activations, graph_tracer, swap_max_pools
+from fastprune.nn.microbatch import MicroBatch, check_rows, check_size, prove_per_sample
+from fastprune.nn.microbatch import tile_rows as tile_rows_pass
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
 from fastprune.structure import handlers as H
 from fastprune.structure.trace import Ref, structure_tracer, trace
@@ -165,6 +167,7 @@ def sparsify(
     fold_bn: bool = True,
     fuse: bool = True,
     micro_batch: int | None = None,
+    tile_rows: int | None = None,
 ) -> nn.Module:
     """Sparse execution of a pruned model (see the module docstring).
 
@@ -186,6 +189,13 @@ def sparsify(
             weights are fetched once per chunk (on ResNet-50 batch 8 now slower at 90 % and 95 %;
             it depends on the model: measure). Only for models proven per-sample on their FX
             graph (ValueError otherwise, before anything is changed).
+        tile_rows: run each residual block made of convolutions and per-position operations (two
+            convs or more: ResNet's bottlenecks and basic blocks) on tiles of this many output rows,
+            one sample at a time, so that a tile's activations stay in L2 from layer to layer
+            (:class:`fastprune.nn.RowTiles`; same values). Needs ``example_inputs`` (their shapes)
+            and a model FX can trace (ValueError otherwise, before anything is changed); the
+            blocks tiled are in ``model.row_tiles``. Measured slower so far (ResNet-50, Zen 5:
+            0.70-0.93x; ``benchmarks/bench_depth_first.py``): for experiments, not a default.
 
     Returns:
         The sparse model (in eval mode). ``sparsify_report(model)`` lists its sparse layers. When
@@ -200,6 +210,14 @@ def sparsify(
     if micro_batch is not None:
         check_size(micro_batch)
         prove_per_sample(model)  # before the model is changed (folding and fusion keep it per-sample)
+    if tile_rows is not None:
+        check_rows(tile_rows)
+        if example_inputs is None:
+            raise ValueError("tile_rows needs example_inputs (the blocks' shapes come from them)")
+        try:
+            graph_tracer().trace(model)
+        except Exception as e:  # noqa: BLE001 - say why
+            raise ValueError(f"tile_rows needs a model torch.fx can trace ({type(e).__name__}: {e})") from e
     inputs = None
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -268,9 +286,19 @@ def sparsify(
         if isinstance(m, fx.GraphModule):
             channels_last_pools(m)
         m.eval()
+    tiled: list[str] = []
+    if tile_rows is not None:
+        if not isinstance(m, fx.GraphModule):
+            m = fx.GraphModule(m, graph_tracer().trace(m), class_name=type(m).__name__)
+        with torch.no_grad():
+            ShapeProp(m).propagate(*inputs)
+        tiled = tile_rows_pass(m, tile_rows)
+        m.eval()
     if micro_batch is not None:
         m = MicroBatch(m, micro_batch).eval()
     m._fastprune_swap_decisions = decisions  # type: ignore[assignment]
+    if tile_rows is not None:
+        m.row_tiles = tiled  # type: ignore[assignment]
     return m
 
 
