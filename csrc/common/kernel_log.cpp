@@ -36,6 +36,7 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseLinear: return "sparse_linear";
     case KernelOp::kSparseConv2d: return "sparse_conv2d";
     case KernelOp::kNispPropagate: return "nisp_propagate";
+    case KernelOp::kSparseLinearPanels: return "sparse_linear_panels";
     default: return "?";
   }
 }

@@ -6,7 +6,16 @@
 
 namespace fastprune {
 
-enum class KernelOp { kWoodburyUpdate = 0, kWoodburyInverseFisher, kSparseLinear, kSparseConv2d, kNispPropagate, kCount };
+// kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear)
+enum class KernelOp {
+  kWoodburyUpdate = 0,
+  kWoodburyInverseFisher,
+  kSparseLinear,
+  kSparseConv2d,
+  kNispPropagate,
+  kSparseLinearPanels,
+  kCount
+};
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time
 // generated conv code, or the float64 loops (portable C++, no ISA choice).
 enum class KernelPath { kScalar = 0, kAvx2, kAvx512, kJit, kFloat64, kCount };

@@ -16,6 +16,10 @@ namespace sparse {
 // convolution its tap offsets), at least 1. The vector loops run up to four such rows together, so
 // that every input vector they load (or gather) feeds several rows' FMAs; nullptr: one row at a time.
 // The portable loops ignore it.
+// columns per panel, and vectors of samples per block, of spmm_panels
+constexpr int64_t kPanelCols = 512;
+constexpr int kPanelVecs = 4;
+
 struct SparseKernels {
   // Rows [r0, r1) of y = act(W x + b) for one sample: x (K), y (O). Gathers x at the columns.
   void (*spmv)(const int32_t* row_ptr, const int32_t* runs, const void* col, bool wide, const float* val, const float* x, int64_t K,
@@ -37,6 +41,12 @@ struct SparseKernels {
   // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (the many-sample linear product lays its
   // input and output out with it).
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+  // Rows [r0, r1) of the many-sample product on one block of panel_samples samples, column panels
+  // [p0, p1) of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
+  void (*spmm_panels)(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide,
+                      const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1,
+                      float* y);
+  int64_t panel_samples;
   const char* name;
   // samples per block of spmm that one pass over a row keeps in registers (kTokenVecs vectors): the
   // caller lays X^T out in blocks of this many samples (sparse_linear_cpu)

@@ -51,7 +51,7 @@ void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, c
   conv_rows_t<float>(rp, off, val, xin, r0, r1, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, "scalar", 64};
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, nullptr, 0, "scalar", 64};
 
 void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out) {

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
@@ -121,6 +122,70 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
     spmm_tokens<V>(rp, runs, static_cast<const int32_t*>(col), val, xt, ldx, n, bias, relu, r0, r1, y, ldy);
   } else {
     spmm_tokens<V>(rp, runs, static_cast<const uint16_t*>(col), val, xt, ldx, n, bias, relu, r0, r1, y, ldy);
+  }
+}
+
+// Rows [r0, r1) of the many-sample product on one full block of NV vectors of samples, for column
+// panels [p0, p1) of the input block xb (K, NV * W): R rows at a time (R x NV independent FMA
+// chains: with one row over 4 vectors, 4 chains of 4-cycle FMAs bound the loop), first over the
+// nonzeros both rows have in the panel, then each row's rest; the accumulators go through y (O,
+// NV * W) between panels, bias and ReLU after the last. pst[r * (np + 1) + p]: the first nonzero of
+// row r in panel p. (Columns are read unchecked, as in spmm_block.)
+template <class V, int R, int NV, class Col>
+inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* col, const float* val, const float* x,
+                       int64_t r, float* y, bool first, bool last, const float* bias, bool relu) {
+  constexpr int64_t W = V::kWidth, L = NV * W;
+  typename V::Reg acc[R][NV];
+  int64_t k[R], e[R];
+  int64_t m = std::numeric_limits<int64_t>::max();
+  for (int i = 0; i < R; ++i) {
+    k[i] = pst[(r + i) * np1 + p];
+    e[i] = pst[(r + i) * np1 + p + 1];
+    m = std::min(m, e[i] - k[i]);
+    for (int v = 0; v < NV; ++v) acc[i][v] = first ? V::zero() : V::loadu(y + (r + i) * L + v * W);
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    for (int i = 0; i < R; ++i) {
+      const float* s = x + static_cast<int64_t>(col[k[i] + t]) * L;
+      const typename V::Reg b = V::set1(val[k[i] + t]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(b, V::loadu(s + v * W), acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int64_t q = k[i] + m; q < e[i]; ++q) {
+      const float* s = x + static_cast<int64_t>(col[q]) * L;
+      const typename V::Reg b = V::set1(val[q]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(b, V::loadu(s + v * W), acc[i][v]);
+    }
+    const typename V::Reg b = last && bias != nullptr ? V::set1(bias[r + i]) : V::zero();
+    for (int v = 0; v < NV; ++v) {
+      typename V::Reg a = last ? V::add(acc[i][v], b) : acc[i][v];
+      if (last && relu) a = V::max0(a);
+      V::storeu(y + (r + i) * L + v * W, a);
+    }
+  }
+}
+
+template <class V, class Col>
+void spmm_panels_t(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const Col* col, const float* val,
+                   const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
+  constexpr int NV = kPanelVecs;
+  const int64_t np1 = np + 1;
+  for (int64_t p = p0; p < p1; ++p) {
+    const bool first = p == 0, last = p == np - 1;
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, relu);
+    for (; r < r1; ++r) panel_rows<V, 1, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, relu);
+  }
+}
+
+template <class V>
+void spmm_panels_any(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide,
+                     const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
+  if (wide) {
+    spmm_panels_t<V>(pst, np, p0, p1, static_cast<const int32_t*>(col), val, xb, bias, relu, r0, r1, y);
+  } else {
+    spmm_panels_t<V>(pst, np, p0, p1, static_cast<const uint16_t*>(col), val, xb, bias, relu, r0, r1, y);
   }
 }
 

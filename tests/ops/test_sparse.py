@@ -71,6 +71,7 @@ def test_sparse_linear_many_samples(isa, n, inp):
     # output transposed through 16 x 16 tiles, a strip of 8 x 8 blocks and element-wise edges (45
     # outputs = 2 x 16 + 8 + 5; 300 samples: a last block of 44 = 2 x 16 + 8 + 4)
     w = _sparse_weight(45, inp, 0.15, seed=n)
+    w[7] = 0  # an empty row beside a full one in the two-row loop
     rp, col, val = ops.pack_sparse(w)
     x, b = torch.randn(n, inp), torch.randn(45)
     for threads in (1, 2):
@@ -81,6 +82,11 @@ def test_sparse_linear_many_samples(isa, n, inp):
                 x.double(), rp, col, val.double(), inp, None if bias is None else bias.double(), relu
             )
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # full blocks of 64 (AVX-512) / 32 (AVX2) samples ran the two-row panel loop (3001 columns:
+    # six panels of 512), the partial last one the one-row loop; the portable copy has no panels
+    panels = ops.kernel_counts().get(("sparse_linear_panels", isa.removesuffix("-jit")), 0)
+    full = {"avx512": 64, "avx2": 32}.get(isa.removesuffix("-jit"))
+    assert (panels > 0) == (full is not None and n >= full), (isa, n, panels)
     # a non-contiguous (transposed) input, and rows sharing patterns mixed with rows that do not
     shared = torch.cat([_shared_pattern_weight(12, inp, 0.3, seed=n), w[:5]])
     packed = ops.pack_sparse(shared)
