@@ -86,6 +86,7 @@ bench: $(BUILT) $(BENCH_DEPS) deepsparse-venv
 	$(PY) benchmarks/bench_sparse_jit.py
 	$(PY) benchmarks/bench_sparse_tokens.py
 	$(PY) benchmarks/bench_vs_deepsparse.py
+	$(PY) benchmarks/bench_depth_first.py
 
 clean:
 	rm -rf build $(VENV)

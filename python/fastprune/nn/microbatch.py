@@ -236,11 +236,11 @@ class MicroBatch(nn.Module):
 # every tile). Rows a kernel computes twice (the halos of tiles that meet) are the cost.
 #
 # Measured (benchmarks/bench_depth_first.py, ResNet-50 at 90 / 95 %, Zen 5, 1 thread): slower than
-# whole blocks at every tile height, per stage 0.49-0.95x, the whole model 0.70-0.73x (batch 1) and
-# 0.92-0.93x with micro_batch=1 (batch 8). Each tile pays copies the whole block does not (the
+# whole blocks at every tile height, per stage 0.44-0.95x over two runs, the whole model 0.68-0.73x
+# (batch 1) and 0.85-0.99x (batch 8). Each tile pays copies the whole block does not (the
 # zero-padded input slab, the residual and the output rows made contiguous for the kernels, the
 # tile copied into the output) and a call per layer; and there is little to win on that CPU: per
-# sample, batch 8 ran layers 1 and 2 only 6-13 % slower than batch 1 (its 32 MB L3 holds a
+# sample, batch 8 ran layers 1 and 2 only 5-25 % slower than batch 1 (its 32 MB L3 holds a
 # sample's activations), layers 3 and 4 faster. Winning needs the tile loop inside the kernels.
 
 _POINTWISE_MODULES = (

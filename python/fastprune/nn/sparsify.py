@@ -195,7 +195,7 @@ def sparsify(
             (:class:`fastprune.nn.RowTiles`; same values). Needs ``example_inputs`` (their shapes)
             and a model FX can trace (ValueError otherwise, before anything is changed); the
             blocks tiled are in ``model.row_tiles``. Measured slower so far (ResNet-50, Zen 5:
-            0.70-0.93x; ``benchmarks/bench_depth_first.py``): for experiments, not a default.
+            0.68-0.99x; ``benchmarks/bench_depth_first.py``): for experiments, not a default.
 
     Returns:
         The sparse model (in eval mode). ``sparsify_report(model)`` lists its sparse layers. When
