@@ -15,24 +15,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
+from bench_sparse_tokens import minima  # noqa: E402
 from bench_vs_deepsparse import build_model, make_inputs  # noqa: E402
-
-
-def minima(fns: list, rounds: int) -> list[float]:
-    best = [float("inf")] * len(fns)
-    for f in fns:
-        f()
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t = time.process_time()
-            f()
-            best[i] = min(best[i], time.process_time() - t)
-    return best
 
 
 def block_module(gm: Any, block: list) -> Any:

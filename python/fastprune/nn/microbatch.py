@@ -34,11 +34,8 @@ from fastprune.nn.sparse import SparseConv2d, SparseLinear
 
 __all__ = ["MicroBatch", "RowTiles", "per_sample_ops", "prove_per_sample", "tile_rows"]
 
-_MODULES = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Linear,
+# modules that act on each position (and each sample) alone
+_PER_POSITION = (
     nn.Identity,
     nn.ReLU,
     nn.ReLU6,
@@ -53,6 +50,13 @@ _MODULES = (
     nn.Mish,
     nn.Dropout,
     nn.Dropout2d,
+)
+_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Linear,
+    *_PER_POSITION,
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,
@@ -243,39 +247,18 @@ class MicroBatch(nn.Module):
 # sample, batch 8 ran layers 1 and 2 only 5-25 % slower than batch 1 (its 32 MB L3 holds a
 # sample's activations), layers 3 and 4 faster. Winning needs the tile loop inside the kernels.
 
-_POINTWISE_MODULES = (
-    nn.Identity,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Dropout,
-    nn.Dropout2d,
-    nn.BatchNorm2d,
-)
-_POINTWISE_FUNCS = {
-    operator.add,
-    operator.mul,
-    operator.sub,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    F.relu,
-    F.relu6,
-    F.gelu,
-    F.silu,
-    F.hardswish,
-    F.leaky_relu,
+_POINTWISE_MODULES = (*_PER_POSITION, nn.BatchNorm2d)
+# per position, out of place, no randomness
+_POINTWISE_FUNCS = _ELEMENTWISE - {
+    operator.iadd,
+    operator.imul,
+    torch.relu_,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
 }
 _POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "add", "mul", "sub", "clamp", "clamp_min"}
 
