@@ -387,7 +387,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       // vector FMAs across a block's samples and a block's slice is one contiguous run of K * B floats
       // (with X^T as one (K, n) matrix the slice of a block has a row per column, n floats apart:
       // at n = 1024 every column of a block sat in its own page, and 3072 -> 768 ran 0.90x dense).
-      // B is the kernel's register block, halved while the slice exceeds half the L2 cache.
+      // B is the kernel's register block, halved while the slice exceeds 4/5 of the L2 cache.
       TORCH_CHECK(derived->cols_in_range, "sparse_linear: col_idx holds a column outside [0, ", K,
                   "): the packed weight was made for a different shape");
       // With at least one full block of panel_samples (64 on AVX-512), full blocks run the panel
@@ -424,7 +424,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
           const int64_t bi = w / nchunks, c = w % nchunks, nbi = bi == nb - 1 ? last : B;
           const int64_t r0 = chunks[c], r1 = chunks[c + 1];
           if (panel && nbi == B) {  // (a last, partial block: the one-row loop, which masks its lanes)
-            kern.spmm_panels(derived->pst.data(), derived->np, 0, derived->np, col.const_data_ptr(), wide, v,
+            kern.spmm_panels(derived->pst.data(), derived->np, col.const_data_ptr(), wide, v,
                              xbp + bi * K * B, b, relu, r0, r1, ybp + bi * O * B);
           } else {
             kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xbp + bi * K * B, B, K, nbi, b, relu, r0, r1,

@@ -42,8 +42,8 @@ struct SparseKernels {
   // input and output out with it).
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
   // Rows [r0, r1) of the many-sample product on one block of panel_samples samples, column panels
-  // [p0, p1) of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
-  void (*spmm_panels)(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide,
+  // of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
+  void (*spmm_panels)(const int32_t* pst, int64_t np, const void* col, bool wide,
                       const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1,
                       float* y);
   int64_t panel_samples;

@@ -226,9 +226,9 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
   }
 }
 
-void spmm_panels(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide, const float* val,
+void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
                  const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
-  spmm_panels_any<V256>(pst, np, p0, p1, col, wide, val, xb, bias, relu, r0, r1, y);
+  spmm_panels_any<V256>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
 }
 
 const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, spmm_panels, V256::kWidth * kPanelVecs, "avx2", V256::kTokenVecs * V256::kWidth};

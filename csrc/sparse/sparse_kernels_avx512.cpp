@@ -46,9 +46,9 @@ void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t
   tile_finish_t<V512>(src, lds, out, ldo, rows, n, bias, res, ldr, relu);
 }
 
-void spmm_panels(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide, const float* val,
+void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
                  const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
-  spmm_panels_any<V512>(pst, np, p0, p1, col, wide, val, xb, bias, relu, r0, r1, y);
+  spmm_panels_any<V512>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
 }
 
 const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth};

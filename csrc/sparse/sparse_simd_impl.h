@@ -125,8 +125,8 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
   }
 }
 
-// Rows [r0, r1) of the many-sample product on one full block of NV vectors of samples, for column
-// panels [p0, p1) of the input block xb (K, NV * W): R rows at a time (R x NV independent FMA
+// Rows [r0, r1) of the many-sample product on one full block of NV vectors of samples, over the
+// column panels of the input block xb (K, NV * W): R rows at a time (R x NV independent FMA
 // chains: with one row over 4 vectors, 4 chains of 4-cycle FMAs bound the loop), first over the
 // nonzeros both rows have in the panel, then each row's rest; the accumulators go through y (O,
 // NV * W) between panels, bias and ReLU after the last. pst[r * (np + 1) + p]: the first nonzero of
@@ -167,11 +167,11 @@ inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* co
 }
 
 template <class V, class Col>
-void spmm_panels_t(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const Col* col, const float* val,
+void spmm_panels_t(const int32_t* pst, int64_t np, const Col* col, const float* val,
                    const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
   constexpr int NV = kPanelVecs;
   const int64_t np1 = np + 1;
-  for (int64_t p = p0; p < p1; ++p) {
+  for (int64_t p = 0; p < np; ++p) {
     const bool first = p == 0, last = p == np - 1;
     int64_t r = r0;
     for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, relu);
@@ -180,12 +180,12 @@ void spmm_panels_t(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const
 }
 
 template <class V>
-void spmm_panels_any(const int32_t* pst, int64_t np, int64_t p0, int64_t p1, const void* col, bool wide,
+void spmm_panels_any(const int32_t* pst, int64_t np, const void* col, bool wide,
                      const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
   if (wide) {
-    spmm_panels_t<V>(pst, np, p0, p1, static_cast<const int32_t*>(col), val, xb, bias, relu, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const int32_t*>(col), val, xb, bias, relu, r0, r1, y);
   } else {
-    spmm_panels_t<V>(pst, np, p0, p1, static_cast<const uint16_t*>(col), val, xb, bias, relu, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const uint16_t*>(col), val, xb, bias, relu, r0, r1, y);
   }
 }
 

@@ -96,12 +96,10 @@ _ELEMENTWISE = {
     F.hardswish,
     F.leaky_relu,
     F.dropout,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.interpolate,
 }
+# per sample, not per position (they mix rows)
+_SPATIAL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+_ELEMENTWISE |= _SPATIAL_FUNCS
 _METHODS = {
     "relu",
     "relu_",
@@ -249,17 +247,7 @@ class MicroBatch(nn.Module):
 
 _POINTWISE_MODULES = (*_PER_POSITION, nn.BatchNorm2d)
 # per position, out of place, no randomness
-_POINTWISE_FUNCS = _ELEMENTWISE - {
-    operator.iadd,
-    operator.imul,
-    torch.relu_,
-    F.dropout,
-    F.max_pool2d,
-    F.avg_pool2d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
-    F.interpolate,
-}
+_POINTWISE_FUNCS = _ELEMENTWISE - _SPATIAL_FUNCS - {operator.iadd, operator.imul, torch.relu_, F.dropout}
 _POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "add", "mul", "sub", "clamp", "clamp_min"}
 
 
