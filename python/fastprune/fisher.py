@@ -158,15 +158,20 @@ class FisherInverse:
 class ShardedFisherInverse:
     """:class:`FisherInverse` across the ranks of a ``torch.distributed`` process group.
 
-    Every rank feeds the gradients of its own shard of the data (:meth:`update` adds them to local
-    per-block Grams ``sum_n g_n g_n^T``, float64). :meth:`finish` (a collective: every rank calls
-    it) sums each block's Gram onto the rank that owns it (contiguous ranges of about
-    ``nb / world`` blocks, one ``reduce`` per owner) and inverts only the owned blocks,
-    ``(damp I + G / N)^-1`` by Cholesky, so the inverse held per rank is ``O(d B / world)``; the
-    local Grams (``O(d B)``) are freed then. :meth:`diag`, :meth:`matvec` and :meth:`joint_update`
-    compute the owned blocks and gather the results (``O(d)`` numbers per call), so every rank gets
-    the same values; nothing gathers the inverse. Without a process group it is a one-rank version
-    of the same computation. ``num_samples`` is N over all ranks."""
+    The ``nb`` blocks are split into contiguous ranges of ``ceil(nb / world)`` blocks; each rank
+    owns one range and streams Woodbury updates into a :class:`FisherInverse` of only its columns,
+    so the state held per rank is ``O(d B / world)`` (plus one chunk of gradients in flight).
+    :meth:`update` is a collective that every rank calls in the same round with its own chunk of
+    gradients (any number of rows, also none) and every rank's row counts
+    (:func:`fastprune.distributed.exchange_counts`): each owner gathers its columns of every rank's
+    rows (``dist.gather``; ``k d`` numbers leave a rank per ``k`` gradients, whatever ``B``) and
+    feeds them to its inverse. Nothing ever holds a Gram or the whole inverse.
+
+    :meth:`local_diag`, :meth:`local_matvec` and :meth:`local_joint_update` compute on the owned
+    entries ``owned_entries = (c0, c1)`` only (no communication); :meth:`diag`, :meth:`matvec`
+    and :meth:`joint_update` do the same on full vectors and gather the results (``O(d)`` numbers,
+    equal on every rank). Without a process group it is one rank owning every block: the same
+    numbers as :class:`FisherInverse`. ``num_samples`` is N over all ranks."""
 
     def __init__(
         self,
@@ -181,56 +186,66 @@ class ShardedFisherInverse:
         ref = FisherInverse(num_params, block_size, damp, num_samples, dtype=dtype, device=device)  # validates
         self.num_params, self.block_size, self.damp = ref.num_params, ref.block_size, ref.damp
         self.num_samples, self.dtype, self.device, self.num_blocks = ref.num_samples, dtype, ref.device, ref.num_blocks
+        self.world, self.rank = fd.world_size(), fd.rank()
         self.seen = 0
-        self._gram: torch.Tensor | None = torch.zeros(
-            self.num_blocks, self.block_size, self.block_size, dtype=torch.float64, device=self.device
+        self.owned = self._block_range(self.rank)
+        self.owned_entries = self._entry_range(self.rank)
+        c0, c1 = self.owned_entries
+        self._fi = (
+            FisherInverse(c1 - c0, self.block_size, damp, num_samples, dtype=dtype, device=device) if c1 > c0 else None
         )
-        self._inv: torch.Tensor | None = None  # (owned, B, B)
-        self.owned = (0, 0)
 
-    def _blocks(self, v: torch.Tensor) -> torch.Tensor:
-        """(m, d) -> (m, nb, B), zero-padded."""
-        B, nb = self.block_size, self.num_blocks
-        out = v.new_zeros((v.shape[0], nb * B), dtype=torch.float64)
-        out[:, : self.num_params] = v.to(torch.float64)
-        return out.view(v.shape[0], nb, B)
+    def _block_range(self, r: int) -> tuple[int, int]:
+        per = -(-self.num_blocks // self.world)
+        return min(r * per, self.num_blocks), min((r + 1) * per, self.num_blocks)
 
-    def update(self, grads: torch.Tensor) -> None:
-        """Add a chunk of this rank's gradients, shape ``(k, d)`` (or ``(d,)``)."""
-        if self._gram is None:
-            raise RuntimeError("ShardedFisherInverse.update after finish()")
+    def _entry_range(self, r: int) -> tuple[int, int]:
+        lo, hi = self._block_range(r)
+        return min(lo * self.block_size, self.num_params), min(hi * self.block_size, self.num_params)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the inverse blocks this rank holds."""
+        c0, c1 = self.owned_entries
+        if c1 == c0:
+            return 0
+        b = min(self.block_size, c1 - c0)
+        return -(-(c1 - c0) // b) * b * b * torch.empty(0, dtype=self.dtype).element_size()
+
+    def update(self, grads: torch.Tensor, counts: list[int] | None = None) -> None:
+        """This rank's chunk of gradients, shape ``(k, d)`` (``k`` may be 0), and ``counts``: every
+        rank's ``k`` in rank order (one process: ``[k]``; ``None`` exchanges them here, an extra
+        collective). A collective: every rank calls it in the same round."""
         if grads.dim() == 1:
             grads = grads.unsqueeze(0)
         if grads.dim() != 2 or grads.shape[1] != self.num_params:
             raise ValueError(f"grads must have shape (k, {self.num_params}), got {tuple(grads.shape)}")
-        if grads.shape[0] == 0:
+        if counts is None:
+            counts = fd.exchange_counts(int(grads.shape[0]))
+        if len(counts) != self.world or counts[self.rank] != grads.shape[0]:
+            raise ValueError(f"counts {counts} do not match this rank's {grads.shape[0]} rows on {self.world} ranks")
+        most = max(counts)
+        if most == 0:
             return
-        g = self._blocks(grads.detach().to(self.device))
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError("grads contains NaN or Inf")
-        self._gram += torch.einsum("kbi,kbj->bij", g, g)
-        self.seen += grads.shape[0]
+        g = grads.detach().to(device=self.device, dtype=self.dtype)
+        for r in range(self.world):
+            c0, c1 = self._entry_range(r)
+            if c1 == c0:
+                continue
+            part = g.new_zeros((most, c1 - c0))
+            part[: g.shape[0]] = g[:, c0:c1]
+            if fd.is_distributed():
+                bufs = [torch.empty_like(part) for _ in range(self.world)] if r == self.rank else None
+                dist.gather(part, gather_list=bufs, dst=r)
+            else:
+                bufs = [part]
+            if r == self.rank:
+                assert self._fi is not None and bufs is not None
+                self._fi.update(torch.cat([b[:n] for b, n in zip(bufs, counts, strict=True)]))
+        self.seen += sum(counts)
 
     def finish(self) -> None:
-        """Sum the Grams onto their owners and invert the owned blocks (collective)."""
-        assert self._gram is not None
-        world, me = fd.world_size(), fd.rank()
-        per = -(-self.num_blocks // world)
-        lo, hi = min(me * per, self.num_blocks), min((me + 1) * per, self.num_blocks)
-        if fd.is_distributed():
-            for r in range(world):
-                a, b = min(r * per, self.num_blocks), min((r + 1) * per, self.num_blocks)
-                if a < b:
-                    chunk = self._gram[a:b].contiguous()
-                    dist.reduce(chunk, dst=r, op=dist.ReduceOp.SUM)
-                    if r == me:
-                        self._gram[a:b] = chunk
-        owned = self._gram[lo:hi]
-        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
-        fisher = self.damp * eye + owned / self.num_samples
-        self._inv = torch.cholesky_inverse(torch.linalg.cholesky(fisher)) if hi > lo else owned.clone()
-        self.owned = (lo, hi)
-        self._gram = None  # only the owned inverse stays
+        """Nothing left to do (kept for callers of the earlier two-phase interface)."""
 
     def inverse(self) -> torch.Tensor:
         raise RuntimeError(
@@ -238,29 +253,33 @@ class ShardedFisherInverse:
             "the whole inverse)"
         )
 
-    def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        """(owned * B, ...) rows of every rank, in block order."""
-        return fd.all_gather_rows(local)
+    def local_diag(self) -> torch.Tensor:
+        """The diagonal of ``F^-1`` at the owned entries, ``(c1 - c0,)``."""
+        return self._fi.diag() if self._fi is not None else torch.zeros(0, dtype=self.dtype, device=self.device)
+
+    def local_matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``(F^-1 v)`` at the owned entries for ``v`` given there, ``(c1 - c0,)`` or ``(m, c1 - c0)``."""
+        return self._fi.matvec(v) if self._fi is not None else v.clone()
+
+    def local_joint_update(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """:meth:`FisherInverse.joint_update` on the owned entries (float64, ``(c1 - c0,)``)."""
+        if self._fi is None:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        return self._fi.joint_update(w, keep)
+
+    def _owned(self, v: torch.Tensor) -> torch.Tensor:
+        c0, c1 = self.owned_entries
+        return v[..., c0:c1]
 
     def diag(self) -> torch.Tensor:
-        assert self._inv is not None, "finish() first"
-        local = torch.diagonal(self._inv, dim1=1, dim2=2).reshape(-1)
-        return self._gather(local)[: self.num_params].to(self.dtype)
+        return fd.all_gather_rows(self.local_diag())
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        assert self._inv is not None, "finish() first"
-        squeeze = v.dim() == 1
-        vm = v.unsqueeze(0) if squeeze else v
-        lo, hi = self.owned
-        blocks = self._blocks(vm)[:, lo:hi]  # (m, owned, B)
-        local = torch.einsum("bij,mbj->mbi", self._inv, blocks).reshape(vm.shape[0], -1)
-        out = self._gather(local.T.contiguous()).T[:, : self.num_params].to(v.dtype)
-        return out.squeeze(0) if squeeze else out
+        local = self.local_matvec(self._owned(v).to(self.dtype))
+        if local.dim() == 1:
+            return fd.all_gather_rows(local).to(v.dtype)
+        return fd.all_gather_rows(local.T.contiguous()).T.to(v.dtype)
 
     def joint_update(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Per block, ``-F^-1_{:,Q} ([F^-1]_QQ)^-1 w_Q`` (Q = pruned entries), float64, shape (d,)."""
-        assert self._inv is not None, "finish() first"
-        lo, hi = self.owned
-        wb, kb = _as_blocks(w, keep, self.num_blocks, self.block_size)
-        local = _joint_obs(self._inv, wb[lo:hi], kb[lo:hi]).reshape(-1)
-        return self._gather(local)[: self.num_params]
+        return fd.all_gather_rows(self.local_joint_update(self._owned(w.reshape(-1)), self._owned(keep.reshape(-1))))

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastprune import distributed as fd
 from fastprune.importance.magnitude import block_scores
 from fastprune.masks import ParamRef, effective_weight
 
 if TYPE_CHECKING:
     from fastprune.structure.groups import Group
 
-__all__ = ["select_channels", "select_lowest_channels", "threshold_masks", "topk_masks"]
+__all__ = ["select_channels", "select_lowest_channels", "sharded_topk_keep", "threshold_masks", "topk_masks"]
 
 
 def _protected(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -81,6 +82,81 @@ def topk_masks(
         out[name] = keep[i : i + s.numel()].reshape(s.shape).to(s.device)
         i += s.numel()
     return out
+
+
+def sharded_topk_keep(
+    names: Sequence[str],
+    sizes: Sequence[int],
+    pieces: Sequence[tuple[int, torch.Tensor]],
+    sparsity: float,
+    scope: str,
+    min_remaining: int,
+) -> list[torch.Tensor]:
+    """:func:`topk_masks` over scores spread across the ranks of a process group: ``pieces[l] =
+    (offset, scores)`` is this rank's contiguous slice of layer ``l``'s flattened scores (``sizes[l]``
+    entries in all; slices of different ranks do not overlap). Returns this rank's keep flags, one
+    per piece: together exactly the entries :func:`topk_masks` on the whole vectors keeps (the
+    same ``round(sparsity * n)``, the same ties broken by position, the same ``min_remaining``
+    rule). Nothing is gathered but counts: the threshold comes from
+    :func:`fastprune.distributed.kth_smallest` (8 histogram all_reduces), the ties from one
+    exchange of per-piece counts, and with ``scope="global"`` the protected entries from one gather
+    of every rank's ``min_remaining`` best per layer. One process: the same, without collectives."""
+    L = len(pieces)
+    scores = [s.reshape(-1).to(torch.float64) for _, s in pieces]
+    if any(bool(torch.isnan(s).any()) for s in scores):
+        raise ValueError("a score is NaN")
+    keys = [fd.order_keys(s) for s in scores]
+    if scope == "layer":
+        ks = []
+        for name, n in zip(names, sizes, strict=True):
+            k = round(sparsity * n)
+            if k > n - min(min_remaining, n):
+                raise ValueError(
+                    f"sparsity {sparsity} would leave {name} with fewer than min_remaining={min_remaining} weights"
+                )
+            ks.append(k)
+        groups = [[layer] for layer in range(L)]
+    else:
+        keep_best = [min(min_remaining, n) for n in sizes]
+        rows = []
+        for layer, ((off, _), s, m) in enumerate(zip(pieces, scores, keep_best, strict=True)):
+            best = torch.sort(s, descending=True, stable=True).indices[:m]
+            rows += [(float(layer), float(s[i]), float(off + int(i))) for i in best.tolist()]
+        cand = fd.all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, 3))
+        inf_key = int(fd.order_keys(torch.tensor([float("inf")]))[0])
+        for layer, ((off, _), m) in enumerate(zip(pieces, keep_best, strict=True)):
+            c = cand[cand[:, 0] == layer]
+            c = c[torch.sort(c[:, 2], stable=True).indices]  # by position, then by score: ties to the earlier
+            top = c[torch.sort(c[:, 1], descending=True, stable=True).indices[:m], 2].long() - off
+            top = top[(top >= 0) & (top < keys[layer].numel())]
+            keys[layer][top] = inf_key
+        n = sum(sizes)
+        k = round(sparsity * n)
+        if k > n - sum(keep_best):
+            raise ValueError(f"sparsity {sparsity} would prune some layer below min_remaining={min_remaining} weights")
+        ks, groups = [k], [list(range(L))]
+    live = [g for g, k in enumerate(ks) if k > 0]
+    found = fd.kth_smallest([torch.cat([keys[layer] for layer in groups[g]]) for g in live], [ks[g] for g in live])
+    thr = dict(zip(live, found, strict=True))
+    keep = [torch.ones(s.numel(), dtype=torch.bool) for s in scores]
+    ties = [torch.zeros(0, dtype=torch.long)] * L
+    for g, (t, _) in thr.items():
+        for layer in groups[g]:
+            keep[layer] = keys[layer] > t
+            ties[layer] = (keys[layer] == t).nonzero().flatten()
+            keep[layer][ties[layer]] = True
+    # ties at the threshold: the earliest positions over all ranks (layer, then offset)
+    table = fd.all_gather_ints([x for layer in range(L) for x in (int(ties[layer].numel()), pieces[layer][0])])
+    me = fd.rank()
+    for g, (_, below) in thr.items():
+        need = ks[g] - below
+        order = sorted((layer, row[2 * layer + 1], r) for layer in groups[g] for r, row in enumerate(table))
+        for layer, _, r in order:
+            take = min(need, table[r][2 * layer])
+            need -= take
+            if r == me and take:
+                keep[layer][ties[layer][:take]] = False
+    return [kp.to(s.device) for kp, (_, s) in zip(keep, pieces, strict=True)]
 
 
 def _q_for(name: str, module_name: str, q: float | Mapping[str, float]) -> float | None:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fastprune import distributed as fd
 from fastprune._modes import restore_modes, training_flags
 from fastprune.batches import Batch, as_batch, output_tensor
-from fastprune.distributed import all_or_none, all_reduce_sum_
+from fastprune.distributed import all_reduce_sum_
 from fastprune.fisher import FisherInverse, ShardedFisherInverse
 from fastprune.masks import ParamRef, effective_weight, is_pruned
 
@@ -233,6 +233,98 @@ def _numel(ref: ParamRef) -> int:
     return effective_weight(ref.module, ref.param_name).numel()
 
 
+class _GradientStream:
+    """The gradients of one rank's data, ``n`` rows at a time (:meth:`take`): loader batches are
+    cut into pieces (the samples a take does not need wait for the next one), each piece's
+    per-sample gradients checked finite and added to the diagonal Fisher's sums."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        refs: Sequence[ParamRef],
+        data: Iterable[Any],
+        loss: LossOfBatch,
+        *,
+        fisher_batch_size: int,
+        forward: Callable[[nn.Module, Any], torch.Tensor] | None,
+        fisher: str,
+        likelihood: Literal["categorical", "gaussian"],
+        per_sample: str,
+        rows_per_piece: int,
+        seed: int,
+        bar: Any,
+    ) -> None:
+        self.model, self.refs, self.loss, self.forward = model, list(refs), loss, forward
+        self.fbs, self.fisher, self.likelihood, self.per_sample = fisher_batch_size, fisher, likelihood, per_sample
+        self.rows_per_piece, self.bar = rows_per_piece, bar
+        self.engine: Literal["vmap", "loop"] = "loop" if per_sample == "loop" else "vmap"
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sizes = [_numel(r) for r in refs]
+        device = effective_weight(refs[0].module, refs[0].param_name).device
+        self.diag = [torch.zeros(n, dtype=torch.float64, device=device) for n in self.sizes]
+        self._it = iter(data)
+        self._pending: Batch | None = None
+        self.seen = 0
+
+    def _gradients(self, piece: Batch) -> list[torch.Tensor]:
+        try:
+            return batch_gradients(self.model, self.refs, piece, self.loss, self.fbs, self.engine)
+        except Exception as e:  # noqa: BLE001 - vmap refuses many models: fall back below
+            if self.engine != "vmap" or self.per_sample != "auto" or self.seen > 0:
+                raise
+            log.warning(
+                "fastprune: torch.func.vmap cannot take per-sample gradients of this model (%s: %s); "
+                "using one backward per gradient instead",
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+            )
+            self.engine = "loop"
+            return batch_gradients(self.model, self.refs, piece, self.loss, self.fbs, self.engine)
+
+    def take(self, n: int) -> list[torch.Tensor]:
+        """Up to ``n`` gradient rows per weight (fewer only when the data ran out): ``(k, numel)`` each."""
+        rows: list[list[torch.Tensor]] = [[] for _ in self.refs]
+        got = 0
+        while got < n:
+            if self._pending is None or self._pending.size < self.fbs:
+                raw = next(self._it, _END)
+                if raw is _END:
+                    break
+                self._pending = as_batch(raw) if self.forward is None else _opaque(raw)
+                continue
+            step = min(n - got, self.rows_per_piece) * self.fbs
+            piece, self._pending = self._pending.slice(0, step), self._pending.slice(step, self._pending.size)
+            if self.fisher == "sampled":
+                piece = sample_targets(self.model, piece, self.likelihood, self.gen)
+            gs = self._gradients(piece)
+            k = gs[0].shape[0]
+            if k == 0:
+                continue
+            for g in gs:
+                if not bool(torch.isfinite(g).all()):
+                    raise ValueError("a gradient is NaN or Inf (non-finite loss?): the Fisher cannot be built")
+            for i, g in enumerate(gs):
+                self.diag[i] += (g.double() ** 2).sum(0)
+                rows[i].append(g)
+            got += k
+            self.seen += k
+            self.bar.update(k)
+        return [torch.cat(r) if r else torch.zeros(0, n_i) for r, n_i in zip(rows, self.sizes, strict=True)]
+
+
+_END = object()
+
+
+def _requests(remaining: int, active: list[bool], most: int) -> list[int]:
+    """How many gradients each rank takes this round: ``remaining`` split over the ranks whose data
+    has not run out (the first ones one more), at most ``most`` each."""
+    ranks = [r for r, a in enumerate(active) if a]
+    out = [0] * len(active)
+    for i, r in enumerate(ranks):
+        out[r] = min(most, remaining // len(ranks) + (1 if i < remaining % len(ranks) else 0))
+    return out
+
+
 def collect_fisher(
     model: nn.Module,
     refs: Sequence[ParamRef],
@@ -263,7 +355,14 @@ def collect_fisher(
     that. See the module docstring for ``fisher``, ``likelihood`` and ``per_sample``; ``seed``
     fixes the sampled targets. Raises ValueError on an empty loader or a non-finite gradient;
     warns when the Fisher's mean diagonal is far below ``damp`` (it then carries no information
-    and the saliencies are magnitude's)."""
+    and the saliencies are magnitude's).
+
+    With a ``torch.distributed`` process group of several ranks, ``data`` is this rank's shard:
+    the ranks take the gradients in rounds (every round each rank its share of what is still
+    missing, at most one chunk; a rank whose shard ran out leaves the others to make up the rest,
+    so N gradients are taken whenever the shards hold N between them) and each round's chunks go to
+    the owners of the Fisher blocks (:class:`fastprune.fisher.ShardedFisherInverse`); a rank that
+    fails makes every rank fail in the same round."""
     sizes = [_numel(r) for r in refs]
     d_total = sum(sizes)
     fdtype = (
@@ -272,99 +371,61 @@ def collect_fisher(
         else torch.float32
     )
     device = effective_weight(refs[0].module, refs[0].param_name).device
-    # torch.distributed: each rank takes its share of the N gradients from its own shard of the data;
-    # the block Grams are summed onto the ranks owning the blocks (fastprune.fisher.ShardedFisherInverse)
     sharded = fd.is_distributed()
+    if sharded:  # every rank's gradients must be of the same model
+        fd.check_same_everywhere(
+            [effective_weight(r.module, r.param_name) for r in refs],
+            "the weights",
+            " (every rank must start from the same model: seed its initialisation or load one checkpoint)",
+        )
     kind = ShardedFisherInverse if sharded else FisherInverse
-    world = fd.world_size()
-    quota = -(-num_grads // world)  # each rank: at most its share, ceil(N / world), from its own shard
+    world, me = fd.world_size(), fd.rank()
     if blocks == "layer":
         inverses = [kind(n, block_size, damp, num_grads, dtype=fdtype, device=device) for n in sizes]
     else:
         inverses = [kind(d_total, block_size, damp, num_grads, dtype=fdtype, device=device)]
-    diag = [torch.zeros(n, dtype=torch.float64, device=device) for n in sizes]
     half = all(effective_weight(r.module, r.param_name).dtype in (torch.float16, torch.bfloat16) for r in refs)
     loss = batch_loss(loss_fn, forward, fisher, likelihood, upcast=half)
     elem = 8 if fdtype == torch.float64 else 4
     # the buffered chunk and the vmap output of one loader slice: about 2 rows per row kept
     rows_per_chunk = max(1, max_memory // max(1, 2 * d_total * elem))
-    engine: Literal["vmap", "loop"] = "loop" if per_sample == "loop" else "vmap"
-    gen = torch.Generator().manual_seed(seed)
-    buffered: list[list[torch.Tensor]] = [[] for _ in refs]
-    n_buffered = 0
-    seen = 0
-
-    def flush() -> None:
-        nonlocal n_buffered
-        if n_buffered == 0:
-            return
-        gs = [torch.cat(rows) for rows in buffered]
-        for i in range(len(buffered)):
-            buffered[i] = []
-        n_buffered = 0
-        if need_inverse:
-            if blocks == "layer":
-                for fi, g in zip(inverses, gs, strict=True):
-                    fi.update(g)
-            else:
-                inverses[0].update(torch.cat(gs, dim=1))
-
     flags = training_flags(model)
     model.eval()
-    bar = tqdm(total=quota, desc="gradients", unit="grad", disable=not progress, leave=False)
+    bar = tqdm(total=-(-num_grads // world), desc="gradients", unit="grad", disable=not progress, leave=False)
+    stream = _GradientStream(
+        model, refs, data, loss, fisher_batch_size=fisher_batch_size, forward=forward, fisher=fisher,
+        likelihood=likelihood, per_sample=per_sample, rows_per_piece=rows_per_chunk, seed=seed, bar=bar,
+    )  # fmt: skip
+    remaining, active = num_grads, [True] * world
     try:
-        with all_or_none("the Fisher's gradients"):  # a rank that fails makes every rank fail
-            for raw in data:
-                if seen >= quota:
-                    break
-                b = as_batch(raw) if forward is None else _opaque(raw)
-                need = (quota - seen) * fisher_batch_size
-                b = b.slice(0, need)
-                step = rows_per_chunk * fisher_batch_size
-                for start in range(0, b.size, step):
-                    piece = b.slice(start, start + step)
-                    if fisher == "sampled":
-                        piece = sample_targets(model, piece, likelihood, gen)
-                    try:
-                        gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
-                    except Exception as e:  # noqa: BLE001 - vmap refuses many models: fall back below
-                        if engine != "vmap" or per_sample != "auto" or seen > 0:
-                            raise
-                        log.warning(
-                            "fastprune: torch.func.vmap cannot take per-sample gradients of this model (%s: %s); "
-                            "using one backward per gradient instead",
-                            type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "",
-                        )
-                        engine = "loop"
-                        gs = batch_gradients(model, refs, piece, loss, fisher_batch_size, engine)
-                    k = gs[0].shape[0]
-                    if k == 0:
-                        continue
-                    for g in gs:
-                        if not bool(torch.isfinite(g).all()):
-                            raise ValueError("a gradient is NaN or Inf (non-finite loss?): the Fisher cannot be built")
-                    for i, g in enumerate(gs):
-                        diag[i] += (g.double() ** 2).sum(0)
-                        buffered[i].append(g)
-                    n_buffered += k
-                    seen += k
-                    bar.update(k)
-                    if n_buffered >= rows_per_chunk:
-                        flush()
-            flush()
-            if seen == 0:
-                raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
+        while remaining > 0 and any(active):
+            want = _requests(remaining, active, rows_per_chunk)
+            error: BaseException | None = None
+            gs: list[torch.Tensor] = []
+            try:
+                gs = stream.take(want[me]) if want[me] else [torch.zeros(0, n) for n in sizes]
+            except BaseException as e:  # noqa: BLE001 - raised on every rank by exchange_counts
+                error = e
+            counts = fd.exchange_counts(gs[0].shape[0] if gs else 0, error, "the Fisher's gradients")
+            active = [a and c >= w for a, c, w in zip(active, counts, want, strict=True)]
+            remaining -= sum(counts)
+            if not need_inverse or sum(counts) == 0:
+                continue
+            chunks = gs if blocks == "layer" else [torch.cat(gs, dim=1)]
+            for fi, g in zip(inverses, chunks, strict=True):
+                if sharded:
+                    fi.update(g, counts)
+                elif g.shape[0]:
+                    fi.update(g)
     finally:
         bar.close()
         restore_modes(flags)
+    seen = num_grads - remaining
+    if seen == 0:
+        raise ValueError("data yielded no gradients (empty loader, or batches smaller than fisher_batch_size)")
+    diag = stream.diag
     if sharded:
-        count = torch.tensor([float(seen)], dtype=torch.float64)
-        all_reduce_sum_([*diag, count])
-        seen = int(count.item())
-        if need_inverse:
-            for fi in inverses:
-                fi.finish()
+        all_reduce_sum_(diag)
     fdiag = [x / num_grads for x in diag]
     mean_diag = float(sum(x.sum() for x in fdiag)) / max(1, d_total)
     if mean_diag < 1e-3 * damp:

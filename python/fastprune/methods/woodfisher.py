@@ -25,6 +25,8 @@ from fastprune._checks import (
     check_sparsity,
     normalise_patterns,
 )
+from fastprune.distributed import all_gather_rows, check_same_everywhere
+from fastprune.fisher import ShardedFisherInverse
 from fastprune.importance.woodfisher import FisherStats, collect_fisher, obs_updates
 from fastprune.masks import (
     ParamRef,
@@ -38,7 +40,7 @@ from fastprune.masks import (
 )
 from fastprune.methods.registry import MethodResult, register_method
 from fastprune.plan import Plan
-from fastprune.select import topk_masks
+from fastprune.select import sharded_topk_keep, topk_masks
 
 __all__ = ["FisherDiagConfig", "WoodFisherConfig", "fisher_statistics", "run_fisher_diag", "run_woodfisher"]
 
@@ -286,6 +288,9 @@ def _woodfisher_step(
     refs = _data_refs(model, cfg)
     stats = _statistics(model, refs, cfg, cfg.block_size, cfg.blocks, need_inverse=True)
     weights = [effective_weight(r.module, r.param_name) for r in refs]
+    if isinstance(stats.inverses[0], ShardedFisherInverse):
+        masks, updates = _sharded_step(stats, weights, sparsity, cfg)
+        return refs, masks, updates
     inv_diag = stats.inverse_diag()
     sal = [(w.double() ** 2).reshape(-1) / (2 * dg.double()) for w, dg in zip(weights, inv_diag, strict=True)]
     names = [r.name for r in refs]
@@ -300,6 +305,79 @@ def _woodfisher_step(
                 raise ValueError(f"the OBS update of {n} is not finite; increase damp")
         updates = {n: dw.reshape(w.shape).to(w.dtype) for n, dw, w in zip(names, dws, weights, strict=True)}
     return refs, masks, updates
+
+
+def _sharded_step(
+    stats: FisherStats, weights: list[torch.Tensor], sparsity: float, cfg: WoodFisherConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """:func:`_woodfisher_step` on a Fisher sharded across ranks: each rank computes the saliencies,
+    the selection (:func:`fastprune.select.sharded_topk_keep`: counts and histograms cross the
+    ranks, and with ``scope="global"`` each layer's ``min_remaining`` best saliencies) and
+    the OBS changes of the entries it owns; only the keep flags (1 byte an entry) and the changes
+    (in the weights' dtype) are gathered, so every rank ends with the same masks and updates."""
+    names, sizes = stats.names, stats.sizes
+    check_same_everywhere(weights, "the weights to prune")
+    flat_w = [w.reshape(-1) for w in weights]
+    # this rank's entries, per layer: (inverse, slice of its local vector, offset in the layer, length)
+    owned: list[tuple[ShardedFisherInverse, slice, int, int]] = []
+    if stats.blocks == "layer":
+        for fi in stats.inverses:
+            c0, c1 = fi.owned_entries
+            owned.append((fi, slice(0, c1 - c0), c0, c1 - c0))
+    else:
+        fi = stats.inverses[0]
+        c0, c1 = fi.owned_entries
+        start = 0
+        for size in sizes:
+            a, b = max(c0, start), min(c1, start + size)
+            a = min(a, b)
+            owned.append((fi, slice(a - c0, b - c0), a - start, b - a))
+            start += size
+    diags = {id(fi): fi.local_diag().double() for fi in stats.inverses}
+    local_w = [fw[off : off + m].double() for fw, (_, _, off, m) in zip(flat_w, owned, strict=True)]
+    local_d = [diags[id(fi)][sl] for fi, sl, _, _ in owned]
+    pieces = [(off, w**2 / (2 * dg)) for (_, _, off, _), w, dg in zip(owned, local_w, local_d, strict=True)]
+    keep = sharded_topk_keep(names, sizes, pieces, sparsity, cfg.scope, cfg.min_remaining)
+    masks = {
+        n: all_gather_rows(k.to(torch.uint8)).bool().reshape(w.shape)
+        for n, k, w in zip(names, keep, weights, strict=True)
+    }
+    if not cfg.update_weights:
+        return masks, None
+    if cfg.joint:
+        per_inverse = [
+            fi.local_joint_update(torch.cat(ws), torch.cat(ks))
+            for fi, ws, ks in _by_inverse(stats, owned, local_w, keep)
+        ]
+    else:
+        vs = [
+            torch.where(~k, w / dg, torch.zeros((), dtype=torch.float64))
+            for w, k, dg in zip(local_w, keep, local_d, strict=True)
+        ]
+        per_inverse = [
+            -fi.local_matvec(torch.cat(v).to(fi.dtype)).double() for fi, v, _ in _by_inverse(stats, owned, vs, keep)
+        ]
+    local_dw = per_inverse if stats.blocks == "layer" else list(torch.split(per_inverse[0], [m for *_, m in owned]))
+    updates = {}
+    for n, dw, w in zip(names, local_dw, weights, strict=True):
+        full = all_gather_rows(dw.to(w.dtype))
+        if not bool(torch.isfinite(full).all()):
+            raise ValueError(f"the OBS update of {n} is not finite; increase damp")
+        updates[n] = full.reshape(w.shape)
+    # every rank must end with bitwise the same model: the pruned weights, hashed on every rank
+    check_same_everywhere(
+        [(w + updates[n]) * masks[n] for n, w in zip(names, weights, strict=True)], "the pruned weights"
+    )
+    return masks, updates
+
+
+def _by_inverse(
+    stats: FisherStats, owned: list[Any], xs: list[torch.Tensor], keep: list[torch.Tensor]
+) -> list[tuple[ShardedFisherInverse, list[torch.Tensor], list[torch.Tensor]]]:
+    """The per-layer local vectors grouped by the inverse they belong to (one per layer, or one)."""
+    if stats.blocks == "layer":
+        return [(o[0], [x], [k]) for o, x, k in zip(owned, xs, keep, strict=True)]
+    return [(stats.inverses[0], xs, keep)]
 
 
 @register_method(
