@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3, help="inferences per process per round")
     ap.add_argument("--quick", action="store_true", help="batch-1 cells only, 2 rounds")
+    ap.add_argument("--only", help="cells of this model only (resnet50 or bert); the results files are not written")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile runtimes")
     ap.add_argument(
         "--compile-cells",
@@ -293,6 +294,8 @@ def main() -> None:
     cells = [(k, s, b, 1) for k, s, b in CELLS if not (args.quick and b > 1)]
     two = set(filter(None, args.two_thread_cells.split(",")))
     cells += [(k, s, b, 2) for k, s, b in CELLS if f"{model_name(k, s)}-{b}" in two]
+    if args.only:
+        cells = [c for c in cells if c[0] == args.only]
     if args.quick:
         args.rounds = 2
     info = harness.machine_info(1)
@@ -352,6 +355,8 @@ def main() -> None:
         "'cpu' = process CPU time (1 thread), 'wall' for 2 threads. dense torch = the better of NCHW and "
         "channels-last. Ratios > 1: fastprune faster.\n"
     )
+    if args.only:
+        return
     name = "vs_deepsparse_quick" if args.quick else "vs_deepsparse"
     payload = {"machine": info, "rounds": args.rounds, "reps": args.reps, "cells": results}
     jpath, mpath = harness.write_results(name, payload, table + note)

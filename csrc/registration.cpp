@@ -25,6 +25,10 @@ TORCH_LIBRARY(fastprune, m) {
   // act(input @ W^T + bias) for W in pack_sparse's form: input (..., in_features) -> (..., out).
   m.def("sparse_linear(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int in_features, "
         "Tensor? bias=None, bool relu=False) -> Tensor");
+  // down(act(up(input))) for two packed weights, act in {"none", "relu", "gelu"} (exact erf GELU):
+  // input (..., in_features) -> (..., out of the second); the second's inputs are the first's outputs.
+  m.def("sparse_ffn(Tensor input, Tensor row_ptr1, Tensor col_idx1, Tensor values1, Tensor? bias1, "
+        "Tensor row_ptr2, Tensor col_idx2, Tensor values2, Tensor? bias2, int in_features, str activation) -> Tensor");
   // Direct convolution with a packed filter: weight_shape = [out, in/groups, kh, kw], its columns the
   // flattened (in/groups, kh, kw) taps. act(conv(input) + bias + residual): input (N, C, H, W).
   m.def("sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int[] weight_shape, "

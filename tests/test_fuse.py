@@ -209,3 +209,50 @@ def test_channels_last_only_where_the_pool_alone_reads_the_conv():
             torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
             assert got.is_contiguous()
         assert channels_last_pools(gm) == []  # done once
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.dense, self.intermediate_act_fn = nn.Linear(d, h), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class _Output(nn.Module):
+    def __init__(self, h: int, d: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(h, d)
+
+
+class _Block(nn.Module):
+    """A feed-forward block in the HuggingFace form; ``peek`` also reads the intermediate output."""
+
+    def __init__(self, peek: bool) -> None:
+        super().__init__()
+        self.intermediate, self.output, self.peek = _Intermediate(16, 40), _Output(40, 16), peek
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.intermediate(x)
+        y = self.output.dense(h) + x
+        return y + h.mean(-1, keepdim=True) if self.peek else y
+
+
+@pytest.mark.parametrize("peek", [False, True])
+def test_feed_forward_blocks_fuse_only_where_the_outputs_stay_the_same(peek):
+    from fastprune.nn import SparseFFNOutput
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(peek), nn.ReLU(), _Block(peek)).eval()
+    fastprune.prune(model, "magnitude", sparsity=0.8, scope="layer")
+    x = torch.randn(5, 70, 16)
+    sp = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(sp(x), model(x), rtol=1e-5, atol=1e-5)
+    if peek:  # the fused block would no longer see the intermediate output: nothing is fused
+        assert sp.fused_ffn == []
+        assert not any(isinstance(m, SparseFFNOutput) for m in sp.modules())
+    else:
+        assert sp.fused_ffn == ["0", "2"]
+    assert fastprune.sparsify(model, min_sparsity=0.5).fused_ffn == []  # no example inputs: no fusion

@@ -137,3 +137,40 @@ def test_sparsified_bert_compiles_whole_with_inductor():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 1
+
+
+def test_sparsified_bert_runs_each_feed_forward_block_as_one_call():
+    # with example inputs, each layer's intermediate.dense -> GELU -> output.dense (both sparse)
+    # becomes one sparse_ffn call; same outputs, same state-dict names, and torch.compile still
+    # takes the whole model
+    from fastprune import ops
+    from fastprune.nn import SparseFFNOutput
+    from fastprune.nn.fuse import PassThrough
+
+    model = bert()
+    fastprune.prune(model, "magnitude", sparsity=0.9, include="bert.encoder", scope="layer")
+    g = torch.Generator().manual_seed(2)
+    ids, mask = torch.randint(0, 60, (3, 30), generator=g), torch.ones(3, 30, dtype=torch.long)
+    mask[0, 20:] = 0
+    args = (ids, mask)
+    sp = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args)
+    plain = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args, fuse=False)
+    assert sp.fused_ffn == ["bert.encoder.layer.0", "bert.encoder.layer.1"] and plain.fused_ffn == []
+    layer = sp.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate, PassThrough) and isinstance(layer.output.dense, SparseFFNOutput)
+    assert layer.output.dense.up is layer.intermediate.dense
+    assert list(sp.state_dict()) == list(plain.state_dict())
+    ops.reset_kernel_counts()
+    with torch.no_grad():
+        got, want, dense = sp(*args).logits, plain(*args).logits, model(*args).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
+    if ops.best_isa() in ("avx2", "avx512"):  # 90 rows: at least one full block of samples
+        assert any(k[0] == "sparse_ffn_blocked" for k in ops.kernel_counts())
+    again = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args)
+    again.load_state_dict(sp.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(sp, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args).logits, got, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again(*args).logits, got)

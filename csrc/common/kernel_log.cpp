@@ -37,6 +37,8 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseConv2d: return "sparse_conv2d";
     case KernelOp::kNispPropagate: return "nisp_propagate";
     case KernelOp::kSparseLinearPanels: return "sparse_linear_panels";
+    case KernelOp::kSparseFfnBlocked: return "sparse_ffn_blocked";
+    case KernelOp::kSparseConv2dTileMajor: return "sparse_conv2d_tile_major";
     default: return "?";
   }
 }

@@ -6,7 +6,9 @@
 
 namespace fastprune {
 
-// kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear)
+// kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear);
+// kSparseFfnBlocked: a sparse_ffn call that kept the hidden activations blocked (the panel loop);
+// kSparseConv2dTileMajor: a generated-code sparse_conv2d that ran its tiles in the tile-major order
 enum class KernelOp {
   kWoodburyUpdate = 0,
   kWoodburyInverseFisher,
@@ -14,6 +16,8 @@ enum class KernelOp {
   kSparseConv2d,
   kNispPropagate,
   kSparseLinearPanels,
+  kSparseFfnBlocked,
+  kSparseConv2dTileMajor,
   kCount
 };
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time

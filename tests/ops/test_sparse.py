@@ -375,6 +375,9 @@ def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
+TILE_MAJOR = [(2, 300, 30, 30, 33), (1, 16, 24, 24, 20), (11, 40, 7, 7, 16)]  # (N, C, H, W, O)
+
+
 # Generated code (csrc/sparse/sparse_jit.cpp): blocks of up to 28 rows (31 for 1x1 convs) whose
 # accumulators stay in registers. FASTPRUNE_JIT=always runs it for every float32 conv (on a CPU
 # without AVX-512 these cases run the vector loops instead, and still must match).
@@ -388,6 +391,10 @@ def test_sparse_conv2d_rows_sharing_a_pattern(isa, case):
         (2, 8, 9, 9, 29, 3, 1, 1, 1, 1),  # 29 rows: a block of one row
         (1, 5, 8, 8, 63, 1, 1, 0, 1, 1),  # 1x1, every offset aligned: blocks of 31 rows (31, 31, 1)
         (2, 7, 5, 6, 33, 1, 1, 0, 1, 1),  # 1x1 on 30-position planes (padded to 32), a partial tile
+        # columns >= rows and >= 32 tiles: the tile-major order (with 300 -> 33 above: direct output,
+        # a partial last tile), packed (compress) tiles of a padded 3x3, and merged samples
+        (1, 16, 24, 24, 20, 3, 1, 1, 1, 1),
+        (11, 40, 7, 7, 16, 1, 1, 0, 1, 1),
     ],
 )
 @pytest.mark.parametrize("density", [0.1, 0.6])
@@ -424,8 +431,12 @@ def test_generated_code_matches_reference(monkeypatch, case, density):
             )
         for mode in ("always", "0", "1"):
             monkeypatch.setenv("FASTPRUNE_JIT", mode)
+            ops.reset_kernel_counts()
             got = ops.sparse_conv2d(x, rp, col, val, weight.shape, bias, s, p, d, g, relu, res)
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+            if mode == "always" and ops.jit_available() and "avx512" in ops.cpu_isas():
+                tile_major = ops.kernel_counts().get(("sparse_conv2d_tile_major", "jit"), 0) > 0
+                assert tile_major == (case[:5] in TILE_MAJOR), (case, tile_major)
 
 
 def test_generated_code_follows_changed_values_and_bad_settings_are_errors(monkeypatch):
@@ -530,3 +541,81 @@ def test_derived_data_stays_cached_for_every_layer_of_a_deep_model():
         ci.copy_(ci)  # of the columns: derived again
     run(small)
     assert cpu.derived_computed() == before + 1
+
+
+def _ffn_case(n: int, inp: int, hidden: int, out: int, dtype=torch.float32, seed: int = 0):
+    w1, w2 = _sparse_weight(hidden, inp, 0.2, dtype, seed), _sparse_weight(out, hidden, 0.2, dtype, seed + 1)
+    w1[3] = 0  # an empty hidden unit (its activation of the bias alone)
+    g = torch.Generator().manual_seed(seed + 2)
+    b1, b2 = torch.randn(hidden, generator=g, dtype=dtype), torch.randn(out, generator=g, dtype=dtype)
+    return ops.pack_sparse(w1), b1, ops.pack_sparse(w2), b2, torch.randn(n, inp, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 31, 32, 63, 64, 65, 130, 200])
+@pytest.mark.parametrize("activation", ["gelu", "relu", "none"])
+def test_sparse_ffn_matches_reference(isa, n, activation):
+    # full blocks of the panel loop's samples (64 AVX-512, 32 AVX2) keep the hidden activations
+    # blocked; fewer rows, the portable copy and the last partial block compose sparse_linear
+    up, b1, down, b2, x = _ffn_case(n, 67, 301, 45, seed=n)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for bias1, bias2 in [(b1, b2), (None, None)]:
+            got = ops.sparse_ffn(x, up, bias1, down, bias2, 67, activation)
+            want = reference.sparse_ffn(
+                x.double(), (up[0], up[1], up[2].double()), None if bias1 is None else bias1.double(),
+                (down[0], down[1], down[2].double()), None if bias2 is None else bias2.double(), 67, activation,
+            )  # fmt: skip
+            assert got.shape == (n, 45) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+            # the two layers one after the other: the same sums (a last partial block of one row
+            # runs the one-sample loop, summed in another order: float rounding)
+            h = ops.sparse_linear(x, *up, 67, bias1, activation == "relu")
+            h = torch.nn.functional.gelu(h) if activation == "gelu" else h
+            torch.testing.assert_close(got, ops.sparse_linear(h, *down, 301, bias2), rtol=1e-5, atol=1e-5)
+    blocked = ops.kernel_counts().get(("sparse_ffn_blocked", isa.removesuffix("-jit")), 0)
+    full = {"avx512": 64, "avx2": 32}.get(isa.removesuffix("-jit"))
+    assert (blocked > 0) == (full is not None and n >= full), (isa, n, blocked)
+
+
+def test_sparse_ffn_float64_batched_non_contiguous_and_errors():
+    up, b1, down, b2, _ = _ffn_case(0, 19, 23, 7, torch.float64)
+    x = torch.randn(19, 2, 70, dtype=torch.float64).permute(1, 2, 0)  # (2, 70, 19), not contiguous
+    got = ops.sparse_ffn(x, up, b1, down, b2, 19, "gelu")
+    want = reference.sparse_ffn(x, up, b1, down, b2, 19, "gelu")
+    assert got.shape == (2, 70, 7)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    xf = x.float().contiguous()
+    upf, downf = (up[0], up[1], up[2].float()), (down[0], down[1], down[2].float())
+    torch.testing.assert_close(
+        ops.sparse_ffn(x.float(), upf, b1.float(), downf, b2.float(), 19, "gelu"),
+        ops.sparse_ffn(xf, upf, b1.float(), downf, b2.float(), 19, "gelu"),
+    )
+    with pytest.raises(ValueError, match="activation"):
+        ops.sparse_ffn(x, up, b1, down, b2, 19, "tanh")
+    with pytest.raises(ValueError, match="last dimension"):
+        ops.sparse_ffn(x[..., :5], up, b1, down, b2, 19, "gelu")
+    other = ops.pack_sparse(_sparse_weight(7, 40, 0.5, torch.float64))  # made for 40 hidden units, not 23
+    with pytest.raises(ValueError, match="different shape"):
+        ops.sparse_ffn(x, up, b1, other, b2, 19, "gelu")
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.fastprune.sparse_ffn(x, *up, b1, *down, b2, 19, "tanh")
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.fastprune.sparse_ffn(x, *up, b1[:3], *down, b2, 19, "gelu")
+
+
+def test_sparse_ffn_opcheck_gradients_and_compile():
+    for dtype, n in [(torch.float32, 3), (torch.float32, 70), (torch.float64, 2)]:
+        up, b1, down, b2, x = _ffn_case(n, 19, 23, 7, dtype)
+        x.requires_grad_()
+        for act in ("gelu", "relu", "none"):
+            torch.library.opcheck(torch.ops.fastprune.sparse_ffn, (x, *up, b1, *down, b2, 19, act))
+    up, b1, down, b2, x = _ffn_case(4, 9, 11, 5, torch.float64)
+    x.requires_grad_(), b1.requires_grad_(), b2.requires_grad_()
+    for act in ("gelu", "relu", "none"):
+        assert torch.autograd.gradcheck(lambda x, b1, b2, a=act: ops.sparse_ffn(x, up, b1, down, b2, 9, a), (x, b1, b2))
+    with pytest.raises(RuntimeError, match="not supported"):
+        vals = up[2].clone().requires_grad_()
+        ops.sparse_ffn(x, (up[0], up[1], vals), b1, down, b2, 9, "gelu").sum().backward()
+    up, b1, down, b2, x = _ffn_case(70, 19, 23, 7)
+    compiled = torch.compile(lambda x: ops.sparse_ffn(x, up, b1, down, b2, 19, "gelu") * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.sparse_ffn(x, up, b1, down, b2, 19, "gelu") * 2)

@@ -2,7 +2,7 @@
 
 from fastprune.nn.attention import MultiheadSelfAttention, swap_attention
 from fastprune.nn.microbatch import MicroBatch, RowTiles
-from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.nn.sparse import SparseConv2d, SparseFFNOutput, SparseLinear
 from fastprune.nn.sparsify import SwapDecision, sparsify, sparsify_decisions, sparsify_report
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "MultiheadSelfAttention",
     "RowTiles",
     "SparseConv2d",
+    "SparseFFNOutput",
     "SparseLinear",
     "SwapDecision",
     "sparsify",

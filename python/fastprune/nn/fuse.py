@@ -12,6 +12,10 @@ not eat the time the sparse kernels save:
 - :func:`fuse_activations`: a ReLU after a sparse layer, and a residual add (then ReLU) after a sparse
   conv, become the kernels' fused ``relu`` / ``residual`` (one pass over the output instead of three).
   Works on the ``torch.fx`` graph; a model FX cannot trace is left as it is.
+- :func:`fuse_ffn`: a transformer's feed-forward block in the HuggingFace form (``*Intermediate``:
+  ``dense`` then ``intermediate_act_fn``; ``output.dense`` after it) with both layers sparse runs as
+  one :func:`fastprune.ops.sparse_ffn` call (:class:`fastprune.nn.SparseFFNOutput`), kept only where
+  the whole model gives the same outputs on the example inputs.
 """
 
 from __future__ import annotations
@@ -25,10 +29,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.nn.sparse import SparseConv2d, SparseFFNOutput, SparseLinear
 from fastprune.structure.trace import LeafTracer
 
-__all__ = ["SeparableMaxPool2d", "channels_last_pools", "fuse_activations", "graph_tracer", "swap_max_pools"]
+__all__ = [
+    "SeparableMaxPool2d",
+    "channels_last_pools",
+    "fuse_activations",
+    "fuse_ffn",
+    "graph_tracer",
+    "swap_max_pools",
+]
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -158,6 +169,7 @@ def fuse_activations(model: nn.Module, example_inputs: tuple | None = None) -> t
             isinstance(n, fx.Node)
             and n.op == "call_module"
             and isinstance(mods.get(n.target), cls)
+            and not isinstance(mods[n.target], SparseFFNOutput)  # (its op has no output ReLU)
             and calls[n.target] == 1
             and len(n.users) == 1
             and not mods[n.target].relu
@@ -255,3 +267,107 @@ def channels_last_pools(gm: fx.GraphModule) -> list[str]:
         gm.graph.lint()
         gm.recompile()
     return done
+
+
+class PassThrough(nn.Module):
+    """Where a feed-forward block's first layer was called: returns its input; the layer and its
+    activation stay here as children (their names in the state dict unchanged) and run inside the
+    :class:`fastprune.nn.SparseFFNOutput` that follows."""
+
+    def __init__(self, replaced: nn.Module) -> None:
+        super().__init__()
+        for name, child in replaced.named_children():
+            self.add_module(name, child)
+        self.replaced = type(replaced).__name__
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"was {self.replaced}, now computed by the following SparseFFNOutput"
+
+
+def _activation_of(act: nn.Module) -> str | None:
+    """'gelu' / 'relu' for the exact GELU (torch's, or transformers' GELUActivation) or a ReLU."""
+    if type(act) is nn.GELU and act.approximate == "none":
+        return "gelu"
+    if type(act) is nn.ReLU:
+        return "relu"
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+        return "gelu"
+    return None
+
+
+def _ffn_parts(block: nn.Module) -> tuple[SparseLinear, SparseLinear, str] | None:
+    inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
+    if not isinstance(inter, nn.Module) or not type(inter).__name__.endswith("Intermediate"):
+        return None
+    if set(dict(inter.named_children())) != {"dense", "intermediate_act_fn"}:
+        return None
+    up, down = inter.dense, getattr(out, "dense", None)
+    if type(up) is not SparseLinear or type(down) is not SparseLinear or up.relu or down.relu:
+        return None
+    act = _activation_of(inter.intermediate_act_fn)
+    if act is None or down.in_features != up.out_features or up.values.dtype != down.values.dtype:
+        return None
+    return up, down, act
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b) or not a:
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.is_floating_point():
+            scale = float(x.abs().max()) if x.numel() else 0.0
+            if not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * max(scale, 1.0)):
+                return False
+        elif not torch.equal(x, y):
+            return False
+    return True
+
+
+def fuse_ffn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
+    """Run each HuggingFace-style feed-forward block with both layers sparse as one
+    :func:`fastprune.ops.sparse_ffn` call: ``block.intermediate`` (``dense``, then the exact GELU or a
+    ReLU) becomes a :class:`PassThrough` and ``block.output.dense`` a
+    :class:`fastprune.nn.SparseFFNOutput` computing ``dense(act(intermediate.dense(x)))``. Changes
+    ``model`` in place; returns the blocks fused.
+
+    Kept only when the whole model, run on ``example_inputs`` before and after, gives the same
+    outputs (to float rounding: the fused op computes the same sums): a model whose blocks read the
+    intermediate output elsewhere is left as it was. Without ``example_inputs`` nothing is fused."""
+    if example_inputs is None:
+        return []
+    found = [(name, block, parts) for name, block in model.named_modules() if (parts := _ffn_parts(block))]
+    if not found:
+        return []
+    with torch.no_grad():
+        before = _tensors(model(*example_inputs))
+    undo = []
+    for _, block, (up, down, act) in found:
+        undo.append((block, block.intermediate, down))
+        block.intermediate = PassThrough(block.intermediate)
+        block.output.dense = SparseFFNOutput(up, down, act)
+    try:
+        with torch.no_grad():
+            ok = _same(before, _tensors(model(*example_inputs)))
+    except Exception:  # noqa: BLE001 - a model the fusion breaks is restored below
+        ok = False
+    if not ok:
+        for block, inter, down in undo:
+            block.intermediate = inter
+            block.output.dense = down
+        return []
+    return [name for name, _, _ in found]

@@ -18,7 +18,7 @@ from torch import nn
 from fastprune import ops
 from fastprune.masks import effective_weight
 
-__all__ = ["SparseConv2d", "SparseLinear"]
+__all__ = ["SparseConv2d", "SparseFFNOutput", "SparseLinear"]
 
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
@@ -105,6 +105,51 @@ class SparseLinear(_Packed):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
             f"sparsity={self.sparsity():.3f}, bias={self.bias is not None}, relu={self.relu}"
+        )
+
+
+class SparseFFNOutput(SparseLinear):
+    """The second layer of a feed-forward block computed together with the first:
+    ``self(x) = down(act(up(x)))`` in one :func:`fastprune.ops.sparse_ffn` call (the hidden
+    activations stay in cache, in the layout the second layer reads).
+
+    ``up`` stays where it was (a :class:`SparseLinear` elsewhere in the model, whose own caller is
+    made a pass-through: see :func:`fastprune.nn.fuse.fuse_ffn`); this module refers to it without
+    owning it, so the state dict keeps every name and holds each tensor once. ``activation``:
+    ``"gelu"`` (exact erf), ``"relu"`` or ``"none"``."""
+
+    def __init__(self, up: SparseLinear, down: SparseLinear, activation: str) -> None:
+        if down.in_features != up.out_features:
+            raise ValueError(f"down takes {down.in_features} inputs, up gives {up.out_features}")
+        if up.relu or down.relu:
+            raise ValueError("up and down must not fuse a ReLU themselves (give activation='relu')")
+        if activation not in ("gelu", "relu", "none"):
+            raise ValueError(f"activation must be 'gelu', 'relu' or 'none', got {activation!r}")
+        super().__init__(down.in_features, down.out_features, (down.row_ptr, down.col_idx, down.values), down.bias)
+        self.activation = activation
+        object.__setattr__(self, "_up", up)  # not a submodule: it is registered where it was
+
+    @property
+    def up(self) -> SparseLinear:
+        return self._up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self._up
+        return ops.sparse_ffn(
+            x,
+            (up.row_ptr, up.col_idx, up.values),
+            up.bias,
+            (self.row_ptr, self.col_idx, self.values),
+            self.bias,
+            up.in_features,
+            self.activation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", after the up layer {self._up.in_features} -> {self._up.out_features}, "
+            + (f"activation={self.activation}")
         )
 
 

@@ -11,7 +11,7 @@ load_library()
 from fastprune.ops import _fakes  # noqa: E402,F401  (registers fake kernels)
 from fastprune.ops.cpu import best_isa, cpu_isas, jit_available, kernel_counts, reset_kernel_counts  # noqa: E402
 from fastprune.ops.nisp import nisp_propagate  # noqa: E402
-from fastprune.ops.sparse import pack_sparse, sparse_conv2d, sparse_linear, unpack_sparse  # noqa: E402
+from fastprune.ops.sparse import pack_sparse, sparse_conv2d, sparse_ffn, sparse_linear, unpack_sparse  # noqa: E402
 from fastprune.ops.woodbury import woodbury_inverse_fisher, woodbury_update_  # noqa: E402
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "pack_sparse",
     "reset_kernel_counts",
     "sparse_conv2d",
+    "sparse_ffn",
     "sparse_linear",
     "unpack_sparse",
     "woodbury_inverse_fisher",

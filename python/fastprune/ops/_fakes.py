@@ -46,6 +46,26 @@ def _sparse_linear_fake(
     return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))
 
 
+@torch.library.register_fake("fastprune::sparse_ffn")
+def _sparse_ffn_fake(
+    input: torch.Tensor,
+    row_ptr1: torch.Tensor,
+    col_idx1: torch.Tensor,
+    values1: torch.Tensor,
+    bias1: torch.Tensor | None,
+    row_ptr2: torch.Tensor,
+    col_idx2: torch.Tensor,
+    values2: torch.Tensor,
+    bias2: torch.Tensor | None,
+    in_features: int,
+    activation: str,
+) -> torch.Tensor:
+    torch._check(input.shape[-1] == in_features, lambda: "input's last dimension must be in_features")
+    torch._check(values1.dtype == input.dtype and values2.dtype == input.dtype, lambda: "dtypes must match")
+    torch._check(activation in ("none", "relu", "gelu"), lambda: "activation must be none, relu or gelu")
+    return input.new_empty((*input.shape[:-1], row_ptr2.shape[0] - 1))
+
+
 @torch.library.register_fake("fastprune::sparse_conv2d")
 def _sparse_conv2d_fake(
     input,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_sparse", "sparse_conv2d", "sparse_linear", "unpack_sparse"]
+__all__ = ["pack_sparse", "sparse_conv2d", "sparse_ffn", "sparse_linear", "unpack_sparse"]
 
 
 def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,6 +45,20 @@ def sparse_linear(
 ) -> torch.Tensor:
     y = F.linear(input, unpack_sparse(row_ptr, col_idx, values, in_features), bias)
     return torch.relu(y) if relu else y
+
+
+def sparse_ffn(
+    input: torch.Tensor,
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    up_bias: torch.Tensor | None,
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    down_bias: torch.Tensor | None,
+    in_features: int,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    h = F.linear(input, unpack_sparse(*up, in_features), up_bias)
+    h = F.gelu(h) if activation == "gelu" else torch.relu(h) if activation == "relu" else h
+    return F.linear(h, unpack_sparse(*down, up[0].numel() - 1), down_bias)
 
 
 def sparse_conv2d(
