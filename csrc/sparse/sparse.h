@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace fastprune {
@@ -16,6 +17,8 @@ void check_pack_inputs(const at::Tensor& weight);
 int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                    const at::Tensor& values, int64_t in_features,
                                    const std::optional<at::Tensor>& bias);
+// sparse_ffn's activation is "none", "relu" or "gelu".
+void check_ffn_activation(c10::string_view activation);
 // Geometry of one sparse_conv2d call (validated), and the size of its phase buffer.
 struct ConvGeometry {
   int64_t N, C, H, W, O, Cg, kh, kw, sh, sw, ph, pw, dh, dw, groups;

@@ -17,6 +17,11 @@ void check_pack_inputs(const at::Tensor& weight) {
 
 at::ScalarType col_dtype_for(int64_t K) { return K <= kNarrowMaxK ? at::kShort : at::kInt; }
 
+void check_ffn_activation(c10::string_view activation) {
+  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "gelu",
+              "sparse_ffn: activation must be 'none', 'relu' or 'gelu', got '", std::string(activation), "'");
+}
+
 int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                    const at::Tensor& values, int64_t in_features,
                                    const std::optional<at::Tensor>& bias) {

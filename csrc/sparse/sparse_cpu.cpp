@@ -474,8 +474,7 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& input, const at::Tensor& rp1_in, con
                           const at::Tensor& val1_in, const std::optional<at::Tensor>& bias1, const at::Tensor& rp2_in,
                           const at::Tensor& col2_in, const at::Tensor& val2_in, const std::optional<at::Tensor>& bias2,
                           int64_t in_features, c10::string_view activation) {
-  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "gelu",
-              "sparse_ffn: activation must be 'none', 'relu' or 'gelu', got '", std::string(activation), "'");
+  check_ffn_activation(activation);
   const int64_t K = in_features;
   const int64_t H = check_sparse_linear_inputs(input, rp1_in, col1_in, val1_in, K, bias1);
   TORCH_CHECK(H >= 1, "sparse_ffn: the first layer has no outputs");
@@ -603,42 +602,47 @@ void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>&
     // Tile-major (ranges of kTileSpan tiles, every block on each): where the weight has at least as
     // many columns as rows (each tile range's input is reused by every block while in L2, and the
     // threads split the input instead of each reading all of it). Block-major reads the whole input
-    // once per block. ResNet-50's 1x1 convs at 90 %, one process, Xeon (AVX-512): 256 -> 64 at
-    // 56x56 1.55x / 2.15x (1 / 2 threads), 256 -> 128 2.0x / 2.2x, 512 -> 128 at 28x28 1.12x /
-    // 1.17x, 3x3 64 -> 64 1.00x / 1.30x; but 64 -> 256 0.69x / 0.85x and 128 -> 512 0.73-0.97x
-    // (many rows: every tile range runs all of the larger code and writes all the rows): those
-    // stay block-major.
+    // once per block. ResNet-50's convs at 90 %, one process, Xeon (AVX-512), 1 / 2 threads: 1x1
+    // 256 -> 64 at 56x56 1.55x / 2.15x (batch 8: 1.45x / 2.04x), 256 -> 128 2.0x / 2.2x, 512 -> 128
+    // at 28x28 1.12x / 1.17x (batch 8: 1.37x / 1.32x); 3x3 64 -> 64 at 56x56 1.00x / 1.30x (batch 8:
+    // 0.94x / 1.36x; 128 -> 128 at 28x28 0.97x / 1.20x), so wider kernels go tile-major only with
+    // several threads; 64 -> 256 0.69x / 0.85x and 128 -> 512 0.73-0.97x (more rows than columns:
+    // every tile range runs all of the larger code and writes all the rows) stay block-major.
+    // block b's code on tiles [i0, i1); scratch: two kJitScratch buffers of this thread
+    auto run_tiles = [&](int64_t b, int64_t i0, int64_t i1, float* scratch, float* scratch_res) {
+      const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
+      const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
+      const jit::TileFn fn = code->fn(b);
+      if (tiles != nullptr) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const JitTile& t = (*tiles)[i];
+          const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
+          fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
+        }
+        return;
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
+        const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
+        if (n == 16) {
+          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
+        } else if (!o.direct) {  // the wide buffer has the slack of whole tiles
+          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
+        } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
+          if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
+          fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
+          kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
+        }
+      }
+    };
     if (tile_major && ntiles >= 2 * kTileSpan) {
       note_kernel(KernelOp::kSparseConv2dTileMajor, KernelPath::kJit);
-      const int64_t span = kTileSpan, items = (ntiles + span - 1) / span;
-      at::parallel_for(0, items, 1, [&](int64_t w0, int64_t w1) {
+      at::parallel_for(0, (ntiles + kTileSpan - 1) / kTileSpan, 1, [&](int64_t w0, int64_t w1) {
         alignas(64) float scratch[kJitScratch];
         alignas(64) float scratch_res[kJitScratch] = {};
         for (int64_t w = w0; w < w1; ++w) {
-          const int64_t i0 = w * span, i1 = std::min(ntiles, i0 + span);
           for (int64_t b = 0; b < nb; ++b) {
-            const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
-            const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
-            const jit::TileFn fn = code->fn(b);
-            for (int64_t i = i0; i < i1; ++i) {
-              if (tiles != nullptr) {
-                const JitTile& t = (*tiles)[i];
-                const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
-                fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
-                continue;
-              }
-              const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
-              const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-              if (n == 16) {
-                fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
-              } else if (!o.direct) {
-                fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
-              } else {
-                if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
-                fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
-                kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
-              }
-            }
+            run_tiles(b, w * kTileSpan, std::min(ntiles, (w + 1) * kTileSpan), scratch, scratch_res);
           }
         }
       });
@@ -656,30 +660,7 @@ void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>&
         if (w == w0 || w % parts == 0) {
           for (int64_t d = 1; d <= kJitPrefetchBlocks; ++d) code->prefetch(b + d);  // (past the end: harmless)
         }
-        const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
-        const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
-        const jit::TileFn fn = code->fn(b);
-        if (tiles != nullptr) {
-          for (int64_t i = i0; i < i1; ++i) {
-            const JitTile& t = (*tiles)[i];
-            const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
-            fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
-          }
-          continue;
-        }
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
-          const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-          if (n == 16) {
-            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
-          } else if (!o.direct) {  // the wide buffer has the slack of whole tiles
-            fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
-          } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
-            if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
-            fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
-            kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
-          }
-        }
+        run_tiles(b, i0, i1, scratch, scratch_res);
       }
     });
   }
@@ -807,7 +788,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   const std::shared_ptr<const jit::ConvCode> code_held =
       use_jit ? derived->jit_code(rp, g.O, flags, values_in, values.const_data_ptr<float>()) : nullptr;
   const jit::ConvCode* code = code_held.get();
-  const bool tile_major = g.Cg * g.kh * g.kw * g.groups >= g.O;  // (run_jit: columns >= rows per group)
+  // (run_jit: columns >= rows per group; wider kernels only with several threads, see there)
+  const bool tile_major = g.Cg * g.kh * g.kw * g.groups >= g.O && (g.kh * g.kw == 1 || at::get_num_threads() > 1);
   note_kernel(KernelOp::kSparseConv2d, input.scalar_type() != at::kFloat ? KernelPath::kFloat64
                                        : code != nullptr                 ? KernelPath::kJit
                                                                          : path_of_isa(static_cast<int>(active_isa())));

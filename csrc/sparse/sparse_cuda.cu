@@ -167,8 +167,7 @@ at::Tensor sparse_ffn_cuda(const at::Tensor& input, const at::Tensor& rp1, const
                            const at::Tensor& val1, const std::optional<at::Tensor>& bias1, const at::Tensor& rp2,
                            const at::Tensor& col2, const at::Tensor& val2, const std::optional<at::Tensor>& bias2,
                            int64_t in_features, c10::string_view activation) {
-  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "gelu",
-              "sparse_ffn: activation must be 'none', 'relu' or 'gelu', got '", std::string(activation), "'");
+  check_ffn_activation(activation);
   at::Tensor h = sparse_linear_cuda(input, rp1, col1, val1, in_features, bias1, activation == "relu");
   if (activation == "gelu") h = at::gelu(h);
   return sparse_linear_cuda(h, rp2, col2, val2, rp1.numel() - 1, bias2, false);
