@@ -350,6 +350,21 @@ void check_row_ptr(const int32_t* rp, int64_t O, int64_t nnz) {
   }
 }
 
+// Samples [b0 * B, (b0 + count) * B) of x (n, K), row-major, laid out as count blocks (K, B) at xb:
+// block i's column k holds its samples' k-th features (a last block past n holds only n - b * B),
+// through the kernels' register transposes, parallel over (block, 64 columns).
+void to_blocks(const SparseKernels& kern, const float* x, int64_t n, int64_t K, int64_t B, int64_t b0, int64_t count,
+               float* xb) {
+  const int64_t kparts = (K + 63) / 64;
+  at::parallel_for(0, count * kparts, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t bi = b0 + w / kparts, k0 = (w % kparts) * 64;
+      kern.transpose(x + bi * B * K + k0, K, xb + (bi - b0) * K * B + k0 * B, B, std::min(B, n - bi * B),
+                     std::min<int64_t>(64, K - k0));
+    }
+  });
+}
+
 at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_in, const at::Tensor& col_in,
                              const at::Tensor& values_in, int64_t in_features, const std::optional<at::Tensor>& bias_in,
                              bool relu) {
@@ -414,14 +429,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       float* ybp = yb.data_ptr<float>();
       float* outp = out.data_ptr<float>();
       // (ATen's strided copies for these two layouts cost 39 of BERT-base's 250 ms at 90 %)
-      const int64_t kparts = (K + 63) / 64;
-      at::parallel_for(0, nb * kparts, 1, [&](int64_t w0, int64_t w1) {
-        for (int64_t w = w0; w < w1; ++w) {
-          const int64_t bi = w / kparts, k0 = (w % kparts) * 64;
-          kern.transpose(xp + bi * B * K + k0, K, xbp + bi * K * B + k0 * B, B, bi == nb - 1 ? last : B,
-                         std::min<int64_t>(64, K - k0));
-        }
-      });
+      to_blocks(kern, xp, n, K, B, 0, nb, xbp);
       // work items (block, chunk of rows): a thread runs its rows over a block while it is in cache,
       // then writes their results, transposed, into the output
       at::parallel_for(0, nb * nchunks, 1, [&](int64_t w0, int64_t w1) {
@@ -525,14 +533,8 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& input, const at::Tensor& rp1_in, con
   float* hbp = hb.data_ptr<float>();
   float* ybp = yb.data_ptr<float>();
   float* outp = out.data_ptr<float>();
-  const int64_t kparts = (K + 63) / 64;
   for (int64_t bi = 0; bi < full; ++bi) {
-    at::parallel_for(0, kparts, 1, [&](int64_t w0, int64_t w1) {
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t k0 = w * 64;
-        kern.transpose(xp + bi * B * K + k0, K, xbp + k0 * B, B, B, std::min<int64_t>(64, K - k0));
-      }
-    });
+    to_blocks(kern, xp, n, K, B, bi, 1, xbp);
     at::parallel_for(0, nc1, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t r0 = chunks1[c], r1 = chunks1[c + 1];

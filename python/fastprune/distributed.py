@@ -195,22 +195,15 @@ def kth_smallest(keys: Sequence[torch.Tensor], ks: Sequence[int]) -> list[tuple[
     ``2 KB x groups`` whatever the number of keys; nothing is gathered. Requires
     ``1 <= ks[g] <=`` the group's total count."""
     n = len(keys)
-    prefix = [0] * n
-    below = [0] * n
-    rank_in = [int(k) for k in ks]
-    cand = [torch.ones(k.numel(), dtype=torch.bool, device=k.device) for k in keys]
-    flat = [k.reshape(-1) for k in keys]
+    prefix, below, rank_in = [0] * n, [0] * n, [int(k) for k in ks]
+    live = [k.reshape(-1) for k in keys]  # per group, the keys still matching the prefix
     for j in range(8):
         shift = 56 - 8 * j
-        digits = []
+        digits = [((k >> shift) & 0xFF) ^ (0x80 if j == 0 else 0) for k in live]  # j == 0: the sign bit
         hist = torch.zeros(n, 256, dtype=torch.int64)
-        for g in range(n):
-            d = (flat[g] >> shift) & 0xFF
-            if j == 0:
-                d = d ^ 0x80  # the sign bit: negative keys first
-            digits.append(d)
-            if flat[g].numel():
-                hist[g] = torch.bincount(d[cand[g]], minlength=256).cpu()
+        for g, d in enumerate(digits):
+            if d.numel():
+                hist[g] = torch.bincount(d, minlength=256).cpu()
         if is_distributed():
             h = hist.to(_device())
             dist.all_reduce(h, op=dist.ReduceOp.SUM)
@@ -224,6 +217,6 @@ def kth_smallest(keys: Sequence[torch.Tensor], ks: Sequence[int]) -> list[tuple[
             below[g] += before
             rank_in[g] -= before
             prefix[g] |= b << shift
-            cand[g] &= digits[g] == b
+            live[g] = live[g][digits[g] == b]
     # the prefix is the key with its sign bit flipped (key + 2**63 modulo 2**64)
     return [(p - (1 << 63), below[g]) for g, p in enumerate(prefix)]

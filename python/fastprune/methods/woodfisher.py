@@ -316,7 +316,8 @@ def _sharded_step(
     the OBS changes of the entries it owns; only the keep flags (1 byte an entry) and the changes
     (in the weights' dtype) are gathered, so every rank ends with the same masks and updates."""
     names, sizes = stats.names, stats.sizes
-    check_same_everywhere(weights, "the weights to prune")
+    if cfg.fisher_inverse is not None:  # (collect_fisher checked the weights it took gradients of)
+        check_same_everywhere(weights, "the weights to prune")
     flat_w = [w.reshape(-1) for w in weights]
     # this rank's entries, per layer: (inverse, slice of its local vector, offset in the layer, length)
     owned: list[tuple[ShardedFisherInverse, slice, int, int]] = []
