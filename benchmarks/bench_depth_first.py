@@ -57,7 +57,7 @@ def main() -> None:
     for sparsity, batch in cells:
         model = build_model("resnet50", sparsity)
         (x,) = make_inputs("resnet50", batch)
-        sp = fastprune.sparsify(model, example_inputs=(x[:1],))
+        sp = fastprune.sparsify(model, example_inputs=(x[:1],), depth_first=False)  # (blocks RowTiles can tile)
         ShapeProp(sp).propagate(x)
         mods = dict(sp.named_modules())
         blocks = [b for b in _blocks(sp.graph) if isinstance(_plan(b, mods, 8), torch.nn.Module)]
@@ -90,12 +90,12 @@ def main() -> None:
                 fns = [lambda: plain(xin)] + [lambda t=t: t(xin) for t in tiled]
                 for i, v in enumerate(minima(fns, rounds)):
                     per_stage.setdefault(stage_of[id(b)], [0.0] * len(fns))[i] += v
-            whole = [sp]
+            whole = [sp]  # (depth_first=False: the native bottleneck op is bench_bottleneck.py's)
             labels = ["whole blocks"] + [f"tile_rows={r}" for r in rows_list]
             for r in rows_list:
                 whole.append(fastprune.sparsify(model, example_inputs=(x[:1],), tile_rows=r))
             if batch > 1:
-                whole.append(fastprune.sparsify(model, example_inputs=(x[:1],), micro_batch=1))
+                whole.append(fastprune.sparsify(model, example_inputs=(x[:1],), micro_batch=1, depth_first=False))
                 labels.append("micro_batch=1")
             ref = sp(x)
             for m in whole[1:]:

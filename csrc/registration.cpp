@@ -34,6 +34,12 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("sparse_conv2d(Tensor input, Tensor row_ptr, Tensor col_idx, Tensor values, int[] weight_shape, "
         "Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, bool relu=False, "
         "Tensor? residual=None) -> Tensor");
+  // A ResNet bottleneck without downsampling: relu(conv3(relu(conv2(relu(conv1(input) + b1)) + b2)) + b3 +
+  // input) with conv1, conv3 1x1 (their shapes from row_ptr and the input), conv2 weight_shape2 with stride
+  // 1 and padding2 keeping the size: input (N, C, H, W) -> (N, C, H, W).
+  m.def("sparse_bottleneck(Tensor input, Tensor row_ptr1, Tensor col_idx1, Tensor values1, Tensor? bias1, "
+        "Tensor row_ptr2, Tensor col_idx2, Tensor values2, Tensor? bias2, int[] weight_shape2, int[2] padding2, "
+        "Tensor row_ptr3, Tensor col_idx3, Tensor values3, Tensor? bias3) -> Tensor");
   // NISP score propagation through one layer: weight (out, in/groups, *kernel), scores (m, out) or (out,)
   // -> (m, in) or (in,) with S_in[:, c] = sum_o S_out[:, o] * sum_k |W[o, c, k]| within each group.
   m.def("nisp_propagate(Tensor weight, Tensor scores, int groups=1) -> Tensor");

@@ -256,3 +256,63 @@ def test_feed_forward_blocks_fuse_only_where_the_outputs_stay_the_same(peek):
     else:
         assert sp.fused_ffn == ["0", "2"]
     assert fastprune.sparsify(model, min_sparsity=0.5).fused_ffn == []  # no example inputs: no fusion
+
+
+class _Bottlenecks(nn.Module):
+    """Three ResNet-like bottlenecks: one that fuses, one whose middle activation is also read elsewhere,
+    one with a strided middle conv and a downsampling shortcut (neither of the last two fuses)."""
+
+    def __init__(self, c: int = 16, m: int = 8) -> None:
+        super().__init__()
+
+        def block(stride: int = 1) -> nn.ModuleDict:
+            return nn.ModuleDict(
+                {
+                    "conv1": nn.Conv2d(c, m, 1, bias=False),
+                    "bn1": nn.BatchNorm2d(m),
+                    "conv2": nn.Conv2d(m, m, 3, stride, 1, bias=False),
+                    "bn2": nn.BatchNorm2d(m),
+                    "conv3": nn.Conv2d(m, c, 1, bias=False),
+                    "bn3": nn.BatchNorm2d(c),
+                }
+            )
+
+        self.a, self.b, self.c = block(), block(), block(2)
+        self.down = nn.Conv2d(c, c, 1, 2)
+        for mod in self.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+
+    def _run(self, blk: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(blk["bn1"](blk["conv1"](x)))
+        return F.relu(blk["bn2"](blk["conv2"](h))), h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self._run(self.a, x)
+        x = F.relu(self.a["bn3"](self.a["conv3"](h)) + x)
+        h, h1 = self._run(self.b, x)
+        x = F.relu(self.b["bn3"](self.b["conv3"](h)) + x) + h1.mean()  # h1 read again
+        h, _ = self._run(self.c, x)
+        return F.relu(self.c["bn3"](self.c["conv3"](h)) + self.down(x))
+
+
+def test_bottlenecks_run_as_one_call_with_the_same_values():
+    torch.manual_seed(0)
+    model = _Bottlenecks().eval()
+    fastprune.prune(model, "magnitude", sparsity=0.7, scope="layer")
+    fastprune.finalize(model)
+    x = torch.randn(2, 16, 16, 16)
+    plain = sparsify(model, min_sparsity=0.5, example_inputs=x, depth_first=False)
+    sp = sparsify(model, min_sparsity=0.5, example_inputs=x)
+    assert sp.fused_bottlenecks == {"a": "fused: untimed (min_sparsity given)"}
+    assert plain.fused_bottlenecks == {}
+    assert [type(m).__name__ for m in sp.modules()].count("SparseBottleneck") == 1
+    assert set(sp.state_dict()) == set(plain.state_dict())  # the fused block holds no tensors of its own
+    with torch.no_grad():
+        for shape in [(2, 16, 16, 16), (1, 16, 9, 7), (3, 16, 8, 4)]:  # the band path and the three calls
+            xi = torch.randn(shape)
+            assert torch.equal(sp(xi), plain(xi))
+            torch.testing.assert_close(sp(xi), model(xi), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not a bottleneck"):
+        fastprune.nn.SparseBottleneck(*(sp.get_submodule(f"c.conv{i}") for i in (1, 2, 3)))  # strided

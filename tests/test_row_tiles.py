@@ -180,7 +180,7 @@ def test_bad_arguments_are_refused_before_anything_changes():
 def test_blocks_are_the_stretches_between_cuts():
     model = _pruned(resnet50)
     x = torch.randn(1, 3, 64, 64)
-    sp = sparsify(model, min_sparsity=0.5, example_inputs=x)
+    sp = sparsify(model, min_sparsity=0.5, example_inputs=x, depth_first=False)
     blocks = _blocks(sp.graph)
     # every stretch starts where the one before ended, and the bottlenecks' 3 convs (+ a
     # downsample) are one stretch each

@@ -39,6 +39,7 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseLinearPanels: return "sparse_linear_panels";
     case KernelOp::kSparseFfnBlocked: return "sparse_ffn_blocked";
     case KernelOp::kSparseConv2dTileMajor: return "sparse_conv2d_tile_major";
+    case KernelOp::kSparseBottleneckBands: return "sparse_bottleneck_bands";
     default: return "?";
   }
 }

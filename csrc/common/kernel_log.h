@@ -8,7 +8,8 @@ namespace fastprune {
 
 // kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear);
 // kSparseFfnBlocked: a sparse_ffn call that kept the hidden activations blocked (the panel loop);
-// kSparseConv2dTileMajor: a generated-code sparse_conv2d that ran its tiles in the tile-major order
+// kSparseConv2dTileMajor: a generated-code sparse_conv2d that ran its tiles in the tile-major order;
+// kSparseBottleneckBands: a sparse_bottleneck call that ran depth-first in bands of rows
 enum class KernelOp {
   kWoodburyUpdate = 0,
   kWoodburyInverseFisher,
@@ -18,6 +19,7 @@ enum class KernelOp {
   kSparseLinearPanels,
   kSparseFfnBlocked,
   kSparseConv2dTileMajor,
+  kSparseBottleneckBands,
   kCount
 };
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time

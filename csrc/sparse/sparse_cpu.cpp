@@ -585,6 +585,38 @@ std::vector<JitTile> jit_tiles(int64_t Hout, int64_t Wph, int64_t Wout) {
   return tiles;
 }
 
+// Block b of the generated code on tiles [i0, i1): the listed tiles (kCompress code) or the
+// direct / wide output's tiles of 16 positions (run_jit says which). scratch, scratch_res: two
+// kJitScratch buffers of the calling thread, for a last partial tile of a direct output.
+void run_block_tiles(const SparseKernels& kern, const jit::ConvCode* code, int64_t b, const float* x, int64_t O,
+                     const ConvOut<float>& o, const std::vector<JitTile>* tiles, int64_t i0, int64_t i1,
+                     float* scratch, float* scratch_res) {
+  const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(code->rows_per_block(), O - rb);
+  const float* bias = o.bias != nullptr ? o.bias + rb : nullptr;
+  const jit::TileFn fn = code->fn(b);
+  if (tiles != nullptr) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const JitTile& t = (*tiles)[i];
+      const float* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
+      fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
+    }
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
+    const float* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
+    if (n == 16) {
+      fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
+    } else if (!o.direct) {  // the wide buffer has the slack of whole tiles
+      fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
+    } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
+      if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
+      fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
+      kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
+    }
+  }
+}
+
 // All rows through the generated code, each block of rows, 16 positions of the wide grid at a time.
 // tiles (code made with kCompress): the final output (o.ldo its plane), only the listed tiles, each
 // writing its outputs where they go. Otherwise a direct output (the final output, row stride q_len):
@@ -610,32 +642,8 @@ void run_jit(const jit::ConvCode* code, const T* x, int64_t O, const ConvOut<T>&
     // 0.94x / 1.36x; 128 -> 128 at 28x28 0.97x / 1.20x), so wider kernels go tile-major only with
     // several threads; 64 -> 256 0.69x / 0.85x and 128 -> 512 0.73-0.97x (more rows than columns:
     // every tile range runs all of the larger code and writes all the rows) stay block-major.
-    // block b's code on tiles [i0, i1); scratch: two kJitScratch buffers of this thread
     auto run_tiles = [&](int64_t b, int64_t i0, int64_t i1, float* scratch, float* scratch_res) {
-      const int64_t rb = code->row_begin(b), rows = std::min<int64_t>(rpb, O - rb);
-      const T* bias = o.bias != nullptr ? o.bias + rb : nullptr;
-      const jit::TileFn fn = code->fn(b);
-      if (tiles != nullptr) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const JitTile& t = (*tiles)[i];
-          const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + t.out : nullptr;
-          fn(o.out + rb * o.ldo + t.out, x + t.q0, o.ldo * 4, bias, res, t.masks);
-        }
-        return;
-      }
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t q0 = 16 * i, n = std::min<int64_t>(16, o.q_len - q0);
-        const T* res = o.residual != nullptr ? o.residual + rb * o.ldo + q0 : nullptr;
-        if (n == 16) {
-          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, bias, res, 0);
-        } else if (!o.direct) {  // the wide buffer has the slack of whole tiles
-          fn(o.out + rb * o.ldo + q0, x + q0, o.ldo * 4, nullptr, nullptr, 0);
-        } else {  // scratch tiles (row stride 16): the valid part of the residual in, of the result out
-          if (res != nullptr) kern.tile_finish(res, o.ldo, scratch_res, 16, rows, n, nullptr, nullptr, 0, false);
-          fn(scratch, x + q0, 16 * 4, bias, res != nullptr ? scratch_res : nullptr, 0);
-          kern.tile_finish(scratch, 16, o.out + rb * o.ldo + q0, o.ldo, rows, n, nullptr, nullptr, 0, false);
-        }
-      }
+      run_block_tiles(kern, code, b, x, O, o, tiles, i0, i1, scratch, scratch_res);
     };
     if (tile_major && ntiles >= 2 * kTileSpan) {
       note_kernel(KernelOp::kSparseConv2dTileMajor, KernelPath::kJit);
@@ -894,6 +902,203 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
   return out;
 }
 
+
+// fastprune.ops.sparse_bottleneck: y = relu(conv3(relu(conv2(relu(conv1(x) + b1)) + b2)) + b3 + x),
+// conv1 and conv3 1x1, conv2 k x k with stride 1 and "same" padding (a ResNet bottleneck without
+// downsampling). Depth-first where the generated code runs every conv: each work item (a sample, or
+// a range of its rows when there are fewer samples than threads) goes down the image in bands of
+// about 256 positions, and each band runs conv1 on the rows it needs next, conv2 on its rows, then
+// conv3 with the residual, while the band's intermediate rows are in L2 (the 64- and 256-channel
+// activations of one 56x56 sample, 0.8 and 3.2 MB, are not). conv1's and conv2's outputs go to
+// buffers of the work item's own, so that threads share nothing but the output (each writes its own
+// rows). Elsewhere (float64, no generated code, planes not a multiple of 16): the three convs one
+// after the other, as three sparse_conv2d calls compute them. Same values either way (the same code
+// or loops compute each output).
+at::Tensor sparse_bottleneck_cpu(const at::Tensor& input, const at::Tensor& rp1_in, const at::Tensor& col1_in,
+                                 const at::Tensor& val1_in, const std::optional<at::Tensor>& b1_in,
+                                 const at::Tensor& rp2_in, const at::Tensor& col2_in, const at::Tensor& val2_in,
+                                 const std::optional<at::Tensor>& b2_in, at::IntArrayRef ws2,
+                                 at::IntArrayRef padding2, const at::Tensor& rp3_in, const at::Tensor& col3_in,
+                                 const at::Tensor& val3_in, const std::optional<at::Tensor>& b3_in) {
+  TORCH_CHECK(input.dim() == 4, "sparse_bottleneck: input must be (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(ws2.size() == 4 && padding2.size() == 2, "sparse_bottleneck: weight_shape2 takes four values, padding2 two");
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t C1 = rp1_in.numel() - 1, C2 = ws2[0];
+  TORCH_CHECK(C1 >= 0 && rp3_in.numel() - 1 == C, "sparse_bottleneck: the last conv must give the input's ", C,
+              " channels (the residual), its row_ptr has ", rp3_in.numel() - 1, " rows");
+  TORCH_CHECK(ws2[1] == C1, "sparse_bottleneck: conv2 takes ", ws2[1], " channels, conv1 gives ", C1);
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  const std::vector<int64_t> ws1{C1, C, 1, 1}, ws3{C, C2, 1, 1};
+  const at::Tensor h1 = at::empty({N, C1, H, W}, input.options());
+  const ConvGeometry g1 = check_sparse_conv2d_inputs(input, rp1_in, col1_in, val1_in, ws1, b1_in, one, zero, one, 1,
+                                                     std::nullopt);
+  const ConvGeometry g2 = check_sparse_conv2d_inputs(h1, rp2_in, col2_in, val2_in, ws2, b2_in, one, padding2, one, 1,
+                                                     std::nullopt);
+  TORCH_CHECK(g2.Hout == H && g2.Wout == W, "sparse_bottleneck: conv2 must keep the size (", H, "x", W, "), gives ",
+              g2.Hout, "x", g2.Wout);
+  const at::Tensor h2 = at::empty({N, C2, H, W}, input.options());
+  const ConvGeometry g3 = check_sparse_conv2d_inputs(h2, rp3_in, col3_in, val3_in, ws3, b3_in, one, zero, one, 1, input);
+  (void)g1, (void)g3;
+  auto compose = [&] {
+    const at::Tensor a = sparse_conv2d_cpu(input, rp1_in, col1_in, val1_in, ws1, b1_in, one, zero, one, 1, true,
+                                           std::nullopt);
+    const at::Tensor b = sparse_conv2d_cpu(a, rp2_in, col2_in, val2_in, ws2, b2_in, one, padding2, one, 1, true,
+                                           std::nullopt);
+    return sparse_conv2d_cpu(b, rp3_in, col3_in, val3_in, ws3, b3_in, one, zero, one, 1, true, input);
+  };
+  const int64_t HW = H * W;
+  const bool cached = !col1_in.is_inference() && !rp1_in.is_inference() && !val1_in.is_inference() &&
+                      !col2_in.is_inference() && !rp2_in.is_inference() && !val2_in.is_inference() &&
+                      !col3_in.is_inference() && !rp3_in.is_inference() && !val3_in.is_inference();
+  // (each conv then runs the code or loops its own sparse_conv2d call would: the same values)
+  if (input.scalar_type() != at::kFloat || !cached || !jit::enabled() || HW % 16 != 0 || N * C * HW == 0 ||
+      C1 == 0 || C2 == 0 || (!jit::forced() && HW < kJitMinPositions)) {
+    return compose();
+  }
+  const at::Tensor rp1 = rp1_in.contiguous(), col1 = col1_in.contiguous(), v1 = val1_in.contiguous();
+  const at::Tensor rp2 = rp2_in.contiguous(), col2 = col2_in.contiguous(), v2 = val2_in.contiguous();
+  const at::Tensor rp3 = rp3_in.contiguous(), col3 = col3_in.contiguous(), v3 = val3_in.contiguous();
+  const int32_t* p1 = rp1.const_data_ptr<int32_t>();
+  const int32_t* p2 = rp2.const_data_ptr<int32_t>();
+  const int32_t* p3 = rp3.const_data_ptr<int32_t>();
+  check_row_ptr(p1, C1, v1.numel());
+  check_row_ptr(p2, C2, v2.numel());
+  check_row_ptr(p3, C, v3.numel());
+  const auto d1 = conv_derived(col1_in, rp1_in, p1, col1, g1);
+  const auto d2 = conv_derived(col2_in, rp2_in, p2, col2, g2);
+  const auto d3 = conv_derived(col3_in, rp3_in, p3, col3, g3);
+  const bool use1 = jit::forced() || p1[C1] >= kJitMinRowNnz * C1, use3 = jit::forced() || p3[C] >= kJitMinRowNnz * C;
+  if (!jit::forced() && p2[C2] < kJitMinRowNnz * C2) return compose();  // (conv2 has no vector-loop band path)
+  const int fb1 = b1_in.has_value() ? jit::kBias : 0, fb2 = b2_in.has_value() ? jit::kBias : 0;
+  const int fb3 = b3_in.has_value() ? jit::kBias : 0;
+  const bool compress2 = g2.Wph != W;
+  const auto c1 = use1 ? d1->jit_code(p1, C1, fb1 | jit::kRelu, val1_in, v1.const_data_ptr<float>()) : nullptr;
+  const auto c2 = d2->jit_code(p2, C2, fb2 | jit::kRelu | (compress2 ? jit::kCompress : 0), val2_in,
+                               v2.const_data_ptr<float>());
+  const auto c3 = use3 ? d3->jit_code(p3, C, fb3 | jit::kResidual | jit::kRelu, val3_in, v3.const_data_ptr<float>())
+                       : nullptr;
+  if (c2 == nullptr || (use1 && c1 == nullptr) || (use3 && c3 == nullptr)) return compose();
+  note_kernel(KernelOp::kSparseBottleneckBands, KernelPath::kJit);
+  const auto& kern = sparse_kernels(Isa::kAvx512);
+  const auto& vkern = sparse_kernels(active_isa());
+  const std::vector<JitTile> tiles2 = compress2 ? jit_tiles(H, g2.Wph, W) : std::vector<JitTile>();
+  // conv2's tiles: the listed ones (compress), else the direct grid's (row stride W)
+  const int64_t nt2 = compress2 ? static_cast<int64_t>(tiles2.size()) : HW / 16;
+  auto tile_q0 = [&](int64_t i) { return compress2 ? tiles2[i].q0 : 16 * i; };
+  // the first conv2 tile holding a position of wide row r or later; the first starting at or past it
+  auto search = [&](int64_t q, int64_t slack) {
+    int64_t lo = 0, hi = nt2;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (tile_q0(mid) + slack <= q) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  auto first_tile = [&](int64_t r) { return search(r * g2.Wph, 16); };
+  auto tiles_before = [&](int64_t r) { return search(r * g2.Wph - 1, 1); };
+  // Work items: a sample, or (fewer samples than threads) a range of its positions; each goes on in
+  // bands of about 256 positions. Items and bands start on whole tiles of the 1x1 convs: 16
+  // positions for the generated code, 64 for the vector loops (whose steps of 4 vectors sum in
+  // another order than their last partial step: a band must split the positions where the whole
+  // plane's run does). Bands of rows instead split 28-row planes 12 / 16 between two threads.
+  const int64_t align = c1 != nullptr && c3 != nullptr ? 16 : 64;
+  const int64_t units = (HW + align - 1) / align, threads = at::get_num_threads();
+  // (ResNet-50 at 90 %, whole model, 1 thread, Xeon: bands of 128 / 256 / 512 / 1024 positions and
+  // whole planes measured within 3 % of each other at batch 1, 256 the best at batch 8 with 128)
+  const int64_t band = std::max<int64_t>(1, 256 / align) * align;
+  const int64_t parts = std::min<int64_t>(units, std::max<int64_t>(1, threads / std::max<int64_t>(N, 1)));
+  at::Tensor out = at::empty({N, C, H, W}, input.options());
+  const at::Tensor xc = input.contiguous();
+  const at::Tensor b1c = b1_in.has_value() ? b1_in->contiguous() : at::Tensor();
+  const at::Tensor b2c = b2_in.has_value() ? b2_in->contiguous() : at::Tensor();
+  const at::Tensor b3c = b3_in.has_value() ? b3_in->contiguous() : at::Tensor();
+  const float* xp = xc.const_data_ptr<float>();
+  float* yp = out.data_ptr<float>();
+  const float* bias1 = b1c.defined() ? b1c.const_data_ptr<float>() : nullptr;
+  const float* bias2 = b2c.defined() ? b2c.const_data_ptr<float>() : nullptr;
+  const float* bias3 = b3c.defined() ? b3c.const_data_ptr<float>() : nullptr;
+  const int64_t kh = g2.kh, ph = g2.ph, pw = g2.pw, Wph = g2.Wph;
+  at::parallel_for(0, N * parts, 1, [&](int64_t w0, int64_t w1) {
+    // this thread's conv1 output (unpadded), conv2 input (padded: zero borders written once) and
+    // conv2 output
+    // (rows of h1 no tile of this item reads are never written: nothing reads them either)
+    at::Tensor h1t = at::empty({C1 * HW}, input.options()), h2t = at::empty({C2 * HW}, input.options());
+    at::Tensor padt = at::empty({g2.buf_len}, input.options());
+    float* h1 = h1t.data_ptr<float>();
+    float* h2 = h2t.data_ptr<float>();
+    float* pad = padt.data_ptr<float>();
+    // the zeros of conv2's padding: border rows and columns of every plane, and the slack past the
+    // last (interior rows are copied in before any tile reads them)
+    for (int64_t c = 0; c < C1; ++c) {
+      float* pl = pad + c * g2.plane;
+      std::fill(pl, pl + ph * Wph, 0.0f);
+      for (int64_t h = ph; h < ph + H; ++h) {
+        std::fill(pl + h * Wph, pl + h * Wph + pw, 0.0f);
+        std::fill(pl + h * Wph + pw + W, pl + (h + 1) * Wph, 0.0f);
+      }
+      std::fill(pl + (ph + H) * Wph, pl + g2.plane, 0.0f);
+    }
+    std::fill(pad + C1 * g2.plane, pad + g2.buf_len, 0.0f);
+    alignas(64) float scratch[kJitScratch];
+    alignas(64) float scratch_res[kJitScratch] = {};
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t n = w / parts, part = w % parts;
+      const int64_t P0 = units * part / parts * align, P1 = std::min(HW, units * (part + 1) / parts * align);
+      if (P0 >= P1) continue;
+      const float* xn = xp + n * C * HW;
+      float* yn = yp + n * C * HW;
+      // conv2's tiles: from the start of the row of the first position; up to the first past the row
+      // of the last (the last item: all)
+      int64_t t2 = first_tile(P0 / W);
+      const int64_t t2_end = P1 == HW ? nt2 : tiles_before((P1 + W - 1) / W);
+      // conv1 from the first row that tile t2 reads
+      int64_t done1 = std::max<int64_t>(0, tile_q0(t2) / Wph - ph) * W / align * align, copied = done1 / W;
+      for (int64_t q0 = P0; q0 < P1; q0 += band) {
+        const int64_t q1 = std::min(P1, q0 + band);
+        // conv2's tiles for the rows of these positions
+        const int64_t e2 = q1 == P1 ? t2_end : std::max(t2, tiles_before((q1 + W - 1) / W));
+        if (e2 > t2) {
+          const int64_t oh_max = std::min(H - 1, (tile_q0(e2 - 1) + 15) / Wph);
+          const int64_t need = std::min(H, oh_max + kh - ph);  // conv1 rows < need
+          const int64_t end1 = std::min(HW, (need * W + align - 1) / align * align);
+          if (end1 > done1) {
+            const ConvOut<float> o1{h1, HW, HW, bias1, nullptr, true, true};
+            if (c1 != nullptr) {
+              for (int64_t b = 0; b < c1->blocks(); ++b) run_block_tiles(kern, c1.get(), b, xn, C1, o1, nullptr, done1 / 16, end1 / 16, scratch, scratch_res);
+            } else {
+              const ConvOut<float> o1s{h1 + done1, HW, end1 - done1, bias1, nullptr, true, true};
+              vkern.conv_rows(p1, d1->runs.data(), d1->off.data(), v1.const_data_ptr<float>(), xn + done1, 0, C1, o1s);
+            }
+            done1 = end1;
+          }
+          const int64_t rows_done = done1 == HW ? H : done1 / W;
+          if (rows_done > copied) {
+            for (int64_t c = 0; c < C1; ++c) {
+              for (int64_t h = copied; h < rows_done; ++h) {
+                std::memcpy(pad + c * g2.plane + (h + ph) * Wph + pw, h1 + c * HW + h * W, W * sizeof(float));
+              }
+            }
+            copied = rows_done;
+          }
+          const ConvOut<float> o2{h2, HW, H * Wph, bias2, nullptr, true, true};
+          for (int64_t b = 0; b < c2->blocks(); ++b) {
+            run_block_tiles(kern, c2.get(), b, pad, C2, o2, compress2 ? &tiles2 : nullptr, t2, e2, scratch, scratch_res);
+          }
+          t2 = e2;
+        }
+        // conv3 and the residual on positions [q0, q1)
+        if (c3 != nullptr) {
+          const ConvOut<float> o3{yn, HW, HW, bias3, xn, true, true};
+          for (int64_t b = 0; b < c3->blocks(); ++b) run_block_tiles(kern, c3.get(), b, h2, C, o3, nullptr, q0 / 16, (q1 + 15) / 16, scratch, scratch_res);
+        } else {
+          const ConvOut<float> o3s{yn + q0, HW, q1 - q0, bias3, xn + q0, true, true};
+          vkern.conv_rows(p3, d3->runs.data(), d3->off.data(), v3.const_data_ptr<float>(), h2 + q0, 0, C, o3s);
+        }
+      }
+    }
+  });
+  return out;
+}
 }  // namespace
 
 int64_t derived_computed() { return g_derived_computed.load(std::memory_order_relaxed); }
@@ -903,6 +1108,7 @@ TORCH_LIBRARY_IMPL(fastprune, CPU, m) {
   m.impl("sparse_linear", &sparse_linear_cpu);
   m.impl("sparse_ffn", &sparse_ffn_cpu);
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_bottleneck", &sparse_bottleneck_cpu);
 }
 
 }  // namespace sparse

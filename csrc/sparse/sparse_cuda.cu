@@ -173,6 +173,21 @@ at::Tensor sparse_ffn_cuda(const at::Tensor& input, const at::Tensor& rp1, const
   return sparse_linear_cuda(h, rp2, col2, val2, rp1.numel() - 1, bias2, false);
 }
 
+// sparse_bottleneck on the GPU: the three sparse_conv2d launches (the bands are a CPU cache
+// optimisation).
+at::Tensor sparse_bottleneck_cuda(const at::Tensor& input, const at::Tensor& rp1, const at::Tensor& col1,
+                                  const at::Tensor& val1, const std::optional<at::Tensor>& b1, const at::Tensor& rp2,
+                                  const at::Tensor& col2, const at::Tensor& val2, const std::optional<at::Tensor>& b2,
+                                  at::IntArrayRef ws2, at::IntArrayRef padding2, const at::Tensor& rp3,
+                                  const at::Tensor& col3, const at::Tensor& val3, const std::optional<at::Tensor>& b3) {
+  TORCH_CHECK(input.dim() == 4 && ws2.size() == 4, "sparse_bottleneck: input must be 4-D, weight_shape2 four values");
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  const at::Tensor a = sparse_conv2d_cuda(input, rp1, col1, val1, {rp1.numel() - 1, input.size(1), 1, 1}, b1, one, zero,
+                                          one, 1, true, std::nullopt);
+  const at::Tensor b = sparse_conv2d_cuda(a, rp2, col2, val2, ws2, b2, one, padding2, one, 1, true, std::nullopt);
+  return sparse_conv2d_cuda(b, rp3, col3, val3, {input.size(1), ws2[0], 1, 1}, b3, one, zero, one, 1, true, input);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
@@ -180,6 +195,7 @@ TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("sparse_linear", &sparse_linear_cuda);
   m.impl("sparse_ffn", &sparse_ffn_cuda);
   m.impl("sparse_conv2d", &sparse_conv2d_cuda);
+  m.impl("sparse_bottleneck", &sparse_bottleneck_cuda);
 }
 
 }  // namespace sparse

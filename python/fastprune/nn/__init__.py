@@ -2,13 +2,14 @@
 
 from fastprune.nn.attention import MultiheadSelfAttention, swap_attention
 from fastprune.nn.microbatch import MicroBatch, RowTiles
-from fastprune.nn.sparse import SparseConv2d, SparseFFNOutput, SparseLinear
+from fastprune.nn.sparse import SparseBottleneck, SparseConv2d, SparseFFNOutput, SparseLinear
 from fastprune.nn.sparsify import SwapDecision, sparsify, sparsify_decisions, sparsify_report
 
 __all__ = [
     "MicroBatch",
     "MultiheadSelfAttention",
     "RowTiles",
+    "SparseBottleneck",
     "SparseConv2d",
     "SparseFFNOutput",
     "SparseLinear",

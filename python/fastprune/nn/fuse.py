@@ -12,6 +12,10 @@ not eat the time the sparse kernels save:
 - :func:`fuse_activations`: a ReLU after a sparse layer, and a residual add (then ReLU) after a sparse
   conv, become the kernels' fused ``relu`` / ``residual`` (one pass over the output instead of three).
   Works on the ``torch.fx`` graph; a model FX cannot trace is left as it is.
+- :func:`fuse_bottlenecks`: a ResNet bottleneck without downsampling (1x1 -> kxk -> 1x1 sparse convs
+  with their ReLUs, the block's input as the last one's residual) runs as one
+  :func:`fastprune.ops.sparse_bottleneck` call (:class:`fastprune.nn.SparseBottleneck`), depth-first
+  in bands of rows; kept where it computes the same output and is not slower on the block's input.
 - :func:`fuse_ffn`: a transformer's feed-forward block in the HuggingFace form (``*Intermediate``:
   ``dense`` then ``intermediate_act_fn``; ``output.dense`` after it) with both layers sparse runs as
   one :func:`fastprune.ops.sparse_ffn` call (:class:`fastprune.nn.SparseFFNOutput`), kept only where
@@ -29,13 +33,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fastprune.nn.sparse import SparseConv2d, SparseFFNOutput, SparseLinear
+from fastprune.nn.sparse import SparseBottleneck, SparseConv2d, SparseFFNOutput, SparseLinear, bottleneck_mismatch
 from fastprune.structure.trace import LeafTracer
 
 __all__ = [
     "SeparableMaxPool2d",
     "channels_last_pools",
     "fuse_activations",
+    "fuse_bottlenecks",
     "fuse_ffn",
     "graph_tracer",
     "swap_max_pools",
@@ -371,3 +376,79 @@ def fuse_ffn(model: nn.Module, example_inputs: tuple | None) -> list[str]:
             block.output.dense = down
         return []
     return [name for name, _, _ in found]
+
+
+def _bottleneck_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(conv1, conv2, conv3, input) nodes of each chain conv3(conv2(conv1(x)), residual=x) whose
+    intermediate values nothing else reads and whose convs SparseBottleneck can run."""
+    mods = dict(gm.named_modules())
+
+    def conv(n: Any) -> SparseConv2d | None:
+        m = mods.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
+        return m if isinstance(m, SparseConv2d) else None
+
+    found = []
+    for n3 in gm.graph.nodes:
+        c3 = conv(n3)
+        if c3 is None or len(n3.args) != 1 or set(n3.kwargs) != {"residual"}:
+            continue
+        n2, x = n3.args[0], n3.kwargs["residual"]
+        if conv(n2) is None or len(n2.users) != 1 or len(n2.args) != 1 or n2.kwargs:
+            continue
+        n1 = n2.args[0]
+        if conv(n1) is None or len(n1.users) != 1 or len(n1.args) != 1 or n1.kwargs or n1.args[0] is not x:
+            continue
+        if not bottleneck_mismatch(conv(n1), conv(n2), c3):
+            found.append((n1, n2, n3, x))
+    return found
+
+
+def fuse_bottlenecks(gm: fx.GraphModule, example_inputs: tuple, decide: Any) -> dict[str, str]:
+    """Run each bottleneck of ``gm`` (see :func:`_bottleneck_nodes`) as one
+    :class:`fastprune.nn.SparseBottleneck`, registered as ``<block>.fused_bottleneck`` (no parameters
+    of its own: the state dict is unchanged). Each block's input is recorded on ``example_inputs``;
+    the fused block must give exactly the three convs' output on it, and ``decide(fused_fn,
+    unfused_fn)`` -> (fuse, reason) says whether it pays (``sparsify`` times both). Changes ``gm`` in
+    place; returns {block: reason} for every candidate (the fused ones' reasons start "fused")."""
+    found = _bottleneck_nodes(gm)
+    if not found:
+        return {}
+    mods = dict(gm.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        mods[n1.target].register_forward_pre_hook(lambda m, a, t=n1.target: seen.setdefault(t, a[0]))
+        for n1, _, _, _ in found
+    ]
+    try:
+        with torch.no_grad():
+            gm(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, str] = {}
+    for i, (n1, n2, n3, _) in enumerate(found):
+        c1, c2, c3 = mods[n1.target], mods[n2.target], mods[n3.target]
+        prefix = n1.target.rpartition(".")[0]
+        name = prefix or f"bottleneck{i}"
+        x = seen.get(n1.target)
+        if x is None:
+            out[name] = "not run on the example inputs"
+            continue
+        block = SparseBottleneck(c1, c2, c3)
+        with torch.no_grad():
+            if not torch.equal(block(x), c3(c2(c1(x)), x)):
+                out[name] = "the fused block's output differs (not fused)"
+                continue
+            fuse, reason = decide(lambda b=block, x=x: b(x), lambda x=x, c=(c1, c2, c3): c[2](c[1](c[0](x)), x))
+        out[name] = ("fused: " if fuse else "not fused: ") + reason
+        if not fuse:
+            continue
+        target = f"{prefix}.fused_bottleneck" if prefix else f"fused_bottleneck{i}"
+        gm.add_submodule(target, block)
+        with gm.graph.inserting_before(n3):  # (the input node now: an earlier fusion may have replaced it)
+            node = gm.graph.call_module(target, (n1.args[0],))
+        n3.replace_all_uses_with(node)
+        for n in (n3, n2, n1):
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return out

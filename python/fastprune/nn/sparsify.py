@@ -25,7 +25,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fastprune._modes import eval_mode
 from fastprune.masks import detach_masked_weights, finalize
-from fastprune.nn.fuse import channels_last_pools, fuse_activations, fuse_ffn, graph_tracer, swap_max_pools
+from fastprune.nn.fuse import (
+    channels_last_pools,
+    fuse_activations,
+    fuse_bottlenecks,
+    fuse_ffn,
+    graph_tracer,
+    swap_max_pools,
+)
 from fastprune.nn.microbatch import MicroBatch, check_rows, check_size, prove_per_sample
 from fastprune.nn.microbatch import tile_rows as tile_rows_pass
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
@@ -158,6 +165,22 @@ def _calibrate(
             )
 
 
+def _bottleneck_decider(timed: bool) -> Any:
+    """fuse_bottlenecks' verdict: timed like a layer swap (fused taken unless timed slower: it does
+    the same work with fewer calls and less memory traffic), or, untimed, always."""
+
+    def decide(fused: Any, unfused: Any) -> tuple[bool, str]:
+        if not timed:
+            return True, "untimed (min_sparsity given)"
+        fused(), unfused()
+        f_t, u_t = _interleaved_minima([fused, unfused], CALIBRATION_ROUNDS[0])
+        if f_t > u_t * (1 + CALIBRATION_MARGIN):
+            return False, f"timed slower ({f_t * 1e3:.3f} vs {u_t * 1e3:.3f} ms as three calls)"
+        return True, f"timed {f_t * 1e3:.3f} vs {u_t * 1e3:.3f} ms as three calls"
+
+    return decide
+
+
 def sparsify(
     model: nn.Module,
     min_sparsity: float | None = None,
@@ -168,6 +191,7 @@ def sparsify(
     fuse: bool = True,
     micro_batch: int | None = None,
     tile_rows: int | None = None,
+    depth_first: bool = True,
 ) -> nn.Module:
     """Sparse execution of a pruned model (see the module docstring).
 
@@ -199,6 +223,12 @@ def sparsify(
             and a model FX can trace (ValueError otherwise, before anything is changed); the
             blocks tiled are in ``model.row_tiles``. Measured slower so far (ResNet-50, Zen 5:
             0.68-0.99x; ``benchmarks/bench_depth_first.py``): for experiments, not a default.
+        depth_first: with ``fuse`` and ``example_inputs``, run each ResNet bottleneck without
+            downsampling (sparse 1x1 -> kxk -> 1x1 convs, the block's input added before the last
+            ReLU) as one :func:`fastprune.ops.sparse_bottleneck` call, depth-first in bands of rows
+            (:func:`fastprune.nn.fuse.fuse_bottlenecks`; same values; kept unless timed slower on
+            the block's input by more than the calibration margin). ``model.fused_bottlenecks``
+            says, per block, whether and why. Not with ``tile_rows``.
 
     Returns:
         The sparse model (in eval mode). ``sparsify_report(model)`` lists its sparse layers. When
@@ -284,12 +314,15 @@ def sparsify(
             m.set_submodule(name, sparse_cls.from_dense(mod))
         decisions.append(SwapDecision(name, kind, sp, swap, reason, dense_ms, sparse_ms))
     ffn: list[str] = []
+    bottlenecks: dict[str, str] = {}
     if fuse:
         ffn = fuse_ffn(m, inputs)
         swap_max_pools(m)
         m, _ = fuse_activations(m, inputs)
         if isinstance(m, fx.GraphModule):
             channels_last_pools(m)
+            if depth_first and inputs is not None and tile_rows is None:
+                bottlenecks = fuse_bottlenecks(m, inputs, _bottleneck_decider(min_sparsity is None))
         m.eval()
     tiled: list[str] = []
     if tile_rows is not None:
@@ -303,6 +336,7 @@ def sparsify(
         m = MicroBatch(m, micro_batch).eval()
     m._fastprune_swap_decisions = decisions  # type: ignore[assignment]
     m.fused_ffn = ffn  # type: ignore[assignment]
+    m.fused_bottlenecks = bottlenecks  # type: ignore[assignment]
     if tile_rows is not None:
         m.row_tiles = tiled  # type: ignore[assignment]
     return m

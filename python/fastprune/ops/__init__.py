@@ -11,7 +11,14 @@ load_library()
 from fastprune.ops import _fakes  # noqa: E402,F401  (registers fake kernels)
 from fastprune.ops.cpu import best_isa, cpu_isas, jit_available, kernel_counts, reset_kernel_counts  # noqa: E402
 from fastprune.ops.nisp import nisp_propagate  # noqa: E402
-from fastprune.ops.sparse import pack_sparse, sparse_conv2d, sparse_ffn, sparse_linear, unpack_sparse  # noqa: E402
+from fastprune.ops.sparse import (  # noqa: E402
+    pack_sparse,
+    sparse_bottleneck,
+    sparse_conv2d,
+    sparse_ffn,
+    sparse_linear,
+    unpack_sparse,
+)
 from fastprune.ops.woodbury import woodbury_inverse_fisher, woodbury_update_  # noqa: E402
 
 __all__ = [
@@ -22,6 +29,7 @@ __all__ = [
     "nisp_propagate",
     "pack_sparse",
     "reset_kernel_counts",
+    "sparse_bottleneck",
     "sparse_conv2d",
     "sparse_ffn",
     "sparse_linear",

@@ -88,6 +88,29 @@ def _sparse_conv2d_fake(
     return input.new_empty((input.shape[0], o, hout, wout))
 
 
+@torch.library.register_fake("fastprune::sparse_bottleneck")
+def _sparse_bottleneck_fake(
+    input,
+    row_ptr1,
+    col_idx1,
+    values1,
+    bias1,
+    row_ptr2,
+    col_idx2,
+    values2,
+    bias2,
+    weight_shape2,
+    padding2,  # noqa: ANN001
+    row_ptr3,
+    col_idx3,
+    values3,
+    bias3,
+):
+    torch._check(input.dim() == 4, lambda: "input must be 4-D")
+    torch._check(row_ptr3.shape[0] - 1 == input.shape[1], lambda: "the last conv must give the input's channels")
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("fastprune::nisp_propagate")
 def _nisp_propagate_fake(weight: torch.Tensor, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
     torch._check(weight.dim() >= 2, lambda: "weight must be (out, in/groups, *kernel)")

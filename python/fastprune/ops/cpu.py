@@ -66,6 +66,6 @@ def unexpected_paths(counts: dict[tuple[str, str], int], isa: str, jit: bool = F
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
 
     def expected(op: str) -> str:
-        return "jit" if jit and op.startswith("sparse_conv2d") else isa
+        return "jit" if jit and op.startswith(("sparse_conv2d", "sparse_bottleneck")) else isa
 
     return {k: n for k, n in counts.items() if k[1] != "float64" and k[1] != expected(k[0])}

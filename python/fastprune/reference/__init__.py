@@ -5,12 +5,13 @@ accurate oracle).
 """
 
 from fastprune.reference.nisp import nisp_propagate
-from fastprune.reference.sparse import pack_sparse, sparse_conv2d, sparse_ffn, sparse_linear
+from fastprune.reference.sparse import pack_sparse, sparse_bottleneck, sparse_conv2d, sparse_ffn, sparse_linear
 from fastprune.reference.woodbury import woodbury_inverse_fisher, woodbury_update_
 
 __all__ = [
     "nisp_propagate",
     "pack_sparse",
+    "sparse_bottleneck",
     "sparse_conv2d",
     "sparse_ffn",
     "sparse_linear",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pack_sparse", "sparse_conv2d", "sparse_ffn", "sparse_linear", "unpack_sparse"]
+__all__ = ["pack_sparse", "sparse_bottleneck", "sparse_conv2d", "sparse_ffn", "sparse_linear", "unpack_sparse"]
 
 
 def pack_sparse(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,3 +81,21 @@ def sparse_conv2d(
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
+
+
+def sparse_bottleneck(
+    input: torch.Tensor,
+    conv1: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bias1: torch.Tensor | None,
+    conv2: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bias2: torch.Tensor | None,
+    weight_shape2,
+    padding2,
+    conv3: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bias3: torch.Tensor | None,
+) -> torch.Tensor:
+    c = input.shape[1]
+    c1 = conv1[0].numel() - 1
+    h = sparse_conv2d(input, *conv1, [c1, c, 1, 1], bias1, relu=True)
+    h = sparse_conv2d(h, *conv2, weight_shape2, bias2, 1, padding2, relu=True)
+    return sparse_conv2d(h, *conv3, [c, int(weight_shape2[0]), 1, 1], bias3, relu=True, residual=input)
