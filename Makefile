@@ -87,6 +87,8 @@ bench: $(BUILT) $(BENCH_DEPS) deepsparse-venv
 	$(PY) benchmarks/bench_sparse_tokens.py
 	$(PY) benchmarks/bench_vs_deepsparse.py
 	$(PY) benchmarks/bench_depth_first.py
+	$(PY) benchmarks/bench_bottleneck.py
+	$(PY) benchmarks/bench_pool.py
 
 clean:
 	rm -rf build $(VENV)

@@ -40,6 +40,11 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("sparse_bottleneck(Tensor input, Tensor row_ptr1, Tensor col_idx1, Tensor values1, Tensor? bias1, "
         "Tensor row_ptr2, Tensor col_idx2, Tensor values2, Tensor? bias2, int[] weight_shape2, int[2] padding2, "
         "Tensor row_ptr3, Tensor col_idx3, Tensor values3, Tensor? bias3) -> Tensor");
+  // max_pool2d(input) over kernel_size windows (stride, padding: -inf outside; 2 * padding <= kernel_size,
+  // no dilation, no ceil mode), then ReLU when relu: input (N, C, H, W) in any memory format ->
+  // (N, C, Hout, Wout) NCHW-contiguous. The CPU's fast path reads channels-last input (a dense conv's
+  // output, sparsify's stem) and writes NCHW for the sparse convs after it.
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) -> Tensor");
   // NISP score propagation through one layer: weight (out, in/groups, *kernel), scores (m, out) or (out,)
   // -> (m, in) or (in,) with S_in[:, c] = sum_o S_out[:, o] * sum_k |W[o, c, k]| within each group.
   m.def("nisp_propagate(Tensor weight, Tensor scores, int groups=1) -> Tensor");

@@ -1,4 +1,4 @@
-"""sparsify's fusion: separable max pooling, ReLU and residual adds folded into the sparse kernels."""
+"""sparsify's fusion: max pooling (fastprune.ops.max_pool2d), ReLU and residual adds folded into the sparse kernels."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import fastprune
 from fastprune.nn import SparseConv2d, sparsify
-from fastprune.nn.fuse import SeparableMaxPool2d, fuse_activations
+from fastprune.nn.fuse import FastMaxPool2d, fuse_activations
 
 
 @pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0)), (5, 3, 2), (1, 1, 0)])
@@ -21,20 +21,20 @@ def test_separable_max_pool_equals_torch(k, s, p, shape):
     x = torch.randn(*shape)
     x[..., 0, 0] = float("nan")  # NaN propagates as in torch
     pool = nn.MaxPool2d(k, s, p)
-    assert SeparableMaxPool2d.supports(pool)
-    got = SeparableMaxPool2d.from_pool(pool)(x)
+    assert FastMaxPool2d.supports(pool)
+    got = FastMaxPool2d.from_pool(pool)(x)
     torch.testing.assert_close(got, pool(x), equal_nan=True, rtol=0, atol=0)
     assert got.is_contiguous()
     if x.dim() == 4:  # channels-last in, channels-last out, as torch's
         xc = x.contiguous(memory_format=torch.channels_last)
-        got_cl = SeparableMaxPool2d.from_pool(pool)(xc)
+        got_cl = FastMaxPool2d.from_pool(pool)(xc)
         torch.testing.assert_close(got_cl, pool(xc), equal_nan=True, rtol=0, atol=0)
         assert got_cl.is_contiguous(memory_format=torch.channels_last) == pool(xc).is_contiguous(
             memory_format=torch.channels_last
         )
     # with autograd it is torch's own (its gradient goes to one index per window)
     xg = x.clone().requires_grad_()
-    torch.testing.assert_close(SeparableMaxPool2d.from_pool(pool)(xg), pool(x), equal_nan=True)
+    torch.testing.assert_close(FastMaxPool2d.from_pool(pool)(xg), pool(x), equal_nan=True)
 
 
 def test_separable_max_pool_refuses_what_it_does_not_compute():
@@ -43,11 +43,11 @@ def test_separable_max_pool_refuses_what_it_does_not_compute():
         nn.MaxPool2d(3, 2, 1, ceil_mode=True),
         nn.MaxPool2d(3, 2, 1, return_indices=True),
     ]:
-        assert not SeparableMaxPool2d.supports(pool)
+        assert not FastMaxPool2d.supports(pool)
         with pytest.raises(ValueError, match="keep nn.MaxPool2d"):
-            SeparableMaxPool2d.from_pool(pool)
+            FastMaxPool2d.from_pool(pool)
     with pytest.raises(RuntimeError):  # too small an input: torch's own error
-        SeparableMaxPool2d(3, 1, 0)(torch.randn(1, 1, 2, 2))
+        FastMaxPool2d(3, 1, 0)(torch.randn(1, 1, 2, 2))
 
 
 def _pruned(name: str, sparsity: float = 0.85):
@@ -170,8 +170,11 @@ def test_stem_runs_channels_last_with_the_same_values():
     sp = sparsify(model, min_sparsity=0.5, example_inputs=x)
     assert sp.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # a copy was changed
-    pool = next(n for n in sp.graph.nodes if n.target == "pool")
-    assert [u.target for u in pool.users] == ["contiguous"]
+    # the ReLU and the pool are one fastprune.ops.max_pool2d call on the conv's (channels-last) output
+    assert not [n for n in sp.graph.nodes if n.target in ("pool", "relu")]
+    (pool,) = [n for n in sp.graph.nodes if n.target is fastprune.ops.max_pool2d]
+    assert pool.args[0].target == "conv1" and pool.args[1:] == ((3, 3), (2, 2), (1, 1), True)
+    ops_seen = fastprune.ops.kernel_counts().get(("max_pool2d_channels_last", fastprune.ops.best_isa()), 0)
     with torch.no_grad():
         want = model(x)
         got = sp(x)
@@ -182,6 +185,7 @@ def test_stem_runs_channels_last_with_the_same_values():
         sp(x)
         h.remove()
         assert seen == [True]
+    assert fastprune.ops.kernel_counts().get(("max_pool2d_channels_last", fastprune.ops.best_isa()), 0) > ops_seen
 
 
 class _ConvPool(nn.Module):

@@ -40,6 +40,8 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseFfnBlocked: return "sparse_ffn_blocked";
     case KernelOp::kSparseConv2dTileMajor: return "sparse_conv2d_tile_major";
     case KernelOp::kSparseBottleneckBands: return "sparse_bottleneck_bands";
+    case KernelOp::kMaxPool2d: return "max_pool2d";
+    case KernelOp::kMaxPool2dChannelsLast: return "max_pool2d_channels_last";
     default: return "?";
   }
 }

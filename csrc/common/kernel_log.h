@@ -9,7 +9,8 @@ namespace fastprune {
 // kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear);
 // kSparseFfnBlocked: a sparse_ffn call that kept the hidden activations blocked (the panel loop);
 // kSparseConv2dTileMajor: a generated-code sparse_conv2d that ran its tiles in the tile-major order;
-// kSparseBottleneckBands: a sparse_bottleneck call that ran depth-first in bands of rows
+// kSparseBottleneckBands: a sparse_bottleneck call that ran depth-first in bands of rows;
+// kMaxPool2d / kMaxPool2dChannelsLast: a max_pool2d call (noted once), and one that read channels-last input
 enum class KernelOp {
   kWoodburyUpdate = 0,
   kWoodburyInverseFisher,
@@ -20,6 +21,8 @@ enum class KernelOp {
   kSparseFfnBlocked,
   kSparseConv2dTileMajor,
   kSparseBottleneckBands,
+  kMaxPool2d,
+  kMaxPool2dChannelsLast,
   kCount
 };
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time

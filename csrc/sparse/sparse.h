@@ -8,6 +8,8 @@
 #include <string>
 #include <tuple>
 
+#include "sparse/sparse_core.h"
+
 namespace fastprune {
 namespace sparse {
 
@@ -31,6 +33,9 @@ ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tenso
                                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                         const std::optional<at::Tensor>& residual);
+// Geometry of one max_pool2d call (validated; PoolGeometry is in sparse_core.h).
+PoolGeometry check_max_pool2d_inputs(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding);
 // dtype of col_idx for K columns.
 at::ScalarType col_dtype_for(int64_t K);
 // How many times the CPU kernels derived per-nonzero data (tap offsets, row runs) from a packed

@@ -53,6 +53,27 @@ int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& ro
   return O;
 }
 
+PoolGeometry check_max_pool2d_inputs(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding) {
+  TORCH_CHECK(input.dim() == 4, "max_pool2d: input must be (N, C, H, W), got ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "max_pool2d: input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "max_pool2d: kernel_size, stride and padding take two values each");
+  PoolGeometry g{};
+  g.N = input.size(0), g.C = input.size(1), g.H = input.size(2), g.W = input.size(3);
+  g.kh = kernel_size[0], g.kw = kernel_size[1], g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1, "max_pool2d: kernel_size and stride must be positive, got ",
+              kernel_size, " and ", stride);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0 && 2 * g.ph <= g.kh && 2 * g.pw <= g.kw,
+              "max_pool2d: padding must be between 0 and half the kernel size, got ", padding, " for ", kernel_size);
+  g.Hout = (g.H + 2 * g.ph - g.kh) / g.sh + 1;
+  g.Wout = (g.W + 2 * g.pw - g.kw) / g.sw + 1;
+  TORCH_CHECK(g.H + 2 * g.ph >= g.kh && g.W + 2 * g.pw >= g.kw, "max_pool2d: the ", g.H, "x", g.W,
+              " input (padded by ", padding, ") is smaller than the ", kernel_size, " kernel");
+  return g;
+}
+
 ConvGeometry check_sparse_conv2d_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                         const at::Tensor& values, at::IntArrayRef ws,
                                         const std::optional<at::Tensor>& bias, at::IntArrayRef stride,

@@ -9,6 +9,7 @@
 // shape-independent form; the conv kernels derive input offsets from it per input geometry.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/macros.h"
@@ -103,6 +104,34 @@ template <typename Acc>
 FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_t r, bool relu) {
   if (bias_or_null != nullptr) acc += bias_or_null[r];
   return (relu && acc < Acc(0)) ? Acc(0) : acc;
+}
+
+// Geometry of one max_pool2d call: input (N, C, H, W), kernel kh x kw, stride, padding, output Hout x Wout.
+struct PoolGeometry {
+  int64_t N, C, H, W, kh, kw, sh, sw, ph, pw, Hout, Wout;
+};
+
+// Max pooling (max_pool2d): the running max of a window, NaN-propagating like torch's (a NaN anywhere
+// in the window is the result), and the optional ReLU after it (which keeps NaN, as torch.relu does).
+// A window starts at -inf; with 2 * padding <= kernel it always holds an input element.
+template <typename T>
+FP_HOST_DEVICE inline T pool_init() {
+  return -static_cast<T>(INFINITY);
+}
+template <typename T>
+FP_HOST_DEVICE inline T pool_max(T acc, T v) {
+  const T m = v > acc ? v : acc;  // acc when either is NaN; then a NaN v. (Two selects, no branch: both
+  return v != v ? v : m;           // vectorise; one select with || compiled to branches, 2x slower)
+}
+template <typename T>
+FP_HOST_DEVICE inline T pool_finish(T acc, bool relu) {
+  return (relu && acc < T(0)) ? T(0) : acc;
+}
+// The input rows (or columns) [*i0, *i1) of output o's window: start o * s - p, length k, clipped to [0, n).
+FP_HOST_DEVICE inline void pool_window(int64_t o, int64_t k, int64_t s, int64_t p, int64_t n, int64_t* i0, int64_t* i1) {
+  const int64_t a = o * s - p, b = a + k;
+  *i0 = a < 0 ? 0 : a;
+  *i1 = b > n ? n : b;
 }
 
 }  // namespace sparse

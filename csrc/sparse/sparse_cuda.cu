@@ -156,6 +156,44 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& input, const at::Tensor& row_ptr
   return out;
 }
 
+// max_pool2d: one thread per output element (n, c, oy, ox), any input strides; the window and its
+// arithmetic are sparse_core.h's (pool_window, pool_max, pool_finish), as on the CPU.
+template <typename T>
+__global__ void max_pool2d_kernel(const T* __restrict__ x, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                                  PoolGeometry g, bool relu, T* __restrict__ out) {
+  const int64_t total = g.N * g.C * g.Hout * g.Wout;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ox = i % g.Wout, oy = (i / g.Wout) % g.Hout, c = (i / (g.Wout * g.Hout)) % g.C;
+    const int64_t n = i / (g.Wout * g.Hout * g.C);
+    int64_t y0, y1, x0, x1;
+    pool_window(oy, g.kh, g.sh, g.ph, g.H, &y0, &y1);
+    pool_window(ox, g.kw, g.sw, g.pw, g.W, &x0, &x1);
+    const T* plane = x + n * sn + c * sc;
+    T acc = pool_init<T>();
+    for (int64_t iy = y0; iy < y1; ++iy) {
+      for (int64_t ix = x0; ix < x1; ++ix) acc = pool_max(acc, plane[iy * sh + ix * sw]);
+    }
+    out[i] = pool_finish(acc, relu);
+  }
+}
+
+at::Tensor max_pool2d_cuda(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, bool relu) {
+  const PoolGeometry g = check_max_pool2d_inputs(input, kernel_size, stride, padding);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor out = at::empty({g.N, g.C, g.Hout, g.Wout}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((out.numel() + threads - 1) / threads, 65535));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2d_cuda", [&] {
+    max_pool2d_kernel<scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        input.const_data_ptr<scalar_t>(), input.stride(0), input.stride(1), input.stride(2), input.stride(3), g, relu,
+        out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor& weight) {
   const c10::cuda::CUDAGuard guard(weight.device());
   return pack_sparse_composite(weight);
@@ -196,6 +234,7 @@ TORCH_LIBRARY_IMPL(fastprune, CUDA, m) {
   m.impl("sparse_ffn", &sparse_ffn_cuda);
   m.impl("sparse_conv2d", &sparse_conv2d_cuda);
   m.impl("sparse_bottleneck", &sparse_bottleneck_cuda);
+  m.impl("max_pool2d", &max_pool2d_cuda);
 }
 
 }  // namespace sparse

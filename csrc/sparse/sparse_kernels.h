@@ -51,6 +51,10 @@ struct SparseKernels {
   // samples per block of spmm that one pass over a row keeps in registers (kTokenVecs vectors): the
   // caller lays X^T out in blocks of this many samples (sparse_linear_cpu)
   int64_t spmm_samples;
+  // max_pool2d (pool_impl.h): output row oy of one channels-last image x (H, W, C) into row (Wout, C);
+  // one NCHW plane x (H, W) into out (Hout, Wout), tmp a row of W floats.
+  void (*max_pool_row_cl)(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row);
+  void (*max_pool_plane)(const float* x, const PoolGeometry& g, bool relu, float* tmp, float* out);
 };
 
 const SparseKernels& sparse_kernels(Isa isa);

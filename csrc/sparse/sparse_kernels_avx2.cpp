@@ -6,6 +6,7 @@
 
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
+#include "sparse/pool_impl.h"
 #include "sparse/sparse_simd_impl.h"
 
 
@@ -231,7 +232,15 @@ void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, con
   spmm_panels_any<V256>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, spmm_panels, V256::kWidth * kPanelVecs, "avx2", V256::kTokenVecs * V256::kWidth};
+void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {
+  max_pool_row_cl_t<float>(x, g, oy, relu, row);
+}
+
+void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp, float* out) {
+  max_pool_plane_t<float>(x, g, relu, tmp, out);
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, spmm_panels, V256::kWidth * kPanelVecs, "avx2", V256::kTokenVecs * V256::kWidth, max_pool_row_cl, max_pool_plane};
 
 }  // namespace avx2
 }  // namespace sparse

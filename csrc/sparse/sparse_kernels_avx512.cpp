@@ -3,6 +3,7 @@
 
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
+#include "sparse/pool_impl.h"
 #include "sparse/sparse_simd_impl.h"
 
 namespace fastprune {
@@ -51,7 +52,15 @@ void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, con
   spmm_panels_any<V512>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
 }
 
-const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth};
+void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {
+  max_pool_row_cl_t<float>(x, g, oy, relu, row);
+}
+
+void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp, float* out) {
+  max_pool_plane_t<float>(x, g, relu, tmp, out);
+}
+
+const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth, max_pool_row_cl, max_pool_plane};
 
 }  // namespace avx512
 }  // namespace sparse

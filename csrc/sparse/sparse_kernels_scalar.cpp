@@ -1,6 +1,7 @@
 // Portable copy of the CSR loops (also the reference for the vector copies' tails).
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
+#include "sparse/pool_impl.h"
 
 #define FP_ISA_NS scalar
 #include "sparse/sparse_conv_impl.h"
@@ -51,7 +52,15 @@ void conv_rows(const int32_t* rp, const int32_t* /*runs*/, const int32_t* off, c
   conv_rows_t<float>(rp, off, val, xin, r0, r1, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, nullptr, 0, "scalar", 64};
+void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {
+  max_pool_row_cl_t<float>(x, g, oy, relu, row);
+}
+
+void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp, float* out) {
+  max_pool_plane_t<float>(x, g, relu, tmp, out);
+}
+
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, nullptr, 0, "scalar", 64, max_pool_row_cl, max_pool_plane};
 
 void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out) {

@@ -31,6 +31,7 @@ from fastprune import ops
 from fastprune._modes import eval_mode
 from fastprune.nn.fuse import graph_tracer
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.ops.pool import max_pool2d
 
 __all__ = ["MicroBatch", "RowTiles", "per_sample_ops", "prove_per_sample", "tile_rows"]
 
@@ -98,7 +99,7 @@ _ELEMENTWISE = {
     F.dropout,
 }
 # per sample, not per position (they mix rows)
-_SPATIAL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+_SPATIAL_FUNCS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, max_pool2d}
 _ELEMENTWISE |= _SPATIAL_FUNCS
 _METHODS = {
     "relu",

@@ -11,6 +11,7 @@ load_library()
 from fastprune.ops import _fakes  # noqa: E402,F401  (registers fake kernels)
 from fastprune.ops.cpu import best_isa, cpu_isas, jit_available, kernel_counts, reset_kernel_counts  # noqa: E402
 from fastprune.ops.nisp import nisp_propagate  # noqa: E402
+from fastprune.ops.pool import max_pool2d  # noqa: E402
 from fastprune.ops.sparse import (  # noqa: E402
     pack_sparse,
     sparse_bottleneck,
@@ -26,6 +27,7 @@ __all__ = [
     "cpu_isas",
     "jit_available",
     "kernel_counts",
+    "max_pool2d",
     "nisp_propagate",
     "pack_sparse",
     "reset_kernel_counts",

@@ -111,6 +111,15 @@ def _sparse_bottleneck_fake(
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("fastprune::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, relu=False):  # noqa: ANN001
+    torch._check(input.dim() == 4, lambda: "input must be (N, C, H, W)")
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    hout = (input.shape[2] + 2 * ph - kh) // sh + 1
+    wout = (input.shape[3] + 2 * pw - kw) // sw + 1
+    return input.new_empty((input.shape[0], input.shape[1], hout, wout))
+
+
 @torch.library.register_fake("fastprune::nisp_propagate")
 def _nisp_propagate_fake(weight: torch.Tensor, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
     torch._check(weight.dim() >= 2, lambda: "weight must be (out, in/groups, *kernel)")

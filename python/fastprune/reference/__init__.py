@@ -5,10 +5,12 @@ accurate oracle).
 """
 
 from fastprune.reference.nisp import nisp_propagate
+from fastprune.reference.pool import max_pool2d
 from fastprune.reference.sparse import pack_sparse, sparse_bottleneck, sparse_conv2d, sparse_ffn, sparse_linear
 from fastprune.reference.woodbury import woodbury_inverse_fisher, woodbury_update_
 
 __all__ = [
+    "max_pool2d",
     "nisp_propagate",
     "pack_sparse",
     "sparse_bottleneck",
