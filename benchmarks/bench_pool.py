@@ -7,7 +7,7 @@ Op level: the stem conv's output shape (64 x 112 x 112), batch 1 and 8, each var
 alternating rounds (torch.utils.benchmark). Whole model: bench_vs_deepsparse's weights, ``sparsify``
 with ``min_sparsity=0.5`` (no timing calibration: both models swap the same layers); the "before"
 model is the same graph with the op's call replaced by ReLU + torch's pool + ``.contiguous()``;
-medians over alternating rounds; 1 thread process CPU time.
+medians over alternating rounds (30; the machine's noise is a few per cent); 1 thread process CPU time.
 
     python benchmarks/bench_pool.py [--quick]
 """
@@ -108,7 +108,7 @@ def main() -> None:
     print(op_md, flush=True)
     model_rows = []
     cells = [(0.9, 1)] if args.quick else [(0.9, 1), (0.95, 1), (0.9, 8), (0.95, 8)]
-    rounds = 6 if args.quick else 12
+    rounds = 10 if args.quick else 30
     for sparsity, batch in cells:
         model = build_model("resnet50", sparsity)
         (x,) = make_inputs("resnet50", batch)
