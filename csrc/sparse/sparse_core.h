@@ -106,6 +106,37 @@ FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_
   return (relu && acc < Acc(0)) ? Acc(0) : acc;
 }
 
+// The exact (erf) GELU, 0.5 x (1 + erf(x / sqrt 2)), as the many-sample kernels apply it to their
+// accumulators (sparse_ffn's up layer): erf(z) for z = |x| / sqrt 2 in [0, 4) is a degree-7 polynomial
+// in t = z - c on each of 8 intervals [i / 2, i / 2 + 1/2) (c their centres); kErfPoly[d][i] is interval
+// i's coefficient of t^d, a least-squares fit to erf on 200 Chebyshev nodes per interval, in float64
+// (max |error| 9.2e-8 in float32 over [0, 6], 1.5 units in the last place near 1; erf(4) is 1 in
+// float32, so z >= 4 evaluates the last interval at its end). The vector copies look the
+// coefficients up with one permute per degree (sparse_kernels_avx2/avx512.cpp).
+constexpr int kErfIntervals = 8, kErfDegree = 7;
+constexpr float kErfZMax = 3.99999976f;  // the largest float below 4
+constexpr float kErfPoly[kErfDegree + 1][kErfIntervals] = {
+    {0.276326388f, 0.711155653f, 0.92290014f, 0.986671686f, 0.998537302f, 0.999899387f, 0.999995708f, 0.999999881f},
+    {1.06001413f, 0.642931044f, 0.236521125f, 0.0527749956f, 0.00714231934f, 0.000586277281f, 2.91890119e-05f, 8.81428832e-07f},
+    {-0.265002966f, -0.482198149f, -0.295651734f, -0.092356205f, -0.0160701573f, -0.00161226746f, -9.48693341e-05f, -3.30607099e-06f},
+    {-0.309170485f, 0.0267883502f, 0.167535886f, 0.0901573896f, 0.0217245128f, 0.00276038027f, 0.000195812623f, 7.97032772e-06f},
+    {0.126934558f, 0.150675625f, -0.00613203505f, -0.048105523f, -0.0190882571f, -0.00325771049f, -0.000286169437f, -1.37854095e-05f},
+    {0.0800362676f, -0.0532170907f, -0.0471865535f, 0.00661847321f, 0.0106600598f, 0.00275629107f, 0.000313628843f, 1.83300581e-05f},
+    {-0.0393407941f, -0.0265828297f, 0.0205977373f, 0.00904949475f, -0.00277956505f, -0.00166785053f, -0.000273758429f, -2.06924196e-05f},
+    {-0.0158033706f, 0.017885495f, 0.00374511047f, -0.00593309943f, -0.000721526972f, 0.000635815435f, 0.00017359652f, 1.71447373e-05f},
+};
+FP_HOST_DEVICE inline float gelu_erf(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  float z = ax * 0.707106781f;
+  z = z < kErfZMax ? z : kErfZMax;  // (a NaN x gives kErfZMax here, and NaN below)
+  const int i = static_cast<int>(z * 2.0f);
+  const float t = z - (static_cast<float>(i) * 0.5f + 0.25f);
+  float e = kErfPoly[kErfDegree][i];
+  for (int d = kErfDegree - 1; d >= 0; --d) e = e * t + kErfPoly[d][i];
+  const float half = 0.5f * x;
+  return half + half * (x < 0.0f ? -e : e);
+}
+
 // Geometry of one max_pool2d call: input (N, C, H, W), kernel kh x kw, stride, padding, output Hout x Wout.
 struct PoolGeometry {
   int64_t N, C, H, W, kh, kw, sh, sw, ph, pw, Hout, Wout;

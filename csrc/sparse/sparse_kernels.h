@@ -19,6 +19,8 @@ namespace sparse {
 // columns per panel, and vectors of samples per block, of spmm_panels
 constexpr int64_t kPanelCols = 512;
 constexpr int kPanelVecs = 4;
+// the activation of spmm_panels' outputs
+constexpr int kActNone = 0, kActRelu = 1, kActGelu = 2;
 
 struct SparseKernels {
   // Rows [r0, r1) of y = act(W x + b) for one sample: x (K), y (O). Gathers x at the columns.
@@ -43,8 +45,9 @@ struct SparseKernels {
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
   // Rows [r0, r1) of the many-sample product on one block of panel_samples samples, column panels
   // of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
+  // act: kActNone, kActRelu or kActGelu (gelu_erf, sparse_core.h), applied after the bias.
   void (*spmm_panels)(const int32_t* pst, int64_t np, const void* col, bool wide,
-                      const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1,
+                      const float* val, const float* xb, const float* bias, int act, int64_t r0, int64_t r1,
                       float* y);
   int64_t panel_samples;
   const char* name;

@@ -145,6 +145,20 @@ struct V256 {
   }
   static Reg maskz_load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
   static void mask_store(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
+  // gelu_erf (sparse_core.h) on 8 lanes: each lane's interval picks its coefficients by permute
+  static Reg gelu(Reg x) {
+    const Reg sign = _mm256_set1_ps(-0.0f);
+    const Reg ax = _mm256_andnot_ps(sign, x);
+    const Reg z = _mm256_min_ps(_mm256_mul_ps(ax, _mm256_set1_ps(0.707106781f)), _mm256_set1_ps(kErfZMax));
+    const __m256i i = _mm256_cvttps_epi32(_mm256_mul_ps(z, _mm256_set1_ps(2.0f)));
+    const Reg t = _mm256_sub_ps(z, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(0.5f), _mm256_set1_ps(0.25f)));
+    auto coef = [&](int d) { return _mm256_permutevar8x32_ps(_mm256_loadu_ps(kErfPoly[d]), i); };
+    Reg e = coef(kErfDegree);
+    for (int d = kErfDegree - 1; d >= 0; --d) e = _mm256_fmadd_ps(e, t, coef(d));
+    const Reg half = _mm256_mul_ps(x, _mm256_set1_ps(0.5f));
+    const Reg se = _mm256_or_ps(e, _mm256_and_ps(x, sign));  // erf's sign: x's
+    return _mm256_fmadd_ps(half, se, half);
+  }
 };
 
 void spmm(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
@@ -228,8 +242,8 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
 }
 
 void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
-                 const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
-  spmm_panels_any<V256>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
+                 const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
+  spmm_panels_any<V256>(pst, np, col, wide, val, xb, bias, act, r0, r1, y);
 }
 
 void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {

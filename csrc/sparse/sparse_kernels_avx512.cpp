@@ -27,6 +27,19 @@ struct V512 {
   static Mask mask(int64_t w) { return static_cast<Mask>((1u << w) - 1u); }
   static Reg maskz_load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void mask_store(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
+  // gelu_erf (sparse_core.h) on 16 lanes: each lane's interval picks its coefficients by permute
+  static Reg gelu(Reg x) {
+    const Reg ax = _mm512_abs_ps(x);
+    const Reg z = _mm512_min_ps(_mm512_mul_ps(ax, _mm512_set1_ps(0.707106781f)), _mm512_set1_ps(kErfZMax));
+    const __m512i i = _mm512_cvttps_epi32(_mm512_mul_ps(z, _mm512_set1_ps(2.0f)));
+    const Reg t = _mm512_sub_ps(z, _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(0.5f), _mm512_set1_ps(0.25f)));
+    auto coef = [&](int d) { return _mm512_permutexvar_ps(i, _mm512_castps256_ps512(_mm256_loadu_ps(kErfPoly[d]))); };
+    Reg e = coef(kErfDegree);
+    for (int d = kErfDegree - 1; d >= 0; --d) e = _mm512_fmadd_ps(e, t, coef(d));
+    const Reg half = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+    const Reg se = _mm512_or_ps(e, _mm512_and_ps(x, _mm512_set1_ps(-0.0f)));  // erf's sign: x's
+    return _mm512_fmadd_ps(half, se, half);
+  }
 };
 
 void spmm(const int32_t* rp, const int32_t* runs, const void* col, bool wide, const float* val, const float* xt,
@@ -48,8 +61,8 @@ void tile_finish(const float* src, int64_t lds, float* out, int64_t ldo, int64_t
 }
 
 void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
-                 const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
-  spmm_panels_any<V512>(pst, np, col, wide, val, xb, bias, relu, r0, r1, y);
+                 const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
+  spmm_panels_any<V512>(pst, np, col, wide, val, xb, bias, act, r0, r1, y);
 }
 
 void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {

@@ -133,7 +133,7 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
 // row r in panel p. (Columns are read unchecked, as in spmm_block.)
 template <class V, int R, int NV, class Col>
 inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* col, const float* val, const float* x,
-                       int64_t r, float* y, bool first, bool last, const float* bias, bool relu) {
+                       int64_t r, float* y, bool first, bool last, const float* bias, int act) {
   constexpr int64_t W = V::kWidth, L = NV * W;
   typename V::Reg acc[R][NV];
   int64_t k[R], e[R];
@@ -160,7 +160,8 @@ inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* co
     const typename V::Reg b = last && bias != nullptr ? V::set1(bias[r + i]) : V::zero();
     for (int v = 0; v < NV; ++v) {
       typename V::Reg a = last ? V::add(acc[i][v], b) : acc[i][v];
-      if (last && relu) a = V::max0(a);
+      if (last && act == kActRelu) a = V::max0(a);
+      if (last && act == kActGelu) a = V::gelu(a);
       V::storeu(y + (r + i) * L + v * W, a);
     }
   }
@@ -168,24 +169,24 @@ inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* co
 
 template <class V, class Col>
 void spmm_panels_t(const int32_t* pst, int64_t np, const Col* col, const float* val,
-                   const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
+                   const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
   constexpr int NV = kPanelVecs;
   const int64_t np1 = np + 1;
   for (int64_t p = 0; p < np; ++p) {
     const bool first = p == 0, last = p == np - 1;
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, relu);
-    for (; r < r1; ++r) panel_rows<V, 1, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, relu);
+    for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, act);
+    for (; r < r1; ++r) panel_rows<V, 1, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, act);
   }
 }
 
 template <class V>
 void spmm_panels_any(const int32_t* pst, int64_t np, const void* col, bool wide,
-                     const float* val, const float* xb, const float* bias, bool relu, int64_t r0, int64_t r1, float* y) {
+                     const float* val, const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
   if (wide) {
-    spmm_panels_t<V>(pst, np, static_cast<const int32_t*>(col), val, xb, bias, relu, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const int32_t*>(col), val, xb, bias, act, r0, r1, y);
   } else {
-    spmm_panels_t<V>(pst, np, static_cast<const uint16_t*>(col), val, xb, bias, relu, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const uint16_t*>(col), val, xb, bias, act, r0, r1, y);
   }
 }
 

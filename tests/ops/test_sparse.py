@@ -569,13 +569,30 @@ def test_sparse_ffn_matches_reference(isa, n, activation):
             assert got.shape == (n, 45) and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
             # the two layers one after the other: the same sums (a last partial block of one row
-            # runs the one-sample loop, summed in another order: float rounding)
+            # runs the one-sample loop, summed in another order: float rounding; the blocked GELU
+            # is gelu_erf's polynomial, within 5e-7 of ATen's)
             h = ops.sparse_linear(x, *up, 67, bias1, activation == "relu")
             h = torch.nn.functional.gelu(h) if activation == "gelu" else h
             torch.testing.assert_close(got, ops.sparse_linear(h, *down, 301, bias2), rtol=1e-5, atol=1e-5)
     blocked = ops.kernel_counts().get(("sparse_ffn_blocked", isa.removesuffix("-jit")), 0)
     full = {"avx512": 64, "avx2": 32}.get(isa.removesuffix("-jit"))
     assert (blocked > 0) == (full is not None and n >= full), (isa, n, blocked)
+
+
+def test_sparse_ffn_gelu_on_the_panels_is_accurate(isa):
+    # identity layers expose the activation: the blocked path applies gelu_erf (sparse_core.h, a
+    # piecewise polynomial erf) to the up layer's accumulators; float64 GELU is the truth
+    k = 64
+    eye = ops.pack_sparse(torch.eye(k))
+    x = torch.cat([torch.linspace(-12.0, 12.0, 64 * 200).view(-1, 1).expand(-1, k), 3 * torch.randn(640, k)])
+    x[0, :3] = torch.tensor([float("nan"), 1e30, -1e30])
+    got = ops.sparse_ffn(x, eye, None, eye, None, k, "gelu").double()
+    want = torch.nn.functional.gelu(x.double())
+    assert bool(got[0, 0].isnan()) and got[0, 1] == x[0, 1] and got[0, 2] == 0  # NaN kept; the tails exact
+    err = (got - want).abs()[1:]
+    assert float((err / (1 + x[1:].double().abs())).max()) < 3e-7  # ATen's float32 GELU: 1.2e-6
+    full = {"avx512": 64, "avx2": 32}.get(isa.removesuffix("-jit"))
+    assert (ops.kernel_counts().get(("sparse_ffn_blocked", isa.removesuffix("-jit")), 0) > 0) == (full is not None)
 
 
 def test_sparse_ffn_float64_batched_non_contiguous_and_errors():

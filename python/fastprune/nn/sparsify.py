@@ -207,8 +207,9 @@ def sparsify(
             ReLU) after a sparse conv, into the kernel (the add only with ``example_inputs``, which
             show the shapes match), and compute ``nn.MaxPool2d`` with :func:`fastprune.ops.max_pool2d`
             (same values; torch's NCHW CPU max pool is ~7x slower), after a dense conv that only
-            feeds it (through a ReLU) on the conv's channels-last output, the ReLU included; and, with ``example_inputs``, run each HuggingFace-style feed-forward
-            block whose two Linears are sparse as one call (``model.fused_ffn`` names them; kept
+            feeds it (through a ReLU) on the conv's channels-last output, the ReLU included; and,
+            with ``example_inputs``, run each HuggingFace-style feed-forward block whose two
+            Linears are sparse as one call (``model.fused_ffn`` names them; kept
             only where the model's outputs on the example inputs do not change): see
             :mod:`fastprune.nn.fuse`.
         micro_batch: run batches this many samples at a time through the whole model

@@ -99,8 +99,11 @@ def sparse_ffn(
     what runs for float64 or fewer rows than the panel loop's block); from one full block of
     samples on (64 with AVX-512, 32 with AVX2) each block's hidden activations stay in the blocked
     layout the second layer reads, in cache, instead of being written out as an (n, hidden)
-    matrix and read back: a transformer's feed-forward block. Differentiable with respect to
-    ``input`` and the biases."""
+    matrix and read back: a transformer's feed-forward block. There the GELU is applied to the
+    first layer's accumulators as they are stored, erf by a piecewise polynomial (within 3e-7 of
+    float64 GELU times 1 + ``|x|``; ATen's float32 GELU: 1.2e-6), so the values match the composed
+    form to float rounding rather than bit for bit. Differentiable with respect to ``input`` and
+    the biases."""
     _float_tensor(input, "input")
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
         raise ValueError(f"in_features must be a positive int, got {in_features!r}")
