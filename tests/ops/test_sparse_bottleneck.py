@@ -74,8 +74,13 @@ def test_sparse_bottleneck_matches_reference_and_the_three_calls(monkeypatch, ca
     got = ops.sparse_bottleneck(*args)
     assert got.shape == args[0].shape and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), reference.sparse_bottleneck(*_double(args)), rtol=1e-5, atol=1e-4)
-    # the same code or loops per output as the per-layer calls: the same values, bit for bit
-    assert torch.equal(got, _three_calls(*args))
+    # the same code or loops per output as the per-layer calls: the same values, bit for bit; but
+    # with several samples and the code not forced, the separate 1x1 convs run the vector loops
+    # (sparse_conv2d_cpu), which sum in another order
+    if jit != "1" or case[0] == 1 or not ops.jit_available():
+        assert torch.equal(got, _three_calls(*args))
+    else:
+        torch.testing.assert_close(got, _three_calls(*args), rtol=1e-5, atol=1e-5)
     bands = ops.kernel_counts().get(("sparse_bottleneck_bands", "jit"), 0)
     n, c, mid1, mid2, h, w, k = case
     if jit == "always" and ops.jit_available():

@@ -418,7 +418,9 @@ def fuse_bottlenecks(gm: fx.GraphModule, example_inputs: tuple, decide: Any) -> 
     """Run each bottleneck of ``gm`` (see :func:`_bottleneck_nodes`) as one
     :class:`fastprune.nn.SparseBottleneck`, registered as ``<block>.fused_bottleneck`` (no parameters
     of its own: the state dict is unchanged). Each block's input is recorded on ``example_inputs``;
-    the fused block must give exactly the three convs' output on it, and ``decide(fused_fn,
+    the fused block must give the three convs' output on it (to float rounding: on one sample the
+    same code runs, bit for bit; on several, the separate 1x1 convs run the vector loops, which sum
+    in another order), and ``decide(fused_fn,
     unfused_fn)`` -> (fuse, reason) says whether it pays (``sparsify`` times both). Changes ``gm`` in
     place; returns {block: reason} for every candidate (the fused ones' reasons start "fused")."""
     found = _bottleneck_nodes(gm)
@@ -447,7 +449,7 @@ def fuse_bottlenecks(gm: fx.GraphModule, example_inputs: tuple, decide: Any) -> 
             continue
         block = SparseBottleneck(c1, c2, c3)
         with torch.no_grad():
-            if not torch.equal(block(x), c3(c2(c1(x)), x)):
+            if not _same([block(x)], [c3(c2(c1(x)), x)]):
                 out[name] = "the fused block's output differs (not fused)"
                 continue
             fuse, reason = decide(lambda b=block, x=x: b(x), lambda x=x, c=(c1, c2, c3): c[2](c[1](c[0](x)), x))
