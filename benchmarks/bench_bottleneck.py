@@ -76,7 +76,11 @@ def main() -> None:
             out = fused(x)
             for h in hooks:
                 h.remove()
-            assert torch.equal(out, plain(x)), "the fused model computed something else"
+            # (bit for bit at batch 1; with several samples the three-call form's 1x1 convs run the
+            # vector loops, which sum in another order)
+            torch.testing.assert_close(
+                out, plain(x), rtol=1e-5, atol=1e-5, msg="the fused model computed something else"
+            )
             per_stage: dict[str, list[float]] = {}
             for name, blk in blocks.items():
                 c1, c2, c3 = blk.convs
