@@ -137,6 +137,7 @@ def torch_worker(runtime: str, kind: str, sparsity: float, threads: int, weights
     model.load_state_dict(torch.load(weights))
     inputs = torch.load(inputs_pt)
     note = ""
+    layout: dict[str, Any] = {}
     with torch.no_grad():
         if runtime == "dense-cl":
             model = model.to(memory_format=torch.channels_last)
@@ -147,6 +148,13 @@ def torch_worker(runtime: str, kind: str, sparsity: float, threads: int, weights
             model = fastprune.sparsify(model, example_inputs=inputs)
             dec = fastprune.sparsify_decisions(model)
             note = f"{sum(d.swapped for d in dec)} of {len(dec)} layers sparse"
+            # what the calibration decided, for the JSON: which layers stayed dense and why, which
+            # blocks were fused (a run that is slower than the others can be traced to a decision)
+            layout = {
+                "dense_layers": {d.name: d.reason for d in dec if not d.swapped},
+                "fused_bottlenecks": dict(getattr(model, "fused_bottlenecks", {})),
+                "fused_ffn": list(getattr(model, "fused_ffn", [])),
+            }
             if runtime == "fastprune-compile":
                 model = torch.compile(model)
 
@@ -156,7 +164,7 @@ def torch_worker(runtime: str, kind: str, sparsity: float, threads: int, weights
         out = run()
         for _ in range(2):
             run()
-        serve(run, {"ready": True, "note": note, "checksum": float(out.abs().sum())})
+        serve(run, {"ready": True, "note": note, "checksum": float(out.abs().sum()), **layout})
 
 
 # ---- the driver ----
@@ -247,6 +255,7 @@ def run_cell(kind: str, sparsity: float, batch: int, threads: int, args: argpars
             "agrees_with_dense": agree,
             "note": w.ready.get("note", ""),
             "version": w.ready.get("version"),
+            **{k: w.ready[k] for k in ("dense_layers", "fused_bottlenecks", "fused_ffn") if k in w.ready},
         }
         if not agree:
             print(f"  WARNING {w.runtime}: output checksum {w.ready['checksum']:.6g} vs dense {ref:.6g}", flush=True)

@@ -112,7 +112,9 @@ FP_HOST_DEVICE inline Acc finish_output(Acc acc, const Acc* bias_or_null, int64_
 // i's coefficient of t^d, a least-squares fit to erf on 200 Chebyshev nodes per interval, in float64
 // (max |error| 9.2e-8 in float32 over [0, 6], 1.5 units in the last place near 1; erf(4) is 1 in
 // float32, so z >= 4 evaluates the last interval at its end). The vector copies look the
-// coefficients up with one permute per degree (sparse_kernels_avx2/avx512.cpp).
+// coefficients up with one permute per degree (V256::gelu, V512::gelu in sparse_kernels_avx2/avx512.cpp):
+// z = min(|x| / sqrt 2, kErfZMax), i = int(2 z), t = z - (i / 2 + 1/4), erf by Horner in t,
+// gelu = x / 2 + (x / 2) * copysign(erf, x).
 constexpr int kErfIntervals = 8, kErfDegree = 7;
 constexpr float kErfZMax = 3.99999976f;  // the largest float below 4
 constexpr float kErfPoly[kErfDegree + 1][kErfIntervals] = {
@@ -125,17 +127,6 @@ constexpr float kErfPoly[kErfDegree + 1][kErfIntervals] = {
     {-0.0393407941f, -0.0265828297f, 0.0205977373f, 0.00904949475f, -0.00277956505f, -0.00166785053f, -0.000273758429f, -2.06924196e-05f},
     {-0.0158033706f, 0.017885495f, 0.00374511047f, -0.00593309943f, -0.000721526972f, 0.000635815435f, 0.00017359652f, 1.71447373e-05f},
 };
-FP_HOST_DEVICE inline float gelu_erf(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  float z = ax * 0.707106781f;
-  z = z < kErfZMax ? z : kErfZMax;  // (a NaN x gives kErfZMax here, and NaN below)
-  const int i = static_cast<int>(z * 2.0f);
-  const float t = z - (static_cast<float>(i) * 0.5f + 0.25f);
-  float e = kErfPoly[kErfDegree][i];
-  for (int d = kErfDegree - 1; d >= 0; --d) e = e * t + kErfPoly[d][i];
-  const float half = 0.5f * x;
-  return half + half * (x < 0.0f ? -e : e);
-}
 
 // Geometry of one max_pool2d call: input (N, C, H, W), kernel kh x kw, stride, padding, output Hout x Wout.
 struct PoolGeometry {

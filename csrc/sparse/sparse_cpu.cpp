@@ -539,8 +539,9 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& input, const at::Tensor& rp1_in, con
   const float* v1 = val1.const_data_ptr<float>();
   const float* v2 = val2.const_data_ptr<float>();
   const int64_t B = kern.panel_samples, full = n / B;
-  // the activation on the up layer's accumulators as the panels store them (GELU: gelu_erf, one pass
-  // fewer over the hidden block and ~4x cheaper than at::gelu_'s 140 us per (3072, 64) block, Xeon)
+  // the activation on the up layer's accumulators as the panels store them (GELU: the kErfPoly
+  // polynomial, no pass of at::gelu_ over each hidden block: the GELU's share of a BERT-base FFN call,
+  // 128 rows at 90 %, 281 -> ~100 us, Xeon)
   const int act1 = relu ? kActRelu : gelu ? kActGelu : kActNone;
   const int64_t parts = std::max<int64_t>(1, at::get_num_threads() * 4);
   const auto chunks1 = balanced_chunks(rp1, H, parts), chunks2 = balanced_chunks(rp2, O, parts);

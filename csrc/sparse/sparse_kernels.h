@@ -45,7 +45,7 @@ struct SparseKernels {
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
   // Rows [r0, r1) of the many-sample product on one block of panel_samples samples, column panels
   // of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
-  // act: kActNone, kActRelu or kActGelu (gelu_erf, sparse_core.h), applied after the bias.
+  // act: kActNone, kActRelu or kActGelu (the polynomial GELU: kErfPoly, sparse_core.h), applied after the bias.
   void (*spmm_panels)(const int32_t* pst, int64_t np, const void* col, bool wide,
                       const float* val, const float* xb, const float* bias, int act, int64_t r0, int64_t r1,
                       float* y);

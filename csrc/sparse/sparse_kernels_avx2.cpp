@@ -145,7 +145,7 @@ struct V256 {
   }
   static Reg maskz_load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
   static void mask_store(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
-  // gelu_erf (sparse_core.h) on 8 lanes: each lane's interval picks its coefficients by permute
+  // the polynomial GELU (kErfPoly, sparse_core.h) on 8 lanes: each lane's interval picks its coefficients by permute
   static Reg gelu(Reg x) {
     const Reg sign = _mm256_set1_ps(-0.0f);
     const Reg ax = _mm256_andnot_ps(sign, x);

@@ -27,7 +27,7 @@ struct V512 {
   static Mask mask(int64_t w) { return static_cast<Mask>((1u << w) - 1u); }
   static Reg maskz_load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void mask_store(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
-  // gelu_erf (sparse_core.h) on 16 lanes: each lane's interval picks its coefficients by permute
+  // the polynomial GELU (kErfPoly, sparse_core.h) on 16 lanes: each lane's interval picks its coefficients by permute
   static Reg gelu(Reg x) {
     const Reg ax = _mm512_abs_ps(x);
     const Reg z = _mm512_min_ps(_mm512_mul_ps(ax, _mm512_set1_ps(0.707106781f)), _mm512_set1_ps(kErfZMax));

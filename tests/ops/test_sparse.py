@@ -578,7 +578,7 @@ def test_sparse_ffn_matches_reference(isa, n, activation):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
             # the two layers one after the other: the same sums (a last partial block of one row
             # runs the one-sample loop, summed in another order: float rounding; the blocked GELU
-            # is gelu_erf's polynomial, within 5e-7 of ATen's)
+            # is kErfPoly's polynomial, within 5e-7 of ATen's)
             h = ops.sparse_linear(x, *up, 67, bias1, activation == "relu")
             h = torch.nn.functional.gelu(h) if activation == "gelu" else h
             torch.testing.assert_close(got, ops.sparse_linear(h, *down, 301, bias2), rtol=1e-5, atol=1e-5)
@@ -588,7 +588,7 @@ def test_sparse_ffn_matches_reference(isa, n, activation):
 
 
 def test_sparse_ffn_gelu_on_the_panels_is_accurate(isa):
-    # identity layers expose the activation: the blocked path applies gelu_erf (sparse_core.h, a
+    # identity layers expose the activation: the blocked path applies the kErfPoly GELU (sparse_core.h, a
     # piecewise polynomial erf) to the up layer's accumulators; float64 GELU is the truth
     k = 64
     eye = ops.pack_sparse(torch.eye(k))
