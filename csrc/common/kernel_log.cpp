@@ -42,7 +42,6 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseBottleneckBands: return "sparse_bottleneck_bands";
     case KernelOp::kMaxPool2d: return "max_pool2d";
     case KernelOp::kMaxPool2dChannelsLast: return "max_pool2d_channels_last";
-    case KernelOp::kSparseLinearPanelsWide: return "sparse_linear_panels_wide";
     default: return "?";
   }
 }

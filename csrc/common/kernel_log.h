@@ -7,7 +7,6 @@
 namespace fastprune {
 
 // kSparseLinearPanels: a sparse_linear call that ran the two-row panel loop (noted besides kSparseLinear);
-// kSparseLinearPanelsWide: one whose panels were the wide ones (128 samples a block);
 // kSparseFfnBlocked: a sparse_ffn call that kept the hidden activations blocked (the panel loop);
 // kSparseConv2dTileMajor: a generated-code sparse_conv2d that ran its tiles in the tile-major order;
 // kSparseBottleneckBands: a sparse_bottleneck call that ran depth-first in bands of rows;
@@ -24,7 +23,6 @@ enum class KernelOp {
   kSparseBottleneckBands,
   kMaxPool2d,
   kMaxPool2dChannelsLast,
-  kSparseLinearPanelsWide,
   kCount
 };
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time

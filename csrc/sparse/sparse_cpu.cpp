@@ -121,16 +121,11 @@ constexpr int64_t kTileSpan = 16;
 // (to a floor of 16) while the block's slice of the input, K * B floats, exceeds 4/5 of the L2
 // cache. (Half of it, before, gave 32 samples for BERT's 3072 -> 768 on Zen 5's 1 MB L2: 64 ran that
 // layer 1.25x faster at 128 rows, 90 %; 128 was best for 768 inputs, measured in one process, 2026-12-02).
-int64_t l2_cache_bytes() {  // (512 KB where the system does not say)
+int64_t linear_block(int64_t samples, int64_t K) {
   static const int64_t l2 = [] {
     const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return v > 0 ? static_cast<int64_t>(v) : int64_t(512) << 10;
   }();
-  return l2;
-}
-
-int64_t linear_block(int64_t samples, int64_t K) {
-  const int64_t l2 = l2_cache_bytes();
   int64_t B = samples;
   while (B > 16 && K * B * static_cast<int64_t>(sizeof(float)) * 5 > l2 * 4) B /= 2;
   return B;
@@ -424,32 +419,17 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       // (Panels of 64 / 128 columns, whose slice fits L1, measured 0.52-0.88x: each row's
       // accumulators go through memory once per panel; one vector of 16 samples, 4 rows at a
       // time, 0.62-0.85x at 128 rows: every nonzero's value and column are read per 16 samples.)
-      // Wide panels (8 vectors: 128 samples on AVX-512) where a block of the input, K * 128 floats,
-      // fits a quarter of the L2 cache: each nonzero's value and column are read once per 128
-      // samples instead of 64. BERT-base's 768 -> 768 at 128 rows, 1 thread, Xeon (2 MB L2), one
-      // process: 1.06-1.09x at 90 / 95 %. (In sparse_ffn, whose (3072, 128) hidden block is 1.5 MB,
-      // they ran 0.93-0.95x.) The rows past the last full block of 128 go through this function again.
-      const int64_t PW = kern.panel_samples_wide;
-      const bool wide_panels = kern.spmm_panels_wide != nullptr && n >= PW &&
-                               K * PW * static_cast<int64_t>(sizeof(float)) * 4 <= l2_cache_bytes();
-      const int64_t n_head = wide_panels ? n / PW * PW : n;
-      if (n_head < n) {
-        out.narrow(0, n_head, n - n_head)
-            .copy_(sparse_linear_cpu(x.narrow(0, n_head, n - n_head), row_ptr_in, col_in, values_in, K, bias_in, relu));
-      }
-      const bool panel = wide_panels || (kern.spmm_panels != nullptr && n >= kern.panel_samples);
-      const int64_t B = wide_panels ? PW : panel ? kern.panel_samples : linear_block(kern.spmm_samples, K);
-      const int64_t nb = (n_head + B - 1) / B, last = n_head - (nb - 1) * B;
-      const auto panels = wide_panels ? kern.spmm_panels_wide : kern.spmm_panels;
+      const bool panel = kern.spmm_panels != nullptr && n >= kern.panel_samples;
+      const int64_t B = panel ? kern.panel_samples : linear_block(kern.spmm_samples, K);
+      const int64_t nb = (n + B - 1) / B, last = n - (nb - 1) * B;
       if (panel) note_kernel(KernelOp::kSparseLinearPanels, path_of_isa(static_cast<int>(isa)));
-      if (wide_panels) note_kernel(KernelOp::kSparseLinearPanelsWide, path_of_isa(static_cast<int>(isa)));
       at::Tensor xb = at::empty({nb, K, B}, input.options());
       at::Tensor yb = at::empty({nb, O, B}, input.options());
       float* xbp = xb.data_ptr<float>();
       float* ybp = yb.data_ptr<float>();
       float* outp = out.data_ptr<float>();
       // (ATen's strided copies for these two layouts cost 39 of BERT-base's 250 ms at 90 %)
-      to_blocks(kern, xp, n_head, K, B, 0, nb, xbp);
+      to_blocks(kern, xp, n, K, B, 0, nb, xbp);
       // work items (block, chunk of rows): a thread runs its rows over a block while it is in cache,
       // then writes their results, transposed, into the output
       at::parallel_for(0, nb * nchunks, 1, [&](int64_t w0, int64_t w1) {
@@ -458,8 +438,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
           const int64_t bi = w / nchunks, c = w % nchunks, nbi = bi == nb - 1 ? last : B;
           const int64_t r0 = chunks[c], r1 = chunks[c + 1];
           if (panel && nbi == B) {  // (a last, partial block: the one-row loop, which masks its lanes)
-            panels(derived->pst.data(), derived->np, col.const_data_ptr(), wide, v, xbp + bi * K * B, b,
-                   relu ? kActRelu : kActNone, r0, r1, ybp + bi * O * B);
+            kern.spmm_panels(derived->pst.data(), derived->np, col.const_data_ptr(), wide, v,
+                             xbp + bi * K * B, b, relu ? kActRelu : kActNone, r0, r1, ybp + bi * O * B);
           } else {
             kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xbp + bi * K * B, B, K, nbi, b, relu, r0, r1,
                       ybp + bi * O * B, B, &bad);

@@ -18,7 +18,7 @@ namespace sparse {
 // The portable loops ignore it.
 // columns per panel, and vectors of samples per block, of spmm_panels
 constexpr int64_t kPanelCols = 512;
-constexpr int kPanelVecs = 4, kPanelVecsWide = 8;
+constexpr int kPanelVecs = 4;
 // the activation of spmm_panels' outputs
 constexpr int kActNone = 0, kActRelu = 1, kActGelu = 2;
 
@@ -54,11 +54,6 @@ struct SparseKernels {
   // samples per block of spmm that one pass over a row keeps in registers (kTokenVecs vectors): the
   // caller lays X^T out in blocks of this many samples (sparse_linear_cpu)
   int64_t spmm_samples;
-  // spmm_panels on blocks of panel_samples_wide samples (kPanelVecsWide vectors); nullptr where the ISA
-  // has too few registers (AVX2: 16 accumulators would be all of them)
-  void (*spmm_panels_wide)(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
-                           const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y);
-  int64_t panel_samples_wide;
   // max_pool2d (pool_impl.h): output row oy of one channels-last image x (H, W, C) into row (Wout, C);
   // one NCHW plane x (H, W) into out (Hout, Wout), tmp a row of W floats.
   void (*max_pool_row_cl)(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row);

@@ -65,11 +65,6 @@ void spmm_panels(const int32_t* pst, int64_t np, const void* col, bool wide, con
   spmm_panels_any<V512>(pst, np, col, wide, val, xb, bias, act, r0, r1, y);
 }
 
-void spmm_panels_wide(const int32_t* pst, int64_t np, const void* col, bool wide, const float* val,
-                      const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
-  spmm_panels_any<V512, kPanelVecsWide>(pst, np, col, wide, val, xb, bias, act, r0, r1, y);
-}
-
 void max_pool_row_cl(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row) {
   max_pool_row_cl_t<float>(x, g, oy, relu, row);
 }
@@ -78,7 +73,7 @@ void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp
   max_pool_plane_t<float>(x, g, relu, tmp, out);
 }
 
-const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth, spmm_panels_wide, V512::kWidth * kPanelVecsWide, max_pool_row_cl, max_pool_plane};
+const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth, max_pool_row_cl, max_pool_plane};
 
 }  // namespace avx512
 }  // namespace sparse

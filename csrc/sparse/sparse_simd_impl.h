@@ -167,9 +167,10 @@ inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* co
   }
 }
 
-template <class V, int NV, class Col>
+template <class V, class Col>
 void spmm_panels_t(const int32_t* pst, int64_t np, const Col* col, const float* val,
                    const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
+  constexpr int NV = kPanelVecs;
   const int64_t np1 = np + 1;
   for (int64_t p = 0; p < np; ++p) {
     const bool first = p == 0, last = p == np - 1;
@@ -179,13 +180,13 @@ void spmm_panels_t(const int32_t* pst, int64_t np, const Col* col, const float* 
   }
 }
 
-template <class V, int NV = kPanelVecs>
+template <class V>
 void spmm_panels_any(const int32_t* pst, int64_t np, const void* col, bool wide,
                      const float* val, const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
   if (wide) {
-    spmm_panels_t<V, NV>(pst, np, static_cast<const int32_t*>(col), val, xb, bias, act, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const int32_t*>(col), val, xb, bias, act, r0, r1, y);
   } else {
-    spmm_panels_t<V, NV>(pst, np, static_cast<const uint16_t*>(col), val, xb, bias, act, r0, r1, y);
+    spmm_panels_t<V>(pst, np, static_cast<const uint16_t*>(col), val, xb, bias, act, r0, r1, y);
   }
 }
 
