@@ -21,6 +21,10 @@ int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& ro
                                    const std::optional<at::Tensor>& bias);
 // sparse_ffn's activation is "none", "relu" or "gelu".
 void check_ffn_activation(c10::string_view activation);
+// The GELU between sparse_ffn's layers where it is not fused into the panel loop: at::gelu, with
+// GELU(+inf) = +inf as the panel loop's polynomial gives it (at::gelu's float kernels return NaN
+// there), so that every row of one call gets the same activation whichever path it takes.
+at::Tensor ffn_gelu(const at::Tensor& h);
 // Geometry of one sparse_conv2d call (validated), and the size of its phase buffer.
 struct ConvGeometry {
   int64_t N, C, H, W, O, Cg, kh, kw, sh, sw, ph, pw, dh, dw, groups;

@@ -22,6 +22,8 @@ void check_ffn_activation(c10::string_view activation) {
               "sparse_ffn: activation must be 'none', 'relu' or 'gelu', got '", std::string(activation), "'");
 }
 
+at::Tensor ffn_gelu(const at::Tensor& h) { return at::where(at::isposinf(h), h, at::gelu(h)); }
+
 int64_t check_sparse_linear_inputs(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                    const at::Tensor& values, int64_t in_features,
                                    const std::optional<at::Tensor>& bias) {

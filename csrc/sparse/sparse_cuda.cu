@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor
   return pack_sparse_composite(weight);
 }
 
-// sparse_ffn on the GPU: the two sparse_linear launches with at::gelu / the fused ReLU between them
+// sparse_ffn on the GPU: the two sparse_linear launches with ffn_gelu (at::gelu) / the fused ReLU between them
 // (the blocked layout is a CPU cache optimisation).
 at::Tensor sparse_ffn_cuda(const at::Tensor& input, const at::Tensor& rp1, const at::Tensor& col1,
                            const at::Tensor& val1, const std::optional<at::Tensor>& bias1, const at::Tensor& rp2,
@@ -207,7 +207,7 @@ at::Tensor sparse_ffn_cuda(const at::Tensor& input, const at::Tensor& rp1, const
                            int64_t in_features, c10::string_view activation) {
   check_ffn_activation(activation);
   at::Tensor h = sparse_linear_cuda(input, rp1, col1, val1, in_features, bias1, activation == "relu");
-  if (activation == "gelu") h = at::gelu(h);
+  if (activation == "gelu") h = ffn_gelu(h);
   return sparse_linear_cuda(h, rp2, col2, val2, rp1.numel() - 1, bias2, false);
 }
 

@@ -595,6 +595,22 @@ def test_sparse_ffn_gelu_on_the_panels_is_accurate(isa):
     assert (ops.kernel_counts().get(("sparse_ffn_blocked", isa.removesuffix("-jit")), 0) > 0) == (full is not None)
 
 
+def test_sparse_ffn_rows_agree_on_infinities_whichever_path(isa):
+    # full blocks take the panel loop's GELU, the rest of the rows (and short inputs) at::gelu: +inf
+    # used to come out +inf from the first and NaN from the second (at::gelu's float kernels), so one
+    # call's rows disagreed. -inf is NaN on both (-inf * 0).
+    k = 8
+    eye = ops.pack_sparse(torch.eye(k))
+    x = torch.zeros(64 + 3, k)
+    x[:, 0], x[:, 1] = float("inf"), float("-inf")
+    got = ops.sparse_ffn(x, eye, None, eye, None, k, "gelu")
+    short = ops.sparse_ffn(x[:3], eye, None, eye, None, k, "gelu")
+    for out in (got, short):
+        assert bool((out[:, 0] == float("inf")).all()), out[:, 0]
+        assert bool(out[:, 1].isnan().all()), out[:, 1]
+        assert bool((out[:, 2:] == 0).all())
+
+
 def test_sparse_ffn_float64_batched_non_contiguous_and_errors():
     up, b1, down, b2, _ = _ffn_case(0, 19, 23, 7, torch.float64)
     x = torch.randn(19, 2, 70, dtype=torch.float64).permute(1, 2, 0)  # (2, 70, 19), not contiguous
