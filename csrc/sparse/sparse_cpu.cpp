@@ -413,7 +413,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
                   "): the packed weight was made for a different shape");
       // With at least one full block of panel_samples (64 on AVX-512), full blocks run the panel
       // loop: two rows at a time over 4 vectors of samples (8 independent FMA chains), in column
-      // panels of 512. Against the one-row loop (8 vectors of samples for 768 inputs, 4 for 3072,
+      // panels of 512 (1024 on AVX2: sparse_kernels_avx2.cpp). Against the one-row loop (8 vectors of samples for 768 inputs, 4 for 3072,
       // halved for L2), BERT-base's shapes at 90 / 95 %, same process, Zen 5: 64 rows 1.13-1.51x,
       // 128 rows 1.05-1.31x, 512 rows 0.97-1.21x; the AVX2 copy on the same CPU 0.97-1.33x.
       // (Panels of 64 / 128 columns, whose slice fits L1, measured 0.52-0.88x: each row's

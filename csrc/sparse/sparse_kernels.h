@@ -16,7 +16,8 @@ namespace sparse {
 // convolution its tap offsets), at least 1. The vector loops run up to four such rows together, so
 // that every input vector they load (or gather) feeds several rows' FMAs; nullptr: one row at a time.
 // The portable loops ignore it.
-// columns per panel, and vectors of samples per block, of spmm_panels
+// columns per panel of the panel starts (pst), and vectors of samples per block, of spmm_panels; an
+// ISA's loop walks V::kPanelMerge of those panels as one (AVX2: 1024 columns)
 constexpr int64_t kPanelCols = 512;
 constexpr int kPanelVecs = 4;
 // the activation of spmm_panels' outputs
@@ -44,7 +45,7 @@ struct SparseKernels {
   // input and output out with it).
   void (*transpose)(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
   // Rows [r0, r1) of the many-sample product on one block of panel_samples samples, column panels
-  // of kPanelCols (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
+  // of kPanelCols x V::kPanelMerge (sparse_simd_impl.h, spmm_panels_t); nullptr where the ISA has none.
   // act: kActNone, kActRelu or kActGelu (the polynomial GELU: kErfPoly, sparse_core.h), applied after the bias.
   void (*spmm_panels)(const int32_t* pst, int64_t np, const void* col, bool wide,
                       const float* val, const float* xb, const float* bias, int act, int64_t r0, int64_t r1,

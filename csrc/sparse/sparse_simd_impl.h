@@ -130,17 +130,18 @@ void spmm_t(const int32_t* rp, const int32_t* runs, const void* col, bool wide, 
 // chains: with one row over 4 vectors, 4 chains of 4-cycle FMAs bound the loop), first over the
 // nonzeros both rows have in the panel, then each row's rest; the accumulators go through y (O,
 // NV * W) between panels, bias and ReLU after the last. pst[r * (np + 1) + p]: the first nonzero of
-// row r in panel p. (Columns are read unchecked, as in spmm_block.)
+// row r in panel p of kPanelCols columns; the loop's panel is [p, p1) of those (V::kPanelMerge of
+// them). (Columns are read unchecked, as in spmm_block.)
 template <class V, int R, int NV, class Col>
-inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, const Col* col, const float* val, const float* x,
-                       int64_t r, float* y, bool first, bool last, const float* bias, int act) {
+inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, int64_t p1, const Col* col, const float* val,
+                       const float* x, int64_t r, float* y, bool first, bool last, const float* bias, int act) {
   constexpr int64_t W = V::kWidth, L = NV * W;
   typename V::Reg acc[R][NV];
   int64_t k[R], e[R];
   int64_t m = std::numeric_limits<int64_t>::max();
   for (int i = 0; i < R; ++i) {
     k[i] = pst[(r + i) * np1 + p];
-    e[i] = pst[(r + i) * np1 + p + 1];
+    e[i] = pst[(r + i) * np1 + p1];
     m = std::min(m, e[i] - k[i]);
     for (int v = 0; v < NV; ++v) acc[i][v] = first ? V::zero() : V::loadu(y + (r + i) * L + v * W);
   }
@@ -172,11 +173,13 @@ void spmm_panels_t(const int32_t* pst, int64_t np, const Col* col, const float* 
                    const float* xb, const float* bias, int act, int64_t r0, int64_t r1, float* y) {
   constexpr int NV = kPanelVecs;
   const int64_t np1 = np + 1;
-  for (int64_t p = 0; p < np; ++p) {
-    const bool first = p == 0, last = p == np - 1;
+  constexpr int64_t step = V::kPanelMerge;  // panels of kPanelCols walked as one
+  for (int64_t p = 0; p < np; p += step) {
+    const int64_t p1 = std::min(np, p + step);
+    const bool first = p == 0, last = p1 == np;
     int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, act);
-    for (; r < r1; ++r) panel_rows<V, 1, NV>(pst, np1, p, col, val, xb, r, y, first, last, bias, act);
+    for (; r + 2 <= r1; r += 2) panel_rows<V, 2, NV>(pst, np1, p, p1, col, val, xb, r, y, first, last, bias, act);
+    for (; r < r1; ++r) panel_rows<V, 1, NV>(pst, np1, p, p1, col, val, xb, r, y, first, last, bias, act);
   }
 }
 

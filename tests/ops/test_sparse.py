@@ -64,7 +64,7 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
 
 
 @pytest.mark.parametrize("n", [2, 9, 63, 64, 65, 130, 300])
-@pytest.mark.parametrize("inp", [5, 67, 3001])
+@pytest.mark.parametrize("inp", [5, 67, 1500, 3001])
 def test_sparse_linear_many_samples(isa, n, inp):
     # the many-sample path: blocks of the kernel's register block (64 or 128 samples), halved while
     # K * B floats exceed 4/5 of the L2 cache (3001 columns), the last block partial, the input and
@@ -83,7 +83,8 @@ def test_sparse_linear_many_samples(isa, n, inp):
             )
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     # full blocks of 64 (AVX-512) / 32 (AVX2) samples ran the two-row panel loop (3001 columns:
-    # six panels of 512), the partial last one the one-row loop; the portable copy has no panels
+    # six panels of 512, walked in pairs on AVX2; 1500: three, the last "pair" one panel), the
+    # partial last one the one-row loop; the portable copy has no panels
     panels = ops.kernel_counts().get(("sparse_linear_panels", isa.removesuffix("-jit")), 0)
     full = {"avx512": 64, "avx2": 32}.get(isa.removesuffix("-jit"))
     assert (panels > 0) == (full is not None and n >= full), (isa, n, panels)
