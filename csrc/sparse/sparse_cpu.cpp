@@ -472,7 +472,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 }
 
 // Two sparse linear layers with an activation between them, act in {"none", "relu", "gelu"} (GELU:
-// the exact erf form: the kErfPoly polynomial on the panels, ffn_gelu elsewhere): down(act(up(x))), x (..., K) -> (..., O), hidden H.
+// the exact erf form: the kErfPoly polynomial wherever the ISA has panels, for every row of a call;
+// ffn_gelu (at::gelu) on the portable copy and for float64): down(act(up(x))), x (..., K) -> (..., O), hidden H.
 // With full blocks of the panel loop's samples, each block goes up -> act -> down in the blocked
 // layout (H, B) the down layer reads, so the hidden activations never take the (n, H) layout: the
 // up layer's output transpose and the down layer's input transpose (rows 4 H bytes apart, 12 KB for
@@ -488,14 +489,18 @@ at::Tensor sparse_ffn_cpu(const at::Tensor& input, const at::Tensor& rp1_in, con
   TORCH_CHECK(H >= 1, "sparse_ffn: the first layer has no outputs");
   const int64_t O = check_sparse_linear_inputs(at::empty({0, H}, input.options()), rp2_in, col2_in, val2_in, H, bias2);
   const bool relu = activation == "relu", gelu = activation == "gelu";
-  auto compose = [&](const at::Tensor& x) {
-    at::Tensor h = sparse_linear_cpu(x, rp1_in, col1_in, val1_in, K, bias1, relu);
-    if (gelu) h = ffn_gelu(h);
-    return sparse_linear_cpu(h, rp2_in, col2_in, val2_in, H, bias2, false);
-  };
   const int64_t n = input.numel() / K;
   const Isa isa = active_isa();
   const auto& kern = sparse_kernels(isa);
+  auto compose = [&](const at::Tensor& x) {
+    at::Tensor h = sparse_linear_cpu(x, rp1_in, col1_in, val1_in, K, bias1, relu);
+    if (gelu && h.scalar_type() == at::kFloat && kern.gelu != nullptr) {
+      kern.gelu(h.data_ptr<float>(), h.numel());  // (h: sparse_linear's fresh contiguous output)
+    } else if (gelu) {
+      h = ffn_gelu(h);
+    }
+    return sparse_linear_cpu(h, rp2_in, col2_in, val2_in, H, bias2, false);
+  };
   if (input.scalar_type() != at::kFloat || kern.spmm_panels == nullptr || n < kern.panel_samples || O == 0) {
     return compose(input);
   }

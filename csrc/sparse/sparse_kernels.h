@@ -59,6 +59,9 @@ struct SparseKernels {
   // one NCHW plane x (H, W) into out (Hout, Wout), tmp a row of W floats.
   void (*max_pool_row_cl)(const float* x, const PoolGeometry& g, int64_t oy, bool relu, float* row);
   void (*max_pool_plane)(const float* x, const PoolGeometry& g, bool relu, float* tmp, float* out);
+  // x[i] = GELU(x[i]), i < n, by the panel loop's polynomial (kErfPoly), for the rows of a sparse_ffn
+  // call that do not take the panels; nullptr where the ISA has no panels.
+  void (*gelu)(float* x, int64_t n);
 };
 
 const SparseKernels& sparse_kernels(Isa isa);

@@ -260,7 +260,7 @@ void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp
   max_pool_plane_t<float>(x, g, relu, tmp, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, spmm_panels, V256::kWidth * kPanelVecs, "avx2", V256::kTokenVecs * V256::kWidth, max_pool_row_cl, max_pool_plane};
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, spmm_panels, V256::kWidth * kPanelVecs, "avx2", V256::kTokenVecs * V256::kWidth, max_pool_row_cl, max_pool_plane, gelu_t<V256>};
 
 }  // namespace avx2
 }  // namespace sparse

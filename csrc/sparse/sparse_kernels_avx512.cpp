@@ -74,7 +74,7 @@ void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp
   max_pool_plane_t<float>(x, g, relu, tmp, out);
 }
 
-const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth, max_pool_row_cl, max_pool_plane};
+const SparseKernels kKernels = {avx2::spmv, spmm, conv_rows, tile_finish, avx2::transpose, spmm_panels, V512::kWidth * kPanelVecs, "avx512", V512::kTokenVecs * V512::kWidth, max_pool_row_cl, max_pool_plane, gelu_t<V512>};
 
 }  // namespace avx512
 }  // namespace sparse

@@ -60,7 +60,7 @@ void max_pool_plane(const float* x, const PoolGeometry& g, bool relu, float* tmp
   max_pool_plane_t<float>(x, g, relu, tmp, out);
 }
 
-const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, nullptr, 0, "scalar", 64, max_pool_row_cl, max_pool_plane};
+const SparseKernels kKernels = {spmv, spmm, conv_rows, tile_finish, transpose, nullptr, 0, "scalar", 64, max_pool_row_cl, max_pool_plane, nullptr};
 
 void conv_rows_f64(const int32_t* rp, const int32_t* off, const double* val, const double* xin, int64_t r0,
                    int64_t r1, const ConvOut<double>& out) {

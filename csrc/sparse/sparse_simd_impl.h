@@ -193,6 +193,17 @@ void spmm_panels_any(const int32_t* pst, int64_t np, const void* col, bool wide,
   }
 }
 
+// SparseKernels::gelu: x[i] = V::gelu(x[i]) for i < n.
+template <class V>
+void gelu_t(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) V::storeu(x + i, V::gelu(V::loadu(x + i)));
+  if (i < n) {
+    const auto m = V::mask(n - i);
+    V::mask_store(x + i, m, V::gelu(V::maskz_load(m, x + i)));
+  }
+}
+
 // SparseKernels::tile_finish, vectorised.
 template <class V>
 void tile_finish_t(const float* src, int64_t lds, float* out, int64_t ldo, int64_t rows, int64_t n, const float* bias,

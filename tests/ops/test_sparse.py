@@ -597,9 +597,10 @@ def test_sparse_ffn_gelu_on_the_panels_is_accurate(isa):
 
 
 def test_sparse_ffn_rows_agree_on_infinities_whichever_path(isa):
-    # full blocks take the panel loop's GELU, the rest of the rows (and short inputs) at::gelu: +inf
-    # used to come out +inf from the first and NaN from the second (at::gelu's float kernels), so one
-    # call's rows disagreed. -inf is NaN on both (-inf * 0).
+    # full blocks take the panel loop's GELU, the rest of the rows (and short inputs) used to take
+    # at::gelu: +inf came out +inf from the first and NaN from the second (at::gelu's float kernels),
+    # so one call's rows disagreed. Now the rest take the same polynomial where the ISA has panels,
+    # ffn_gelu (at::gelu keeping +inf) on the portable copy. -inf is NaN on both (-inf * 0).
     k = 8
     eye = ops.pack_sparse(torch.eye(k))
     x = torch.zeros(64 + 3, k)
