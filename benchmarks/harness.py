@@ -43,8 +43,9 @@ def git_sha() -> str:
             check=True,
             cwd=pathlib.Path(__file__).parent,
         )
+        # (the results files a previous run rewrote do not make the code dirty)
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benchmarks/results"],
             capture_output=True,
             text=True,
             cwd=pathlib.Path(__file__).parent,

@@ -4,8 +4,10 @@ not eat the time the sparse kernels save:
 - :class:`FastMaxPool2d`: NCHW max pooling through :func:`fastprune.ops.max_pool2d`. torch's CPU
   ``max_pool2d`` on NCHW input is slow (ResNet's stem pool, 64 x 112 x 112, batch 1: 6.2 ms
   against 0.96 ms for the separable form this class used before and 0.32 ms on channels-last
-  input, measured with ``torch.utils.benchmark``, 1 thread, torch 2.13); the values are the same
-  (a max is exact). Channels-last input goes to torch's own (fast) pool.
+  input, measured with ``torch.utils.benchmark``, 1 thread, torch 2.13); the op's plane loop runs
+  it 6.7-7.0x faster than torch's NCHW pool (``benchmarks/bench_pool.py``, results/pool.md, Xeon,
+  2026-12-03); the values are the same (a max is exact). Channels-last input goes to torch's own
+  (fast) pool.
 - :func:`channels_last_pools`: a dense conv whose output only feeds (a ReLU, then) a max pool
   computes channels-last (its weight in that memory format), and the ReLU and the pool become one
   :func:`fastprune.ops.max_pool2d` call (``relu=True``: ``max`` and ``relu`` commute) that reads
