@@ -67,35 +67,41 @@ inline void spmm_block(const int32_t* rp, const Col* col, const float* val, cons
   }
 }
 
+// The rest of a span, nv <= NV vectors (the last one masked when tail): one spmm_block of exactly nv
+// vectors, so that the rest is one more pass over the row's nonzeros, not one per power of two (24
+// samples on AVX2 once ran 16 + 8: 768 -> 768 at 90 % took 0.252 ms against 0.139 for 16, Zen 3).
+template <class V, int G, int NV, class Col>
+inline void spmm_rest(int nv, bool tail, const int32_t* rp, const Col* col, const float* val, const float* xt,
+                      int64_t ldx, int64_t n, const float* bias, bool relu, int64_t r, int64_t j, float* y, int64_t ldy) {
+  if constexpr (NV >= 1) {
+    if (nv == NV) {
+      if (tail) {
+        spmm_block<V, G, NV, true>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
+      } else {
+        spmm_block<V, G, NV, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
+      }
+    } else {
+      spmm_rest<V, G, NV - 1>(nv, tail, rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
+    }
+  }
+}
+
 // G rows r.. over the samples [j0, j1): blocks of kTokenVecs / G vectors (G x NV accumulators fill
-// the registers set aside for them), then halves of that for the rest, then a masked last vector.
+// the registers set aside for them), then one block of the vectors left, its last one masked when
+// partial. (Samples past j1 are n's: a partial vector only occurs where j1 == n.)
 template <class V, int G, class Col>
 inline void spmm_span(const int32_t* rp, const Col* col, const float* val, const float* xt, int64_t ldx, int64_t n,
                       const float* bias, bool relu, int64_t r, int64_t j0, int64_t j1, float* y, int64_t ldy) {
   constexpr int64_t W = V::kWidth;
   constexpr int M = V::kTokenVecs / G;
-  static_assert(M >= 1 && (M & (M - 1)) == 0, "kTokenVecs / G must be a power of two");
+  static_assert(M >= 1, "kTokenVecs / G must be at least 1");
   int64_t j = j0;
   for (; j + M * W <= j1; j += M * W) spmm_block<V, G, M, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
-  if constexpr (M >= 8) {
-    if (j + 4 * W <= j1) {
-      spmm_block<V, G, 4, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
-      j += 4 * W;
-    }
+  const int64_t rest = j1 - j;
+  if (rest > 0) {
+    spmm_rest<V, G, M>(static_cast<int>((rest + W - 1) / W), rest % W != 0, rp, col, val, xt, ldx, n, bias, relu, r,
+                       j, y, ldy);
   }
-  if constexpr (M >= 4) {
-    if (j + 2 * W <= j1) {
-      spmm_block<V, G, 2, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
-      j += 2 * W;
-    }
-  }
-  if constexpr (M >= 2) {
-    if (j + W <= j1) {
-      spmm_block<V, G, 1, false>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
-      j += W;
-    }
-  }
-  if (j < j1) spmm_block<V, G, 1, true>(rp, col, val, xt, ldx, n, bias, relu, r, j, y, ldy);
 }
 
 template <class V, class Col>
