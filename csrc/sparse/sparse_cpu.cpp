@@ -413,9 +413,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
                   "): the packed weight was made for a different shape");
       // With at least one full block of panel_samples (64 on AVX-512), full blocks run the panel
       // loop: two rows at a time over 4 vectors of samples (8 independent FMA chains), in column
-      // panels of 512 (1024 on AVX2: sparse_kernels_avx2.cpp). Against the one-row loop (8 vectors of samples for 768 inputs, 4 for 3072,
-      // halved for L2), BERT-base's shapes at 90 / 95 %, same process, Zen 5: 64 rows 1.13-1.51x,
-      // 128 rows 1.05-1.31x, 512 rows 0.97-1.21x; the AVX2 copy on the same CPU 0.97-1.33x.
+      // panels of 512 (1024 on AVX2: sparse_kernels_avx2.cpp). Against the one-row loop (8 vectors
+      // of samples for 768 inputs, 4 for 3072, halved for L2), BERT-base's shapes at 90 / 95 %,
+      // same process, Zen 5: 64 rows 1.13-1.51x, 128 rows 1.05-1.31x, 512 rows 0.97-1.21x; the AVX2
+      // copy on the same CPU 0.97-1.33x.
       // (Panels of 64 / 128 columns, whose slice fits L1, measured 0.52-0.88x: each row's
       // accumulators go through memory once per panel; one vector of 16 samples, 4 rows at a
       // time, 0.62-0.85x at 128 rows: every nonzero's value and column are read per 16 samples.)
@@ -473,7 +474,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
 
 // Two sparse linear layers with an activation between them, act in {"none", "relu", "gelu"} (GELU:
 // the exact erf form: the kErfPoly polynomial wherever the ISA has panels, for every row of a call;
-// ffn_gelu (at::gelu) on the portable copy and for float64): down(act(up(x))), x (..., K) -> (..., O), hidden H.
+// ffn_gelu (at::gelu) on the portable copy and for float64): down(act(up(x))), x (..., K) -> (..., O),
+// hidden H.
 // With full blocks of the panel loop's samples, each block goes up -> act -> down in the blocked
 // layout (H, B) the down layer reads, so the hidden activations never take the (n, H) layout: the
 // up layer's output transpose and the down layer's input transpose (rows 4 H bytes apart, 12 KB for

@@ -199,8 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor
   return pack_sparse_composite(weight);
 }
 
-// sparse_ffn on the GPU: the two sparse_linear launches with ffn_gelu (at::gelu) / the fused ReLU between them
-// (the blocked layout is a CPU cache optimisation).
+// sparse_ffn on the GPU: the two sparse_linear launches with ffn_gelu (at::gelu) / the fused ReLU
+// between them (the blocked layout is a CPU cache optimisation).
 at::Tensor sparse_ffn_cuda(const at::Tensor& input, const at::Tensor& rp1, const at::Tensor& col1,
                            const at::Tensor& val1, const std::optional<at::Tensor>& bias1, const at::Tensor& rp2,
                            const at::Tensor& col2, const at::Tensor& val2, const std::optional<at::Tensor>& bias2,
