@@ -1,6 +1,8 @@
 """Sparse Linear for many rows (tokens x batch): fastprune.ops.sparse_linear against dense F.linear
-(MKL) on BERT-base's shapes, 1 thread, unstructured magnitude-like weights; and the feed-forward
-block as one fastprune.ops.sparse_ffn call against the two layers one after the other.
+(MKL) and oneDNN's Linear (torch.utils.mkldnn: on AMD CPUs MKL runs AVX2 code, oneDNN AVX-512) on
+BERT-base's shapes, 1 thread, unstructured magnitude-like weights; the feed-forward block as one
+fastprune.ops.sparse_ffn call against the two layers one after the other; and BERT-base's attention
+(12 heads of 64, 128 tokens) as fastprune.ops.scaled_dot_product_attention against torch's SDPA.
 
 Both are timed in the same process in alternating calls (process CPU time, minimum over the
 rounds: the VM's speed drifts by 2x within minutes, so only the same-run ratio means anything).
@@ -41,6 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
+    import torch.utils.mkldnn
 
     from fastprune import ops
 
@@ -57,12 +60,20 @@ def main() -> None:
                 w[w.abs() < w.abs().flatten().kthvalue(int(sp * w.numel())).values] = 0
                 packed = ops.pack_sparse(w)
                 b = torch.randn(k_out)
+                dense = torch.nn.Linear(k_in, k_out)
+                with torch.no_grad():
+                    dense.weight.copy_(w)
+                    dense.bias.copy_(b)
+                onednn = torch.utils.mkldnn.to_mkldnn(dense)
                 torch.testing.assert_close(
                     ops.sparse_linear(x, *packed, k_in, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4
                 )
-                t_sparse, t_dense = minima(
-                    [lambda: ops.sparse_linear(x, *packed, k_in, b), lambda: F.linear(x, w, b)], rounds
-                )
+                with torch.no_grad():
+                    torch.testing.assert_close(onednn(x), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+                    t_sparse, t_dense, t_dnn = minima(
+                        [lambda: ops.sparse_linear(x, *packed, k_in, b), lambda: F.linear(x, w, b), lambda: onednn(x)],
+                        rounds,
+                    )
                 out.append(
                     {
                         "rows": n,
@@ -70,8 +81,10 @@ def main() -> None:
                         "out": k_out,
                         "sparsity": sp,
                         "dense_ms": 1e3 * t_dense,
+                        "onednn_ms": 1e3 * t_dnn,
                         "sparse_ms": 1e3 * t_sparse,
                         "speedup": t_dense / t_sparse,
+                        "speedup_vs_onednn": t_dnn / t_sparse,
                     }
                 )
                 rows.append(
@@ -80,12 +93,16 @@ def main() -> None:
                         f"{k_in}->{k_out} ({what})",
                         f"{sp:.0%}",
                         1e3 * t_dense,
+                        1e3 * t_dnn,
                         1e3 * t_sparse,
                         f"{t_dense / t_sparse:.2f}x",
+                        f"{t_dnn / t_sparse:.2f}x",
                     ]
                 )
                 print(rows[-1], flush=True)
-    table = harness.markdown_table(["rows", "layer", "sparsity", "dense ms", "fastprune ms", "speedup"], rows)
+    table = harness.markdown_table(
+        ["rows", "layer", "sparsity", "F.linear ms", "oneDNN ms", "fastprune ms", "vs F.linear", "vs oneDNN"], rows
+    )
     # BERT-base's feed-forward block, 768 -> 3072 -> GELU -> 768: dense, the two sparse layers one
     # after the other, and fastprune.ops.sparse_ffn (the hidden activations kept blocked, in cache)
     ffn, ffn_rows = [], []
@@ -119,9 +136,29 @@ def main() -> None:
     table += harness.markdown_table(
         ["rows", "sparsity", "dense ms", "two sparse_linear ms", "sparse_ffn ms", "vs two calls", "vs dense"], ffn_rows
     )
+    # BERT-base's self-attention core: (batch, 12 heads, 128 tokens, 64) views of (batch, 128, 768)
+    # projections, as HuggingFace passes them, without and with an additive padding mask
+    att, att_rows = [], []
+    for batch in [1] if args.quick else [1, 8]:
+        q, k, v = (torch.randn(batch, 128, 12, 64).transpose(1, 2) for _ in range(3))
+        pad = torch.zeros(batch, 1, 1, 128)
+        pad[..., 100:] = torch.finfo(torch.float32).min  # the last 28 tokens are padding
+        for mask in (None, pad):
+            mine = lambda q=q, k=k, v=v, mask=mask: ops.scaled_dot_product_attention(q, k, v, mask)  # noqa: E731
+            torch_sdpa = lambda q=q, k=k, v=v, mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+            torch.testing.assert_close(mine(), torch_sdpa(), rtol=1e-5, atol=1e-5)
+            t_mine, t_torch = minima([mine, torch_sdpa], rounds)
+            what = "padding mask" if mask is not None else "no mask"
+            att.append(
+                {"batch": batch, "mask": mask is not None, "torch_ms": 1e3 * t_torch, "fastprune_ms": 1e3 * t_mine}
+            )
+            att_rows.append([batch, what, 1e3 * t_torch, 1e3 * t_mine, f"{t_torch / t_mine:.2f}x"])
+            print(att_rows[-1], flush=True)
+    table += "\n\nAttention, 12 heads x 128 tokens x 64 (scaled_dot_product_attention against torch's SDPA):\n\n"
+    table += harness.markdown_table(["batch", "mask", "torch SDPA ms", "fastprune ms", "speedup"], att_rows)
     print(table)
     name = "sparse_tokens_quick" if args.quick else "sparse_tokens"
-    payload = {"machine": harness.machine_info(1), "results": out, "ffn": ffn}
+    payload = {"machine": harness.machine_info(1), "results": out, "ffn": ffn, "attention": att}
     jpath, mpath = harness.write_results(name, payload, table)
     print(f"wrote {jpath} and {mpath}")
 

@@ -47,6 +47,12 @@ TORCH_LIBRARY(fastprune, m) {
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool relu=False) -> Tensor");
   // NISP score propagation through one layer: weight (out, in/groups, *kernel), scores (m, out) or (out,)
   // -> (m, in) or (in,) with S_in[:, c] = sum_o S_out[:, o] * sum_k |W[o, c, k]| within each group.
+  // softmax(scale * query @ key^T + attn_mask) @ value (torch's F.scaled_dot_product_attention without dropout
+  // or causal flag): query (..., L, E), key (..., S, E), value (..., S, Ev) with the same leading dims ->
+  // (..., L, Ev); attn_mask bool (True takes part) or additive, broadcast to (..., L, S); scale default
+  // 1 / sqrt(E). A row with every key masked out gives 0, as torch's.
+  m.def("scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+        "float? scale=None) -> Tensor");
   m.def("nisp_propagate(Tensor weight, Tensor scores, int groups=1) -> Tensor");
 }
 

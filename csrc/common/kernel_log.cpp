@@ -42,6 +42,7 @@ const char* kernel_op_name(KernelOp op) {
     case KernelOp::kSparseBottleneckBands: return "sparse_bottleneck_bands";
     case KernelOp::kMaxPool2d: return "max_pool2d";
     case KernelOp::kMaxPool2dChannelsLast: return "max_pool2d_channels_last";
+    case KernelOp::kAttention: return "scaled_dot_product_attention";
     default: return "?";
   }
 }

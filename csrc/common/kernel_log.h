@@ -23,6 +23,7 @@ enum class KernelOp {
   kSparseBottleneckBands,
   kMaxPool2d,
   kMaxPool2dChannelsLast,
+  kAttention,
   kCount
 };
 // The vector ISA of the loops that ran (kScalar..kAvx512 as in cpu_features.h), the run-time

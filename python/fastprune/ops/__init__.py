@@ -9,6 +9,7 @@ from fastprune._loader import load_library
 load_library()
 
 from fastprune.ops import _fakes  # noqa: E402,F401  (registers fake kernels)
+from fastprune.ops.attention import scaled_dot_product_attention  # noqa: E402
 from fastprune.ops.cpu import best_isa, cpu_isas, jit_available, kernel_counts, reset_kernel_counts  # noqa: E402
 from fastprune.ops.nisp import nisp_propagate  # noqa: E402
 from fastprune.ops.pool import max_pool2d  # noqa: E402
@@ -31,6 +32,7 @@ __all__ = [
     "nisp_propagate",
     "pack_sparse",
     "reset_kernel_counts",
+    "scaled_dot_product_attention",
     "sparse_bottleneck",
     "sparse_conv2d",
     "sparse_ffn",

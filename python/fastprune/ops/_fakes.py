@@ -120,6 +120,12 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, relu=False):  # noqa: 
     return input.new_empty((input.shape[0], input.shape[1], hout, wout))
 
 
+@torch.library.register_fake("fastprune::scaled_dot_product_attention")
+def _attention_fake(query, key, value, attn_mask=None, scale=None):  # noqa: ANN001
+    torch._check(query.dim() >= 2 and key.dim() == query.dim() and value.dim() == query.dim(), lambda: "same dims")
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
 @torch.library.register_fake("fastprune::nisp_propagate")
 def _nisp_propagate_fake(weight: torch.Tensor, scores: torch.Tensor, groups: int = 1) -> torch.Tensor:
     torch._check(weight.dim() >= 2, lambda: "weight must be (out, in/groups, *kernel)")
