@@ -154,6 +154,7 @@ def torch_worker(runtime: str, kind: str, sparsity: float, threads: int, weights
                 "dense_layers": {d.name: d.reason for d in dec if not d.swapped},
                 "fused_bottlenecks": dict(getattr(model, "fused_bottlenecks", {})),
                 "fused_ffn": list(getattr(model, "fused_ffn", [])),
+                "fused_attention": getattr(model, "fused_attention", ""),
             }
             if runtime == "fastprune-compile":
                 model = torch.compile(model)
@@ -255,7 +256,7 @@ def run_cell(kind: str, sparsity: float, batch: int, threads: int, args: argpars
             "agrees_with_dense": agree,
             "note": w.ready.get("note", ""),
             "version": w.ready.get("version"),
-            **{k: w.ready[k] for k in ("dense_layers", "fused_bottlenecks", "fused_ffn") if k in w.ready},
+            **{k: w.ready[k] for k in ("dense_layers", "fused_bottlenecks", "fused_ffn", "fused_attention") if k in w.ready},
         }
         if not agree:
             print(f"  WARNING {w.runtime}: output checksum {w.ready['checksum']:.6g} vs dense {ref:.6g}", flush=True)

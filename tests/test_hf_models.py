@@ -174,3 +174,60 @@ def test_sparsified_bert_runs_each_feed_forward_block_as_one_call():
     with torch.no_grad():
         torch.testing.assert_close(compiled(*args).logits, got, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(again(*args).logits, got)
+
+
+@pytest.mark.parametrize("factory", [bert, gpt2])
+def test_sparsified_hf_models_run_attention_through_fastprune(factory):
+    # with example inputs, a HuggingFace model on torch's SDPA calls fastprune's attention op
+    # (registered with HuggingFace's AttentionInterface); same outputs, padding and causal masks
+    # included; the user's model keeps its SDPA; fuse=False leaves it
+    from fastprune import ops
+    from fastprune.nn.fuse import HF_ATTENTION, use_fastprune_attention
+
+    class Positional(torch.nn.Module):  # a user's wrapper: (ids, mask) -> logits
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, ids, mask=None):
+            return self.hf(input_ids=ids, attention_mask=mask).logits
+
+    model = Positional(factory())
+    include = "hf.bert.encoder" if factory is bert else "hf.transformer.h"
+    fastprune.prune(model, "magnitude", sparsity=0.9, include=include, scope="layer")
+    g = torch.Generator().manual_seed(3)
+    ids, mask = torch.randint(0, 60, (3, 20), generator=g), torch.ones(3, 20, dtype=torch.long)
+    mask[0, 13:] = 0
+    args = (ids, mask)
+    sp = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args)
+    timed = fastprune.sparsify(model, example_inputs=args)
+    plain = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args, fuse=False)
+    assert sp.fused_attention == "fastprune's attention: untimed (min_sparsity given)"
+    assert "timed" in timed.fused_attention and plain.fused_attention == ""
+    assert sp.hf.config._attn_implementation == HF_ATTENTION
+    assert model.hf.config._attn_implementation == "sdpa" and plain.hf.config._attn_implementation == "sdpa"
+    ops.reset_kernel_counts()
+    with torch.no_grad():
+        got, want = sp(*args), model(*args)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        calls = sum(n for (op, _), n in ops.kernel_counts().items() if op == "scaled_dot_product_attention")
+        assert calls == 2  # one per layer
+        # GPT-2 without a padding mask is causal with no mask: HuggingFace's SDPA runs it (the op has
+        # no is_causal), with the same result
+        ops.reset_kernel_counts()
+        torch.testing.assert_close(sp(ids), model(ids), rtol=1e-4, atol=1e-5)
+        calls = sum(n for (op, _), n in ops.kernel_counts().items() if op == "scaled_dot_product_attention")
+        assert calls == (0 if factory is gpt2 else 2)
+    # with gradients (the op's backward is its reference's)
+    grad_model = fastprune.sparsify(model, min_sparsity=0.5, example_inputs=args)
+    grad_model.train()
+    for mod in grad_model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    loss = grad_model(*args).square().mean()
+    loss.backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in grad_model.parameters())
+    # eager attention returns the attention weights: left alone
+    eager = factory()
+    eager.config._attn_implementation = "eager"
+    assert use_fastprune_attention(eager) == 0 and eager.config._attn_implementation == "eager"

@@ -23,6 +23,13 @@ not eat the time the sparse kernels save:
   ``dense`` then ``intermediate_act_fn``; ``output.dense`` after it) with both layers sparse runs as
   one :func:`fastprune.ops.sparse_ffn` call (:class:`fastprune.nn.SparseFFNOutput`), kept only where
   the whole model gives the same outputs on the example inputs.
+- :func:`fuse_attention`: a HuggingFace model whose attention runs torch's SDPA
+  (``config._attn_implementation == "sdpa"``) calls :func:`fastprune.ops.scaled_dot_product_attention`
+  instead (:func:`use_fastprune_attention`: registered with HuggingFace's ``AttentionInterface``
+  under :data:`HF_ATTENTION`, with SDPA's mask function; calls our op cannot compute, such as
+  causal, dropout, grouped-query, soft-capped or off the CPU, go on to torch's SDPA), kept where the
+  model gives the same outputs on the example inputs and is not timed slower by the calibration
+  margin.
 """
 
 from __future__ import annotations
@@ -37,17 +44,21 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fastprune.nn.sparse import SparseBottleneck, SparseConv2d, SparseFFNOutput, SparseLinear, bottleneck_mismatch
+from fastprune.ops.attention import scaled_dot_product_attention
 from fastprune.ops.pool import max_pool2d
 from fastprune.structure.trace import LeafTracer
 
 __all__ = [
     "FastMaxPool2d",
     "channels_last_pools",
+    "HF_ATTENTION",
     "fuse_activations",
+    "fuse_attention",
     "fuse_bottlenecks",
     "fuse_ffn",
     "graph_tracer",
     "swap_max_pools",
+    "use_fastprune_attention",
 ]
 
 
@@ -467,3 +478,117 @@ def fuse_bottlenecks(gm: fx.GraphModule, example_inputs: tuple, decide: Any) -> 
             gm.graph.erase_node(n)
     gm.recompile()
     return out
+
+
+# ---- attention of HuggingFace models ----
+
+HF_ATTENTION = "fastprune_sdpa"
+# keyword arguments whose meaning the op does not have (HuggingFace's SDPA refuses softcap too)
+_HF_UNSUPPORTED = ("softcap", "position_bias", "sliding_window", "s_aux", "output_attentions")
+
+
+def _hf_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HuggingFace's attention-function protocol: (module, q, k, v (B, H, L, D), mask, ...) ->
+    ((B, L, H, D), None), through :func:`fastprune.ops.scaled_dot_product_attention` where it
+    computes the same thing as HuggingFace's SDPA function, otherwise through that function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    ours = (
+        query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.float64)
+        and key.dtype == query.dtype
+        and value.dtype == query.dtype
+        and query.dim() == 4
+        and key.shape[:2] == query.shape[:2]
+        and value.shape[:2] == query.shape[:2]
+        and (dropout == 0.0 or not module.training)
+        and not (query.shape[2] > 1 and attention_mask is None and causal)
+        and (attention_mask is None or attention_mask.dtype in (torch.bool, query.dtype))
+        and not any(kwargs.get(k) for k in _HF_UNSUPPORTED)
+    )
+    if not ours:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = scaled_dot_product_attention(query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _hf_sdpa_configs(model: nn.Module) -> list[Any]:
+    """The HuggingFace configs of ``model``'s submodules (the model itself, or one wrapped in a
+    user's module) that choose torch's SDPA, each once."""
+    found: dict[int, Any] = {}
+    for mod in model.modules():
+        config = getattr(mod, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(config, "sub_configs"):
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
+def _set_attention(configs: list[Any], name: str) -> None:
+    for config in configs:
+        config._attn_implementation = name
+
+
+def use_fastprune_attention(model: nn.Module) -> int:
+    """Make the HuggingFace models in ``model`` (itself or its submodules) whose attention runs
+    torch's SDPA call :func:`fastprune.ops.scaled_dot_product_attention`, in place: their configs,
+    sub-configs included, name :data:`HF_ATTENTION`, registered with HuggingFace's
+    ``AttentionInterface`` and, with SDPA's mask function, ``AttentionMaskInterface``. Returns how
+    many configs it changed: 0 for a model without one or with another attention (eager, which
+    returns the attention weights, flash, flex)."""
+    configs = _hf_sdpa_configs(model)
+    if configs:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import AttentionInterface
+
+        AttentionInterface.register(HF_ATTENTION, _hf_attention)
+        AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
+        _set_attention(configs, HF_ATTENTION)
+    return len(configs)
+
+
+def fuse_attention(model: nn.Module, example_inputs: tuple | None, decide: Any) -> str:
+    """:func:`use_fastprune_attention` on ``model`` (in place), kept only when the model gives the
+    same outputs on ``example_inputs`` and ``decide(ours, sdpa)`` (two callables running the model
+    each way) says so; returns what was done and why ("" for a model that has no SDPA attention)."""
+    configs = _hf_sdpa_configs(model)
+    if not configs:
+        return ""
+    if example_inputs is None:
+        return "kept torch's SDPA: no example_inputs to check the outputs on"
+    with torch.no_grad():
+        before = _tensors(model(*example_inputs))
+    use_fastprune_attention(model)
+    try:
+        with torch.no_grad():
+            ok = _same(before, _tensors(model(*example_inputs)))
+    except Exception as e:  # noqa: BLE001 - a model it breaks is restored below
+        _set_attention(configs, "sdpa")
+        return f"kept torch's SDPA: the model failed with fastprune's ({type(e).__name__}: {e})"
+    if not ok:
+        _set_attention(configs, "sdpa")
+        return "kept torch's SDPA: the outputs changed with fastprune's"
+
+    def run(name: str) -> Any:
+        def call() -> None:
+            _set_attention(configs, name)
+            with torch.no_grad():
+                model(*example_inputs)
+
+        return call
+
+    keep, why = decide(run(HF_ATTENTION), run("sdpa"))
+    _set_attention(configs, HF_ATTENTION if keep else "sdpa")
+    return f"fastprune's attention: {why}" if keep else f"kept torch's SDPA: {why}"
