@@ -1,7 +1,8 @@
 """Sparse inference against DeepSparse: ResNet-50 (90 / 95 %, batch 1 and 8) and BERT-base (90 %,
 sequence 128, batch 1) on the same pruned weights, every runtime in its own process.
 
-Runtimes: dense torch (NCHW and channels-last, the better one is the baseline), torch.compile of
+Runtimes: dense torch (NCHW and channels-last for ResNet-50; for BERT F.linear and oneDNN's Linear
+through ``torch.utils.mkldnn``, since MKL runs AVX2 code on AMD CPUs: the best one is the baseline), torch.compile of
 the dense model, fastprune (``sparsify`` with its per-layer calibration; and the same under
 ``torch.compile``), DeepSparse 1.8 and ONNX Runtime (dense) from the exported ONNX file, run by
 ``onnx_worker.py`` in their own venv (``--onnx-python``; ``make bench`` builds it when the registry
@@ -35,7 +36,7 @@ from onnx_worker import serve  # noqa: E402  (the same protocol for every runtim
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE = ROOT / "build" / "bench_vs_deepsparse"
 DEFAULT_ONNX_PYTHON = ROOT / "build" / "ds-venv" / "bin" / "python"
-TORCH_RUNTIMES = ["dense", "dense-cl", "dense-compile", "fastprune", "fastprune-compile"]
+TORCH_RUNTIMES = ["dense", "dense-cl", "dense-onednn", "dense-compile", "fastprune", "fastprune-compile"]
 ONNX_RUNTIMES = ["deepsparse", "onnxruntime"]
 CELLS = [("resnet50", 0.9, 1), ("resnet50", 0.9, 8), ("resnet50", 0.95, 1), ("resnet50", 0.95, 8), ("bert", 0.9, 1)]
 
@@ -142,6 +143,10 @@ def torch_worker(runtime: str, kind: str, sparsity: float, threads: int, weights
         if runtime == "dense-cl":
             model = model.to(memory_format=torch.channels_last)
             inputs = tuple(t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in inputs)
+        elif runtime == "dense-onednn":  # every Linear through oneDNN (in and out as dense tensors)
+            import torch.utils.mkldnn
+
+            model = torch.utils.mkldnn.to_mkldnn(model)
         elif runtime == "dense-compile":
             model = torch.compile(model)
         elif runtime.startswith("fastprune"):
@@ -214,7 +219,8 @@ def run_cell(kind: str, sparsity: float, batch: int, threads: int, args: argpars
     have_onnx = onnx_python.exists()
     files = prepare(kind, sparsity, batch, have_onnx)
     env = dict(os.environ, **harness.MALLOC_ENV, OMP_NUM_THREADS=str(threads))
-    runtimes = [r for r in TORCH_RUNTIMES if not (r == "dense-cl" and kind == "bert")]
+    # (ResNet-50's convs are oneDNN's already; BERT has no images to lay out channels-last)
+    runtimes = [r for r in TORCH_RUNTIMES if r != ("dense-cl" if kind == "bert" else "dense-onednn")]
     if args.no_compile or model_name(kind, sparsity) + f"-{batch}" not in args.compile_cells.split(","):
         runtimes = [r for r in runtimes if not r.endswith("compile")]
     workers = []
@@ -256,7 +262,11 @@ def run_cell(kind: str, sparsity: float, batch: int, threads: int, args: argpars
             "agrees_with_dense": agree,
             "note": w.ready.get("note", ""),
             "version": w.ready.get("version"),
-            **{k: w.ready[k] for k in ("dense_layers", "fused_bottlenecks", "fused_ffn", "fused_attention") if k in w.ready},
+            **{
+                k: w.ready[k]
+                for k in ("dense_layers", "fused_bottlenecks", "fused_ffn", "fused_attention")
+                if k in w.ready
+            },
         }
         if not agree:
             print(f"  WARNING {w.runtime}: output checksum {w.ready['checksum']:.6g} vs dense {ref:.6g}", flush=True)
@@ -323,8 +333,8 @@ def main() -> None:
     for r in results:
         rt = r["runtimes"]
         key = "cpu_ms" if r["threads"] == 1 else "wall_ms"
-        dense_opts = [rt[k] for k in ("dense", "dense-cl") if k in rt]
-        dense = min(dense_opts, key=lambda v: v[key])
+        dense_opts = {k: rt[k] for k in ("dense", "dense-cl", "dense-onednn") if k in rt}
+        dense_name, dense = min(dense_opts.items(), key=lambda kv: kv[1][key])
         fp_opts = {k: rt[k] for k in ("fastprune", "fastprune-compile") if k in rt}
         fp_name, fp = min(fp_opts.items(), key=lambda kv: kv[1][key])
         ds = rt.get("deepsparse")
@@ -334,7 +344,7 @@ def main() -> None:
                 r["batch"],
                 r["threads"],
                 "cpu" if key == "cpu_ms" else "wall",
-                fmt(dense, key),
+                f"{dense[key]:.1f} ({dense_name})",
                 fmt(rt.get("dense-compile"), key),
                 f"{fp[key]:.1f} ({fp_name}; {fp['note']})",
                 fmt(ds, key),
@@ -362,8 +372,8 @@ def main() -> None:
     print(table)
     note = (
         "\n\nms per inference, medians over alternating rounds, one runtime per process (the others stopped); "
-        "'cpu' = process CPU time (1 thread), 'wall' for 2 threads. dense torch = the better of NCHW and "
-        "channels-last. Ratios > 1: fastprune faster.\n"
+        "'cpu' = process CPU time (1 thread), 'wall' for 2 threads. dense torch = the best of NCHW and "
+        "channels-last (ResNet-50), F.linear and oneDNN's Linear (BERT). Ratios > 1: fastprune faster.\n"
     )
     if args.only:
         return
