@@ -501,7 +501,7 @@ def _hf_attention(
     """HuggingFace's attention-function protocol: (module, q, k, v (B, H, L, D), mask, ...) ->
     ((B, L, H, D), None), through :func:`fastprune.ops.scaled_dot_product_attention` where it
     computes the same thing as HuggingFace's SDPA function, otherwise through that function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # optional: HF models only
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     ours = (
@@ -550,8 +550,9 @@ def use_fastprune_attention(model: nn.Module) -> int:
     returns the attention weights, flash, flex)."""
     configs = _hf_sdpa_configs(model)
     if configs:
+        # optional dependency: only a model holding a HuggingFace config gets here
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        from transformers.modeling_utils import AttentionInterface
+        from transformers.modeling_utils import AttentionInterface  # (optional, as above)
 
         AttentionInterface.register(HF_ATTENTION, _hf_attention)
         AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
