@@ -152,3 +152,43 @@ def test_calibration_margin_rounds_and_table_fallback():
         swap, reason, *_ = decide(0.95, 1.0, table)
         assert swap is table and "by the sparsity table" in reason
         assert calls["s"] == 1 + mod.CALIBRATION_ROUNDS[1]
+
+
+@pytest.mark.parametrize("swap_first", [False, True])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_sparsify_torch_transformer_encoder(swap_first, norm_first):
+    # torch's TransformerEncoder in eval mode takes a fused fast path that reads every projection's
+    # weight (and needs nn.MultiheadAttention): sparsify turns it off where it swapped a layer, keeps
+    # nn.MultiheadAttention's out_proj dense (it reads out_proj.weight itself) unless swap_attention
+    # made the projections Linears, and the model computes what it computed
+    from fastprune.nn import MultiheadSelfAttention, swap_attention
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 7, 32)
+    if swap_first:
+        with torch.no_grad():
+            fast = enc(x)  # torch's fused fast path
+            swap_attention(enc)
+            torch.testing.assert_close(enc(x), fast, rtol=1e-5, atol=1e-5)  # the same function, unfused
+        assert isinstance(enc.layers[0].self_attn, MultiheadSelfAttention)
+    fastprune.prune(enc, "magnitude", sparsity=0.9, scope="layer")
+    fastprune.finalize(enc)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    with torch.no_grad():
+        want, want_pad = enc(x), enc(x, src_key_padding_mask=pad)
+        sp = sparsify(enc, min_sparsity=0.5, example_inputs=(x,))
+        torch.testing.assert_close(sp(x), want, rtol=1e-4, atol=1e-5)
+        got_pad = sp(x, src_key_padding_mask=pad)
+        torch.testing.assert_close(got_pad[1:], want_pad[1:], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_pad[0, :5], want_pad[0, :5], rtol=1e-4, atol=1e-5)
+    dec = {d.name: d for d in fastprune.sparsify_decisions(sp)}
+    assert dec["layers.0.linear1"].swapped and dec["layers.1.linear2"].swapped
+    if swap_first:
+        assert dec["layers.0.self_attn.q_proj"].swapped and dec["layers.0.self_attn.out_proj"].swapped
+    else:
+        assert not dec["layers.0.self_attn.out_proj"].swapped
+        assert "reads out_proj.weight" in dec["layers.0.self_attn.out_proj"].reason
+    assert isinstance(enc.layers[0].linear1, nn.Linear)  # the user's model is untouched

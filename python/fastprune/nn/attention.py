@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastprune.nn.sparse import SparseConv2d, SparseLinear
 from fastprune.structure.handlers import HeadSpec, register_attention
 
-__all__ = ["MultiheadSelfAttention", "swap_attention"]
+__all__ = ["MultiheadSelfAttention", "swap_attention", "torch_fast_paths_off"]
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -55,6 +56,13 @@ class MultiheadSelfAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.v_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
+
+    @property
+    def in_proj_bias(self) -> None:
+        """None. torch's TransformerEncoderLayer reads ``self_attn.in_proj_bias`` to decide on its
+        fused fast path, which only ``nn.MultiheadAttention`` can run: None sends it down the path that
+        calls this module (the biases are ``q_proj.bias`` etc.)."""
+        return None
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> MultiheadSelfAttention:
@@ -145,15 +153,42 @@ class MultiheadSelfAttention(nn.Module):
 def swap_attention(model: nn.Module) -> nn.Module:
     """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by the equivalent
     :class:`MultiheadSelfAttention`; returns ``model``. (A model that is itself an
-    ``nn.MultiheadAttention`` is returned converted.)"""
+    ``nn.MultiheadAttention`` is returned converted.) torch's ``TransformerEncoderLayer`` /
+    ``TransformerEncoder`` fast paths, which need an ``nn.MultiheadAttention``, are turned off
+    where they held one (:func:`torch_fast_paths_off`)."""
     if isinstance(model, nn.MultiheadAttention):
         return MultiheadSelfAttention.from_mha(model)
+    _swap(model)
+    torch_fast_paths_off(model)
+    return model
+
+
+def _swap(model: nn.Module) -> None:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.MultiheadAttention):
             setattr(model, name, MultiheadSelfAttention.from_mha(child))
         else:
-            swap_attention(child)
-    return model
+            _swap(child)
+
+
+def torch_fast_paths_off(model: nn.Module) -> None:
+    """torch's ``TransformerEncoderLayer`` (and ``TransformerEncoder``'s nested-tensor path) take a
+    fused fast path in eval mode that reads every projection's weight tensor and needs an
+    ``nn.MultiheadAttention``: turn it off (in place) in each layer that holds another attention
+    module or a fastprune sparse layer, so that the layer calls its submodules (the same
+    computation; the layer's ``activation_relu_or_gelu`` flag only selects that path), and in the
+    encoders holding such layers."""
+    changed = []
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer) and (
+            not isinstance(mod.self_attn, nn.MultiheadAttention)
+            or any(isinstance(c, (SparseLinear, SparseConv2d)) for c in mod.modules())
+        ):
+            mod.activation_relu_or_gelu = 0
+            changed.append(mod)
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(layer in changed for layer in mod.layers):
+            mod.use_nested_tensor = False
 
 
 # its heads are prunable: the structure engine learns the projections' names

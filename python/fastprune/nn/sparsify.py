@@ -25,6 +25,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fastprune._modes import eval_mode
 from fastprune.masks import detach_masked_weights, finalize
+from fastprune.nn.attention import torch_fast_paths_off
 from fastprune.nn.fuse import (
     channels_last_pools,
     fuse_activations,
@@ -182,6 +183,19 @@ def _bottleneck_decider(timed: bool) -> Any:
     return decide
 
 
+def _weight_readers(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose parent reads their weight tensor instead of calling them (a sparse layer
+    has none): name -> why they stay dense."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            out[f"{name}.out_proj" if name else "out_proj"] = (
+                "nn.MultiheadAttention reads out_proj.weight itself (fastprune.nn.swap_attention(model) first "
+                "makes its projections Linears that can be sparse)"
+            )
+    return out
+
+
 def _attention_decider(timed: bool) -> Any:
     """fuse_attention's verdict: the whole model timed both ways (fastprune's attention taken unless
     slower by more than the calibration margin: the same function, measured 2.0-2.4x faster alone on
@@ -299,12 +313,16 @@ def sparsify(
             for h in handles:
                 h.remove()
     decisions: list[SwapDecision] = []
+    read_as_weights = _weight_readers(m)
     for name, mod in list(m.named_modules()):
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             continue
         kind = "linear" if isinstance(mod, nn.Linear) else "conv"
         w = mod.weight.detach()
         sp = float((w == 0).sum()) / max(1, w.numel())
+        if name in read_as_weights:
+            decisions.append(SwapDecision(name, kind, sp, False, read_as_weights[name]))
+            continue
         if w.dtype not in (torch.float32, torch.float64):
             decisions.append(SwapDecision(name, kind, sp, False, f"weight is {w.dtype} (the kernels take float32/64)"))
             continue
@@ -334,6 +352,7 @@ def sparsify(
         if swap:
             m.set_submodule(name, sparse_cls.from_dense(mod))
         decisions.append(SwapDecision(name, kind, sp, swap, reason, dense_ms, sparse_ms))
+    torch_fast_paths_off(m)
     ffn: list[str] = []
     bottlenecks: dict[str, str] = {}
     attention = ""
