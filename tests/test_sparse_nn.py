@@ -188,7 +188,12 @@ def test_sparsify_torch_transformer_encoder(swap_first, norm_first):
     assert dec["layers.0.linear1"].swapped and dec["layers.1.linear2"].swapped
     if swap_first:
         assert dec["layers.0.self_attn.q_proj"].swapped and dec["layers.0.self_attn.out_proj"].swapped
+        # the attention itself: fastprune's op (untimed with min_sparsity), the same outputs above
+        assert sp.fused_attention.startswith("fastprune's attention")
+        assert all(m.fastprune_attention for m in sp.modules() if isinstance(m, MultiheadSelfAttention))
+        assert not enc.layers[0].self_attn.fastprune_attention
     else:
+        assert sp.fused_attention == ""
         assert not dec["layers.0.self_attn.out_proj"].swapped
         assert "reads out_proj.weight" in dec["layers.0.self_attn.out_proj"].reason
     assert isinstance(enc.layers[0].linear1, nn.Linear)  # the user's model is untouched

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastprune.nn.sparse import SparseConv2d, SparseLinear
+from fastprune.ops.attention import scaled_dot_product_attention
 from fastprune.structure.handlers import HeadSpec, register_attention
 
 __all__ = ["MultiheadSelfAttention", "swap_attention", "torch_fast_paths_off"]
@@ -30,7 +31,13 @@ class MultiheadSelfAttention(nn.Module):
 
     Shapes: query (N, L, E) with batch_first (else (L, N, E)); key/value (N, S, E) -> (N, L, E).
     ``need_weights=True`` returns the attention weights averaged over heads (N, L, S).
+
+    ``fastprune_attention`` (default False; ``sparsify`` sets it where it times faster): with
+    ``need_weights=False``, no dropout and on the CPU, the attention itself runs
+    :func:`fastprune.ops.scaled_dot_product_attention` instead of torch's SDPA (the same function).
     """
+
+    fastprune_attention: bool = False
 
     def __init__(
         self,
@@ -140,6 +147,15 @@ class MultiheadSelfAttention(nn.Module):
             attn = scores.softmax(-1)
             weights = attn.mean(1) if average_attn_weights else attn
             ctx = F.dropout(attn, p, self.training) @ v
+        elif (
+            self.fastprune_attention
+            and p == 0.0
+            and not (is_causal and mask is None)
+            and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.float64)
+            and (mask is None or mask.dtype == q.dtype)
+        ):
+            ctx = scaled_dot_product_attention(q, k, v, mask)
         else:
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None

@@ -24,9 +24,10 @@ not eat the time the sparse kernels save:
   one :func:`fastprune.ops.sparse_ffn` call (:class:`fastprune.nn.SparseFFNOutput`), kept only where
   the whole model gives the same outputs on the example inputs.
 - :func:`fuse_attention`: a HuggingFace model whose attention runs torch's SDPA
-  (``config._attn_implementation == "sdpa"``) calls :func:`fastprune.ops.scaled_dot_product_attention`
-  instead (:func:`use_fastprune_attention`: registered with HuggingFace's ``AttentionInterface``
-  under :data:`HF_ATTENTION`, with SDPA's mask function; calls our op cannot compute, such as
+  (``config._attn_implementation == "sdpa"``), and each :class:`fastprune.nn.MultiheadSelfAttention`,
+  call :func:`fastprune.ops.scaled_dot_product_attention` instead (HuggingFace:
+  :func:`use_fastprune_attention`, registered with HuggingFace's ``AttentionInterface`` under
+  :data:`HF_ATTENTION`, with SDPA's mask function; calls the op cannot compute, such as
   causal, dropout, grouped-query, soft-capped or off the CPU, go on to torch's SDPA), kept where the
   model gives the same outputs on the example inputs and is not timed slower by the calibration
   margin.
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fastprune.nn.attention import MultiheadSelfAttention
 from fastprune.nn.sparse import SparseBottleneck, SparseConv2d, SparseFFNOutput, SparseLinear, bottleneck_mismatch
 from fastprune.ops.attention import scaled_dot_product_attention
 from fastprune.ops.pool import max_pool2d
@@ -561,35 +563,47 @@ def use_fastprune_attention(model: nn.Module) -> int:
 
 
 def fuse_attention(model: nn.Module, example_inputs: tuple | None, decide: Any) -> str:
-    """:func:`use_fastprune_attention` on ``model`` (in place), kept only when the model gives the
-    same outputs on ``example_inputs`` and ``decide(ours, sdpa)`` (two callables running the model
-    each way) says so; returns what was done and why ("" for a model that has no SDPA attention)."""
+    """Attention through :func:`fastprune.ops.scaled_dot_product_attention`, in place: the HuggingFace
+    models in ``model`` that run torch's SDPA (:func:`use_fastprune_attention`) and its
+    :class:`fastprune.nn.MultiheadSelfAttention` modules (``fastprune_attention``), kept only when
+    the model gives the same outputs on ``example_inputs`` and ``decide(ours, torch's)`` (two
+    callables running the model each way) says so; returns what was done and why ("" for a model
+    with neither)."""
     configs = _hf_sdpa_configs(model)
-    if not configs:
+    mods = [m for m in model.modules() if isinstance(m, MultiheadSelfAttention)]
+    if not configs and not mods:
         return ""
     if example_inputs is None:
         return "kept torch's SDPA: no example_inputs to check the outputs on"
     with torch.no_grad():
         before = _tensors(model(*example_inputs))
-    use_fastprune_attention(model)
+    if configs:
+        use_fastprune_attention(model)
+
+    def switch(ours: bool) -> None:
+        _set_attention(configs, HF_ATTENTION if ours else "sdpa")
+        for m in mods:
+            m.fastprune_attention = ours
+
+    switch(True)
     try:
         with torch.no_grad():
             ok = _same(before, _tensors(model(*example_inputs)))
     except Exception as e:  # noqa: BLE001 - a model it breaks is restored below
-        _set_attention(configs, "sdpa")
+        switch(False)
         return f"kept torch's SDPA: the model failed with fastprune's ({type(e).__name__}: {e})"
     if not ok:
-        _set_attention(configs, "sdpa")
+        switch(False)
         return "kept torch's SDPA: the outputs changed with fastprune's"
 
-    def run(name: str) -> Any:
+    def run(ours: bool) -> Any:
         def call() -> None:
-            _set_attention(configs, name)
+            switch(ours)
             with torch.no_grad():
                 model(*example_inputs)
 
         return call
 
-    keep, why = decide(run(HF_ATTENTION), run("sdpa"))
-    _set_attention(configs, HF_ATTENTION if keep else "sdpa")
+    keep, why = decide(run(True), run(False))
+    switch(keep)
     return f"fastprune's attention: {why}" if keep else f"kept torch's SDPA: {why}"

@@ -243,7 +243,8 @@ def sparsify(
             with ``example_inputs``, run each HuggingFace-style feed-forward block whose two
             Linears are sparse as one call (``model.fused_ffn`` names them; kept
             only where the model's outputs on the example inputs do not change); and, with
-            ``example_inputs``, make a HuggingFace model whose attention is torch's SDPA call
+            ``example_inputs``, make a HuggingFace model whose attention is torch's SDPA, and
+            :class:`fastprune.nn.MultiheadSelfAttention` modules, call
             :func:`fastprune.ops.scaled_dot_product_attention` (``model.fused_attention`` says
             whether and why): see :mod:`fastprune.nn.fuse`.
         micro_batch: run batches this many samples at a time through the whole model
