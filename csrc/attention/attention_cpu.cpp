@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "attention/attention.h"
@@ -36,8 +35,8 @@ namespace {
 
 constexpr int64_t kQueryBlock = 128;
 
-template <typename T, typename Rows>
-void run(const AttentionInputs& in, at::Tensor& out, int64_t pad, Rows rows) {
+template <typename T, typename Rows, typename Transpose>
+void run(const AttentionInputs& in, at::Tensor& out, int64_t pad, Rows rows, Transpose transpose) {
   const at::Tensor &q = in.q, &k = in.k, &v = in.v, &mask = in.mask;
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), E = q.size(3), S = k.size(2), Ev = v.size(3);
   const int64_t ldkt = std::max<int64_t>(pad, (S + pad - 1) / pad * pad);
@@ -54,20 +53,9 @@ void run(const AttentionInputs& in, at::Tensor& out, int64_t pad, Rows rows) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t bh = w / nqb, b = bh / H, h = bh % H, i0 = (w % nqb) * kQueryBlock;
       const int64_t nq = std::min(kQueryBlock, L - i0);
-      if (bh != have) {
-        const T* kb = kp + b * k.stride(0) + h * k.stride(1);
-        if constexpr (std::is_same_v<T, float>) {
-          if (k.stride(3) == 1) {
-            sparse::sparse_kernels(active_isa()).transpose(kb, k.stride(2), kt.data(), ldkt, S, E);
-            have = bh;
-          }
-        }
-        if (have != bh) {
-          for (int64_t d = 0; d < E; ++d) {
-            for (int64_t j = 0; j < S; ++j) kt[d * ldkt + j] = kb[j * k.stride(2) + d * k.stride(3)];
-          }
-          have = bh;
-        }
+      if (bh != have) {  // (K's last stride is 1: check_attention_inputs)
+        transpose(kp + b * k.stride(0) + h * k.stride(1), k.stride(2), kt.data(), ldkt, S, E);
+        have = bh;
       }
       rows(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2), q.stride(2), kt.data(), ldkt,
            vp + b * v.stride(0) + h * v.stride(1), v.stride(2),
@@ -89,9 +77,9 @@ at::Tensor attention_cpu(const at::Tensor& query, const at::Tensor& key, const a
       out.zero_();  // no keys: every row is fully masked
     } else if (f32) {
       const AttentionKernels& kern = attention_kernels(isa);
-      run<float>(in, out, kern.kt_pad, kern.rows);
+      run<float>(in, out, kern.kt_pad, kern.rows, sparse::sparse_kernels(isa).transpose);
     } else {
-      run<double>(in, out, 1, rows_portable<double>);
+      run<double>(in, out, 1, rows_portable<double>, transpose_portable<double>);
     }
   }
   return out.reshape(in.out_shape);

@@ -10,6 +10,15 @@
 namespace fastprune {
 namespace attention {
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (K into K^T; float32 takes the sparse
+// kernels' register transposes)
+template <typename T>
+void transpose_portable(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
+  }
+}
+
 template <typename T>
 void rows_portable(const T* q, int64_t ldq, const T* kt, int64_t ldkt, const T* v, int64_t ldv, const T* mask,
                    int64_t ldm, int64_t nq, int64_t S, int64_t E, int64_t Ev, T scale, T* sc, T* out, int64_t ldo) {

@@ -45,19 +45,12 @@ struct V256 {
   }
   // as V512::exp (attention_kernels_avx512.cpp), 2^n built in the exponent bits (n >= -126 here)
   static Reg exp(Reg x) {
-    const Reg lo = set1(-87.3f);
+    const Reg lo = set1(kExpLow);
     const Reg xc = _mm256_max_ps(lo, x);
-    const Reg n = _mm256_round_ps(_mm256_mul_ps(xc, set1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    Reg r = _mm256_fnmadd_ps(n, set1(0.693145752f), xc);
-    r = _mm256_fnmadd_ps(n, set1(1.42860677e-6f), r);
-    Reg p = set1(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, r, set1(1.0f / 720));
-    p = _mm256_fmadd_ps(p, r, set1(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, set1(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, set1(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, set1(0.5f));
-    p = _mm256_fmadd_ps(p, r, set1(1.0f));
-    p = _mm256_fmadd_ps(p, r, set1(1.0f));
+    const Reg n = _mm256_round_ps(_mm256_mul_ps(xc, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    Reg r = _mm256_fnmadd_ps(n, set1(kLn2Hi), xc);
+    r = _mm256_fnmadd_ps(n, set1(kLn2Lo), r);
+    const Reg p = exp_reduced<V256>(r);
     const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const Reg e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
     return _mm256_blendv_ps(e, zero(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));

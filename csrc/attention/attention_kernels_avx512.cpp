@@ -32,19 +32,12 @@ struct V512 {
   // polynomial (|r| <= ln2 / 2: error below 1e-8 relative), 2^n by scalef; 0 below -87.3 (e^x would
   // be denormal: -inf scores weigh exactly 0); NaN stays NaN (max(lo, x) returns x when x is NaN).
   static Reg exp(Reg x) {
-    const Reg lo = set1(-87.3f);
+    const Reg lo = set1(kExpLow);
     const Reg xc = _mm512_max_ps(lo, x);
-    const Reg n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    Reg r = _mm512_fnmadd_ps(n, set1(0.693145752f), xc);
-    r = _mm512_fnmadd_ps(n, set1(1.42860677e-6f), r);
-    Reg p = set1(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, set1(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, set1(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, set1(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, set1(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, set1(0.5f));
-    p = _mm512_fmadd_ps(p, r, set1(1.0f));
-    p = _mm512_fmadd_ps(p, r, set1(1.0f));
+    const Reg n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    Reg r = _mm512_fnmadd_ps(n, set1(kLn2Hi), xc);
+    r = _mm512_fnmadd_ps(n, set1(kLn2Lo), r);
+    const Reg p = exp_reduced<V512>(r);
     const Reg e = _mm512_scalef_ps(p, n);
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), e, zero());
   }

@@ -17,6 +17,20 @@
 namespace fastprune {
 namespace attention {
 
+// e^r for |r| <= ln 2 / 2 by its degree-7 Taylor polynomial (error below 1e-8 relative), the part of
+// V::exp that both ISAs share; V::exp reduces x = n ln 2 + r (ln 2 in two parts, kLn2Hi + kLn2Lo) and
+// scales by 2^n its own way.
+constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693145752f, kLn2Lo = 1.42860677e-6f, kExpLow = -87.3f;
+
+template <class V>
+inline typename V::Reg exp_reduced(typename V::Reg r) {
+  constexpr float c[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  typename V::Reg p = V::set1(c[0]);
+  FP_UNROLL
+  for (int d = 1; d < 8; ++d) p = V::fmadd(p, r, V::set1(c[d]));
+  return p;
+}
+
 template <class V, int R>
 inline void score_block(const float* q, int64_t ldq, const float* kt, int64_t ldkt, int64_t S, int64_t E, float* sc,
                         int64_t i0) {

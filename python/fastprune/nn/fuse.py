@@ -514,7 +514,7 @@ def _hf_attention(
         and query.dim() == 4
         and key.shape[:2] == query.shape[:2]
         and value.shape[:2] == query.shape[:2]
-        and (dropout == 0.0 or not module.training)
+        and dropout == 0.0  # (HuggingFace passes 0.0 outside training)
         and not (query.shape[2] > 1 and attention_mask is None and causal)
         and (attention_mask is None or attention_mask.dtype in (torch.bool, query.dtype))
         and not any(kwargs.get(k) for k in _HF_UNSUPPORTED)
