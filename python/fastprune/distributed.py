@@ -20,7 +20,8 @@ no-op, so the same code runs on one machine.
 Used by SInGE, Taylor (:mod:`fastprune.importance.singe`), NISP (:mod:`fastprune.importance.nisp`)
 and WoodFisher (:class:`fastprune.fisher.ShardedFisherInverse`, :func:`fastprune.select.sharded_topk_keep`).
 Launch with ``torchrun --nproc-per-node N`` (gloo on CPU, NCCL on GPU) and give each rank its shard
-(``torch.utils.data.DistributedSampler``).
+(``torch.utils.data.DistributedSampler``). Import fastprune before ``init_process_group`` (see the
+import of torch.distributed.nn.functional below: otherwise the group outlives destroy_process_group).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn's collectives take ``group=group.WORLD`` as a default argument, evaluated when
+# that module is first imported. Imported after init_process_group (functorch's grad imports it,
+# through torch._dynamo and FSDP, the first time WoodFisher or SInGE take per-sample gradients), they
+# hold the process group past destroy_process_group: its gloo threads then outlive Python and abort
+# the process at exit, at random (libstdc++ "terminate called without an active exception"). Imported
+# here, with ``import fastprune``, before any process group exists, the default they hold is None.
+import torch.distributed.nn.functional  # noqa: F401
 
 __all__ = [
     "all_gather_ints",
