@@ -421,7 +421,10 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       // accumulators go through memory once per panel; one vector of 16 samples, 4 rows at a
       // time, 0.62-0.85x at 128 rows: every nonzero's value and column are read per 16 samples.)
       const bool panel = kern.spmm_panels != nullptr && n >= kern.panel_samples;
-      const int64_t B = panel ? kern.panel_samples : linear_block(kern.spmm_samples, K);
+      // (a single block no wider than the samples rounded up to 16: with 16 samples in blocks of 128,
+      // each column's vector sat alone at the start of 512 bytes, in an eighth of L1's sets, so the
+      // 48 KB of X^T at 768 inputs missed L1 as if it were 384 KB)
+      const int64_t B = panel ? kern.panel_samples : std::min(linear_block(kern.spmm_samples, K), (n + 15) / 16 * 16);
       const int64_t nb = (n + B - 1) / B, last = n - (nb - 1) * B;
       if (panel) note_kernel(KernelOp::kSparseLinearPanels, path_of_isa(static_cast<int>(isa)));
       at::Tensor xb = at::empty({nb, K, B}, input.options());
