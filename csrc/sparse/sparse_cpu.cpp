@@ -121,11 +121,16 @@ constexpr int64_t kTileSpan = 16;
 // (to a floor of 16) while the block's slice of the input, K * B floats, exceeds 4/5 of the L2
 // cache. (Half of it, before, gave 32 samples for BERT's 3072 -> 768 on Zen 5's 1 MB L2: 64 ran that
 // layer 1.25x faster at 128 rows, 90 %; 128 was best for 768 inputs, measured in one process, 2026-12-02).
-int64_t linear_block(int64_t samples, int64_t K) {
+int64_t l2_cache_bytes() {
   static const int64_t l2 = [] {
     const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return v > 0 ? static_cast<int64_t>(v) : int64_t(512) << 10;
   }();
+  return l2;
+}
+
+int64_t linear_block(int64_t samples, int64_t K) {
+  const int64_t l2 = l2_cache_bytes();
   int64_t B = samples;
   while (B > 16 && K * B * static_cast<int64_t>(sizeof(float)) * 5 > l2 * 4) B /= 2;
   return B;
@@ -427,31 +432,43 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       const int64_t B = panel ? kern.panel_samples : std::min(linear_block(kern.spmm_samples, K), (n + 15) / 16 * 16);
       const int64_t nb = (n + B - 1) / B, last = n - (nb - 1) * B;
       if (panel) note_kernel(KernelOp::kSparseLinearPanels, path_of_isa(static_cast<int>(isa)));
-      at::Tensor xb = at::empty({nb, K, B}, input.options());
-      at::Tensor yb = at::empty({nb, O, B}, input.options());
+      // Where the blocks' X^T passes twice L2, groups of g blocks, as many as one L2 holds, through one
+      // (g, K, B) and one (g, O, B) buffer, reused: the whole input transposed first into (nb, K, B)
+      // (and every block's results into (nb, O, B)) went out to L3 and came back, 6.3 MB each way
+      // for 512 x 3072 inputs (a block at a time: 3072 -> 768 at 512 rows 1.11-1.21x, Zen 5, 1
+      // thread). Below that, one group: a parallel region per block or group cost 768 x 768 at 512
+      // rows 4-15 % at 2 threads.
+      const int64_t xbytes = K * B * static_cast<int64_t>(sizeof(float));
+      const int64_t g = nb * xbytes <= 2 * l2_cache_bytes() ? nb : std::max<int64_t>(1, l2_cache_bytes() / xbytes);
+      at::Tensor xb = at::empty({g, K, B}, input.options());
+      at::Tensor yb = at::empty({g, O, B}, input.options());
       float* xbp = xb.data_ptr<float>();
       float* ybp = yb.data_ptr<float>();
       float* outp = out.data_ptr<float>();
-      // (ATen's strided copies for these two layouts cost 39 of BERT-base's 250 ms at 90 %)
-      to_blocks(kern, xp, n, K, B, 0, nb, xbp);
-      // work items (block, chunk of rows): a thread runs its rows over a block while it is in cache,
-      // then writes their results, transposed, into the output
-      at::parallel_for(0, nb * nchunks, 1, [&](int64_t w0, int64_t w1) {
-        bool bad = false;
-        for (int64_t w = w0; w < w1; ++w) {
-          const int64_t bi = w / nchunks, c = w % nchunks, nbi = bi == nb - 1 ? last : B;
-          const int64_t r0 = chunks[c], r1 = chunks[c + 1];
-          if (panel && nbi == B) {  // (a last, partial block: the one-row loop, which masks its lanes)
-            kern.spmm_panels(derived->pst.data(), derived->np, col.const_data_ptr(), wide, v,
-                             xbp + bi * K * B, b, relu ? kActRelu : kActNone, r0, r1, ybp + bi * O * B);
-          } else {
-            kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xbp + bi * K * B, B, K, nbi, b, relu, r0, r1,
-                      ybp + bi * O * B, B, &bad);
+      for (int64_t g0 = 0; g0 < nb; g0 += g) {
+        const int64_t gn = std::min(g, nb - g0);
+        // (ATen's strided copies for these two layouts cost 39 of BERT-base's 250 ms at 90 %)
+        to_blocks(kern, xp, n, K, B, g0, gn, xbp);
+        // work items (block, chunk of rows): a thread runs its rows over a block while it is in
+        // cache, then writes their results, transposed, into the output
+        at::parallel_for(0, gn * nchunks, 1, [&](int64_t w0, int64_t w1) {
+          bool bad = false;
+          for (int64_t w = w0; w < w1; ++w) {
+            const int64_t j = w / nchunks, c = w % nchunks, bi = g0 + j, nbi = bi == nb - 1 ? last : B;
+            const int64_t r0 = chunks[c], r1 = chunks[c + 1];
+            const float* xj = xbp + j * K * B;
+            float* yj = ybp + j * O * B;
+            if (panel && nbi == B) {  // (a last, partial block: the one-row loop, which masks its lanes)
+              kern.spmm_panels(derived->pst.data(), derived->np, col.const_data_ptr(), wide, v, xj, b,
+                               relu ? kActRelu : kActNone, r0, r1, yj);
+            } else {
+              kern.spmm(rp, runs, col.const_data_ptr(), wide, v, xj, B, K, nbi, b, relu, r0, r1, yj, B, &bad);
+            }
+            kern.transpose(yj + r0 * B, B, outp + bi * B * O + r0, O, r1 - r0, nbi);
           }
-          kern.transpose(ybp + bi * O * B + r0 * B, B, outp + bi * B * O + r0, O, r1 - r0, nbi);
-        }
-        if (bad) any_bad = true;
-      });
+          if (bad) any_bad = true;
+        });
+      }
     }
   } else {
     note_kernel(KernelOp::kSparseLinear, KernelPath::kFloat64);
