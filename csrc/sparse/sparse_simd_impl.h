@@ -293,22 +293,30 @@ inline void conv_tile(const int32_t* rp, const int32_t* off, const float* val, c
   const int64_t k0 = rp[r], len = rp[r + 1] - k0;
   const int32_t* o = off + k0;
   const float* w[G];
+  FP_UNROLL
   for (int i = 0; i < G; ++i) w[i] = val + rp[r + i];
   typename V::Reg acc[G][T];
+  FP_UNROLL
   for (int i = 0; i < G; ++i) {
+    FP_UNROLL
     for (int t = 0; t < T; ++t) acc[i][t] = V::zero();
   }
   const float* base = xin + q0;
   for (int64_t k = 0; k < len; ++k) {
     const float* s = base + o[k];
     typename V::Reg x[T];
+    FP_UNROLL
     for (int t = 0; t < T; ++t) x[t] = V::loadu(s + t * W);
+    FP_UNROLL
     for (int i = 0; i < G; ++i) {
       const typename V::Reg v = V::set1(w[i][k]);
+      FP_UNROLL
       for (int t = 0; t < T; ++t) acc[i][t] = V::fmadd(v, x[t], acc[i][t]);
     }
   }
+  FP_UNROLL
   for (int i = 0; i < G; ++i) {
+    FP_UNROLL
     for (int t = 0; t < T; ++t) conv_store<V>(out, r + i, q0 + t * W, acc[i][t]);
   }
 }
