@@ -2,35 +2,22 @@
 #include <immintrin.h>
 
 #include "attention/attention_simd_impl.h"
+#include "common/simd_x86.h"
 
 namespace fastprune {
 namespace attention {
 namespace avx2 {
 namespace {
 
-struct V256 {
-  using Reg = __m256;
-  static constexpr int64_t kWidth = 8;
+struct V256 : simd::F32x8 {
   static constexpr int kScoreRows = 6;  // 6 rows x 2 vectors of keys: 12 of the 16 ymm accumulate
   static constexpr int kOutRows = 2;    // 2 rows x 4 vectors of V's columns: 8 accumulate, 4 hold V's row
-  static Reg zero() { return _mm256_setzero_ps(); }
-  static Reg set1(float f) { return _mm256_set1_ps(f); }
-  static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static void storeu(float* p, Reg v) { _mm256_storeu_ps(p, v); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
-  static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
-  static __m256i lanes(int64_t n) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
   static Reg load_tail(const float* p, int64_t n, float fill) {
-    const __m256i m = lanes(n);
-    return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+    const Mask m = mask(n);
+    return _mm256_blendv_ps(set1(fill), maskz_load(m, p), _mm256_castsi256_ps(m));
   }
-  static void store_tail(float* p, int64_t n, Reg v) { _mm256_maskstore_ps(p, lanes(n), v); }
-  static Reg keep(Reg x, int64_t n, float fill) { return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(lanes(n))); }
+  static void store_tail(float* p, int64_t n, Reg v) { mask_store(p, mask(n), v); }
+  static Reg keep(Reg x, int64_t n, float fill) { return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(mask(n))); }
   static float hmax(Reg v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));

@@ -2,30 +2,19 @@
 #include <immintrin.h>
 
 #include "attention/attention_simd_impl.h"
+#include "common/simd_x86.h"
 
 namespace fastprune {
 namespace attention {
 namespace avx512 {
 namespace {
 
-struct V512 {
-  using Reg = __m512;
-  static constexpr int64_t kWidth = 16;
+struct V512 : simd::F32x16 {
   static constexpr int kScoreRows = 8;  // 8 rows x 2 vectors of keys: 16 of the 32 zmm accumulate
   static constexpr int kOutRows = 6;    // 6 rows x 4 vectors of V's columns: 24 accumulate
-  static Reg zero() { return _mm512_setzero_ps(); }
-  static Reg set1(float f) { return _mm512_set1_ps(f); }
-  static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static void storeu(float* p, Reg v) { _mm512_storeu_ps(p, v); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-  static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
-  static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
-  static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
-  static __mmask16 lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-  static Reg load_tail(const float* p, int64_t n, float fill) { return _mm512_mask_loadu_ps(set1(fill), lanes(n), p); }
-  static void store_tail(float* p, int64_t n, Reg v) { _mm512_mask_storeu_ps(p, lanes(n), v); }
-  static Reg keep(Reg x, int64_t n, float fill) { return _mm512_mask_blend_ps(lanes(n), set1(fill), x); }
+  static Reg load_tail(const float* p, int64_t n, float fill) { return _mm512_mask_loadu_ps(set1(fill), mask(n), p); }
+  static void store_tail(float* p, int64_t n, Reg v) { mask_store(p, mask(n), v); }
+  static Reg keep(Reg x, int64_t n, float fill) { return _mm512_mask_blend_ps(mask(n), set1(fill), x); }
   static float hmax(Reg v) { return _mm512_reduce_max_ps(v); }
   static float hsum(Reg v) { return _mm512_reduce_add_ps(v); }
   // e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (two-part ln 2), e^r by its degree-7 Taylor

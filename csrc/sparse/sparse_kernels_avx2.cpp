@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/simd_x86.h"
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
 #include "sparse/pool_impl.h"
@@ -127,10 +128,7 @@ void spmv_rows(const int32_t* rp, const int32_t* runs, const void* col, const fl
   if (gather.any_bad()) *bad = true;
 }
 
-struct V256 {
-  using Reg = __m256;
-  using Mask = __m256i;
-  static constexpr int64_t kWidth = 8;
+struct V256 : simd::F32x8 {
   static constexpr int kGroupVecs = 2;  // 4 rows x 2 vectors: 8 of the 16 ymm registers accumulate
   static constexpr int kTokenVecs = 8;  // 8 of the 16 ymm registers accumulate 64 samples
   // the panel loop's panels: 2 x kPanelCols = 1024 columns (a 128 KB slice of 32 samples). Against
@@ -139,18 +137,7 @@ struct V256 {
   // columns 0.78-0.94x / 0.59-0.73x, 3072 (one panel) 1.03-1.12x (2026-12-03). On the Xeon the
   // AVX-512 copy measured 1024 level with 512.
   static constexpr int64_t kPanelMerge = 2;
-  static Reg zero() { return _mm256_setzero_ps(); }
-  static Reg set1(float f) { return _mm256_set1_ps(f); }
-  static Reg loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static void storeu(float* p, Reg v) { _mm256_storeu_ps(p, v); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg max0(Reg v) { return _mm256_max_ps(v, _mm256_setzero_ps()); }
-  static Mask mask(int64_t w) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  static Reg maskz_load(Mask m, const float* p) { return _mm256_maskload_ps(p, m); }
-  static void mask_store(float* p, Mask m, Reg v) { _mm256_maskstore_ps(p, m, v); }
   // the polynomial GELU (kErfPoly, sparse_core.h) on 8 lanes: each lane's interval picks its coefficients by permute
   static Reg gelu(Reg x) {
     const Reg sign = _mm256_set1_ps(-0.0f);

@@ -1,6 +1,7 @@
 // AVX-512 copy of the CSR loops: 16 samples per vector (the one-sample loop is the AVX2 one).
 #include <immintrin.h>
 
+#include "common/simd_x86.h"
 #include "sparse/sparse_core.h"
 #include "sparse/sparse_kernels.h"
 #include "sparse/pool_impl.h"
@@ -11,23 +12,11 @@ namespace sparse {
 namespace avx512 {
 namespace {
 
-struct V512 {
-  using Reg = __m512;
-  using Mask = __mmask16;
-  static constexpr int64_t kWidth = 16;
+struct V512 : simd::F32x16 {
   static constexpr int kGroupVecs = 4;  // 4 rows x 4 vectors: 16 of the 32 zmm registers accumulate
   static constexpr int kTokenVecs = 8;  // 8 zmm accumulate 128 samples
   static constexpr int64_t kPanelMerge = 1;  // panels of kPanelCols (1024 measured level on the Xeon)
-  static Reg zero() { return _mm512_setzero_ps(); }
-  static Reg set1(float f) { return _mm512_set1_ps(f); }
-  static Reg loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static void storeu(float* p, Reg v) { _mm512_storeu_ps(p, v); }
-  static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg max0(Reg v) { return _mm512_max_ps(v, _mm512_setzero_ps()); }
-  static Mask mask(int64_t w) { return static_cast<Mask>((1u << w) - 1u); }
-  static Reg maskz_load(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static void mask_store(float* p, Mask m, Reg v) { _mm512_mask_storeu_ps(p, m, v); }
   // the polynomial GELU (kErfPoly, sparse_core.h) on 16 lanes: each lane's interval picks its coefficients by permute
   static Reg gelu(Reg x) {
     const Reg ax = _mm512_abs_ps(x);
