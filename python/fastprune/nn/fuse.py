@@ -503,8 +503,6 @@ def _hf_attention(
     """HuggingFace's attention-function protocol: (module, q, k, v (B, H, L, D), mask, ...) ->
     ((B, L, H, D), None), through :func:`fastprune.ops.scaled_dot_product_attention` where it
     computes the same thing as HuggingFace's SDPA function, otherwise through that function."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # optional: HF models only
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     ours = (
         query.device.type == "cpu"
@@ -519,7 +517,9 @@ def _hf_attention(
         and (attention_mask is None or attention_mask.dtype in (torch.bool, query.dtype))
         and not any(kwargs.get(k) for k in _HF_UNSUPPORTED)
     )
-    if not ours:
+    if not ours:  # (imported here, off the path the op takes; optional: HF models only)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
