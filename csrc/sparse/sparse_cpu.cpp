@@ -158,7 +158,8 @@ struct Derived {
   // (linear layers) every column is below K: the many-sample loop reads them unchecked
   bool cols_in_range = false;
   // (linear layers) pst[r * (np + 1) + p]: row r's first nonzero in column panel p (kPanelCols
-  // columns each; columns are sorted within a row), for the panel loop of the many-sample product
+  // columns each; columns are sorted within a row), for the panel loop of the many-sample product,
+  // then kPanelPrefetchRows rows of zeros (the loop's prefetch reads ahead unbounded)
   std::vector<int32_t> pst;
   int64_t np = 0;
   // generated code for these offsets, per set of jit::Flags (sparse_jit.h). The code carries a copy
@@ -212,7 +213,7 @@ std::shared_ptr<const Derived> linear_derived(const int32_t* rp, const at::Tenso
     d->cols_in_range = std::all_of(c, c + nnz, [K](uint16_t v) { return v < K; });
   }
   d->np = std::max<int64_t>(1, (K + kPanelCols - 1) / kPanelCols);
-  d->pst.resize(O * (d->np + 1));
+  d->pst.assign((O + kPanelPrefetchRows) * (d->np + 1), 0);
   auto panels = [&](auto* c) {
     for (int64_t r = 0; r < O; ++r) {
       int32_t k = rp[r];
@@ -432,14 +433,19 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& row_ptr_
       const int64_t B = panel ? kern.panel_samples : std::min(linear_block(kern.spmm_samples, K), (n + 15) / 16 * 16);
       const int64_t nb = (n + B - 1) / B, last = n - (nb - 1) * B;
       if (panel) note_kernel(KernelOp::kSparseLinearPanels, path_of_isa(static_cast<int>(isa)));
-      // Where the blocks' X^T passes twice L2, groups of g blocks, as many as one L2 holds, through one
-      // (g, K, B) and one (g, O, B) buffer, reused: the whole input transposed first into (nb, K, B)
-      // (and every block's results into (nb, O, B)) went out to L3 and came back, 6.3 MB each way
-      // for 512 x 3072 inputs (a block at a time: 3072 -> 768 at 512 rows 1.11-1.21x, Zen 5, 1
-      // thread). Below that, one group: a parallel region per block or group cost 768 x 768 at 512
-      // rows 4-15 % at 2 threads.
+      // Where the blocks' X^T passes the threads' L2 caches together, groups of g blocks, as many as
+      // those hold, through one (g, K, B) and one (g, O, B) buffer, reused: the whole input
+      // transposed first into (nb, K, B) (and every block's results into (nb, O, B)) went out to L3
+      // and came back, 6.3 MB each way for 512 x 3072 inputs (a block at a time: 3072 -> 768 at 512
+      // rows 1.11-1.21x, Zen 5, 1 thread). Below that, one group: a parallel region per block or
+      // group cost 768 x 768 at 512 rows 4-15 % at 2 threads. (The bound was twice one L2 whatever
+      // the threads: at 1 thread, 128 rows of 3072 inputs made two blocks, 1.5 MB, whose second
+      // transpose wrote lines that came from memory first, where reusing one block's 786 KB keeps
+      // them in L2. After a cache-evicting call, 3072 -> 768 at 95 %, 128 rows: 0.53-0.79 ms against
+      // 0.67-0.86, medians of 100, the same process, Zen 5.)
       const int64_t xbytes = K * B * static_cast<int64_t>(sizeof(float));
-      const int64_t g = nb * xbytes <= 2 * l2_cache_bytes() ? nb : std::max<int64_t>(1, l2_cache_bytes() / xbytes);
+      const int64_t l2all = l2_cache_bytes() * std::max<int64_t>(1, at::get_num_threads());
+      const int64_t g = nb * xbytes <= l2all ? nb : std::max<int64_t>(1, l2all / xbytes);
       at::Tensor xb = at::empty({g, K, B}, input.options());
       at::Tensor yb = at::empty({g, O, B}, input.options());
       float* xbp = xb.data_ptr<float>();

@@ -20,6 +20,9 @@ namespace sparse {
 // ISA's loop walks V::kPanelMerge of those panels as one (AVX2: 1024 columns)
 constexpr int64_t kPanelCols = 512;
 constexpr int kPanelVecs = 4;
+// rows ahead at which the panel loop prefetches a row's values and columns in the panel it is on;
+// pst holds that many rows of zeros past the last, so that the prefetch needs no bound
+constexpr int64_t kPanelPrefetchRows = 8;
 // the activation of spmm_panels' outputs
 constexpr int kActNone = 0, kActRelu = 1, kActGelu = 2;
 

@@ -179,6 +179,15 @@ inline void panel_rows(const int32_t* pst, int64_t np1, int64_t p, int64_t p1, c
     k[i] = pst[(r + i) * np1 + p];
     e[i] = pst[(r + i) * np1 + p1];
     m = std::min(m, e[i] - k[i]);
+    // (the row kPanelPrefetchRows ahead, in this panel: its first 32 values and columns. A row's
+    // segment of a panel is a short run a row's length from the last one's, which the hardware
+    // prefetchers do not follow well from memory. After a cache-evicting call, medians, the same
+    // process, Zen 5: 3072 -> 768 at 512 rows 2.29 -> 2.11 ms with the transpose's prefetch, 2.71
+    // -> 2.54 without; within 1 % with warm caches.)
+    const int64_t ahead = pst[(r + i + kPanelPrefetchRows) * np1 + p];
+    __builtin_prefetch(val + ahead, 0, 3);
+    __builtin_prefetch(val + ahead + 16, 0, 3);
+    __builtin_prefetch(col + ahead, 0, 3);
     FP_UNROLL
     for (int v = 0; v < NV; ++v) acc[i][v] = first ? V::zero() : V::loadu(y + (r + i) * L + v * W);
   }

@@ -68,9 +68,10 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
 def test_sparse_linear_many_samples(isa, n, inp):
     # the many-sample path: blocks of the kernel's register block (64 or 128 samples), halved while
     # K * B floats exceed 4/5 of the L2 cache (3001 columns), no wider than n rounded up to 16; where
-    # the blocks' X^T passes twice L2, groups of as many blocks as L2 holds (3001 columns from 130
-    # samples with a 1 MB L2; 389 = 6 x 64 + 5 samples up to a 2 MB L2: groups of 1, or of 2 with a
-    # last group of one partial block); the last block partial, the input and
+    # the blocks' X^T passes the threads' L2 caches together, groups of as many blocks as those hold
+    # (3001 columns from 130 samples with a 1 MB L2; 389 = 6 x 64 + 5 samples up to a 2 MB L2, at 1
+    # and 2 threads: groups of 1, or of 2 with a last group of one partial block); the last block
+    # partial, the input and
     # output transposed through 16 x 16 tiles, a strip of 8 x 8 blocks and element-wise edges (45
     # outputs = 2 x 16 + 8 + 5; 300 samples: a last block of 44 = 2 x 16 + 8 + 4); what is left of a
     # block after its full register blocks is one block of exactly that many vectors (24 and 56
