@@ -63,7 +63,7 @@ def test_sparse_linear_matches_reference(isa, dtype, batch, density):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("n", [2, 9, 24, 56, 63, 64, 65, 130, 300, 389])
+@pytest.mark.parametrize("n", [2, 8, 9, 16, 24, 56, 63, 64, 65, 130, 300, 389])
 @pytest.mark.parametrize("inp", [5, 67, 1500, 3001])
 def test_sparse_linear_many_samples(isa, n, inp):
     # the many-sample path: blocks of the kernel's register block (64 or 128 samples), halved while
@@ -75,7 +75,9 @@ def test_sparse_linear_many_samples(isa, n, inp):
     # output transposed through 16 x 16 tiles, a strip of 8 x 8 blocks and element-wise edges (45
     # outputs = 2 x 16 + 8 + 5; 300 samples: a last block of 44 = 2 x 16 + 8 + 4); what is left of a
     # block after its full register blocks is one block of exactly that many vectors (24 and 56
-    # samples: 3 whole vectors on AVX2, 1.5 / 3.5 on AVX-512; 9, 63, 300: a masked last vector)
+    # samples: 3 whole vectors on AVX2, 1.5 / 3.5 on AVX-512; 9, 63, 300: a masked last vector); one
+    # vector of samples goes two rows at a time (2, 8, 9, 16 on AVX-512, 2 and 8 on AVX2; masked
+    # below a whole vector): 22 pairs and a row left, row 7 empty beside row 6
     w = _sparse_weight(45, inp, 0.15, seed=n)
     w[7] = 0  # an empty row beside a full one in the two-row loop
     rp, col, val = ops.pack_sparse(w)
