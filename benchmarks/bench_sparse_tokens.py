@@ -125,7 +125,11 @@ def main() -> None:
                 return ops.sparse_ffn(x, up, b1, down, b2, 768, "gelu")
 
             torch.testing.assert_close(fused(), dense(), rtol=1e-4, atol=1e-3)
-            t_f, t_c, t_d = minima([fused, composed, dense], rounds)
+            # (dense before each sparse form, so that both start from the caches a dense call leaves:
+            # in the order fused, composed, dense only the fused call did, and at 16 rows it measured
+            # 0.78-0.89x the composed one, which ran with the fused call's data still in cache)
+            t_f, t_d1, t_c, t_d2 = minima([fused, dense, composed, dense], rounds)
+            t_d = min(t_d1, t_d2)
             ffn.append({"rows": n, "sparsity": sp, "dense_ms": 1e3 * t_d, "composed_ms": 1e3 * t_c,
                         "fused_ms": 1e3 * t_f})  # fmt: skip
             ffn_rows.append([n, f"{sp:.0%}", 1e3 * t_d, 1e3 * t_c, 1e3 * t_f, f"{t_c / t_f:.2f}x", f"{t_d / t_f:.2f}x"])

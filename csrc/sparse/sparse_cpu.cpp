@@ -348,9 +348,14 @@ std::shared_ptr<const Derived> conv_derived(const at::Tensor& col_in, const at::
   return cached_derived(col_in, rp_in, geom, [&] { return compute_offsets(rp, col, g); });
 }
 
-// row_ptr starts at 0, ends at nnz and never decreases.
+// row_ptr starts at 0, ends at nnz and never decreases. (Every call: one branch-free pass, which
+// the compiler vectorises, and the offending row looked for only when there is one; a check per
+// row cost ~0.2 us a call for 768 rows.)
 void check_row_ptr(const int32_t* rp, int64_t O, int64_t nnz) {
   TORCH_CHECK(rp[0] == 0 && rp[O] == nnz, "sparse_linear: row_ptr must start at 0 and end at nnz (", nnz, ")");
+  bool ok = true;
+  for (int64_t r = 0; r < O; ++r) ok &= rp[r] <= rp[r + 1];
+  if (ok) return;
   for (int64_t r = 0; r < O; ++r) {
     TORCH_CHECK(rp[r] <= rp[r + 1], "sparse_linear: row_ptr must not decrease (row ", r, ")");
   }

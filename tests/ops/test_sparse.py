@@ -149,6 +149,13 @@ def test_bad_inputs_are_clear_errors():
         torch.ops.fastprune.sparse_linear(torch.randn(1, 100), *big, 100, None, False)
     with pytest.raises(RuntimeError, match="row_ptr"):
         torch.ops.fastprune.sparse_linear(x, rp[:-1].contiguous(), col, val, 8, None, False)
+    down = rp.clone()
+    down[2] = int(rp[-1])  # starts at 0, ends at nnz, decreases after row 2
+    assert int(rp[3]) < int(rp[-1])
+    for n, dtype in [(2, torch.float32), (70, torch.float32), (2, torch.float64)]:
+        xs = torch.randn(n, 8, dtype=dtype)
+        with pytest.raises(RuntimeError, match=r"row_ptr must not decrease \(row 2\)"):
+            torch.ops.fastprune.sparse_linear(xs, down, col, val.to(dtype), 8, None, False)
     with pytest.raises(RuntimeError, match="values are Float, input is Double"):
         torch.ops.fastprune.sparse_linear(x.double(), rp, col, val, 8, None, False)
     with pytest.raises(RuntimeError, match="bias"):
